@@ -70,6 +70,7 @@ DEFAULTS = {
         "precision": "auto",        # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
         "channels_last": "auto",    # auto (on for CUDA) | on | off
         "compile": False,           # torch.compile the UNet
+        "snapshots": False,         # also keep ckpt_epochNNNN.pt at every checkpoint epoch
     },
     "curriculum": {
         "enabled": False,
@@ -506,3 +507,847 @@ def small_norm_channels(model, threshold=1e-3):
         group = name.split(".")[0]
         counts[group] = counts.get(group, 0) + int((m.weight.flatten(1).norm(dim=1) < threshold).sum())
     return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers. DDP is on iff torchrun set RANK; every collective is called by every rank.
+
+def setup_dist():
+    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    import datetime
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
+
+
+def all_reduce_sum(x, world):
+    """Sum a tensor over ranks (in place); a no-op on one process."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_rows(x, world):
+    """Concatenate equally shaped per-rank tensors along dim 0, in rank order."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def assert_ranks_agree(model, mask, world):
+    """EDM-style consistency check: parameters and mask must be identical on every rank."""
+    if world == 1:
+        return
+    vec = torch.cat([p.detach().flatten().double() for p in model.parameters()] + [mask.double()])
+    weights = torch.arange(1, vec.numel() + 1, dtype=torch.float64, device=vec.device) % 9973
+    summary = torch.stack([vec.sum(), (vec * vec).sum(), (vec * weights).sum()])
+    gathered = all_gather_rows(summary[None], world)
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"ranks disagree on parameters or mask: {gathered.tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, logging and images (the plumbing `train` needs; no maths here).
+
+class RunError(Exception):
+    """A problem with a run (checkpoint, output folder, NaN); printed as one line, exit 2."""
+
+
+class StopRequested(Exception):
+    """Ctrl-C was pressed; raised at the next step boundary so the checkpoint is consistent."""
+
+
+# Keys that may differ between a checkpoint's config and the resuming command.
+RESUMABLE_KEYS = {"out_dir", "train.log_intv", "train.image_intv", "train.chkpt_intv", "train.save_every",
+                  "train.num_samples", "train.sample_steps", "train.precision", "train.channels_last",
+                  "train.compile", "train.snapshots", "train.epochs", "data_root"}
+
+
+def config_diff(old, new):
+    """Dotted keys whose values differ, ignoring RESUMABLE_KEYS."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+        elif a != b:
+            keys.append(k)
+    return [k for k in keys if k not in RESUMABLE_KEYS]
+
+
+def save_checkpoint(path, state):
+    """Write atomically (temporary file, then rename) so a crash never leaves a torn checkpoint."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is intact")
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with a one-line error for missing, truncated or foreign files."""
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+                       "delete it or resume from a snapshot with --resume PATH")
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise RunError(f"{path} is not a diffcl checkpoint (no 'config'/'model' entries)")
+    return state
+
+
+def append_jsonl(path, record):
+    """One JSON object per line, written with a single call and flushed (never half a record)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path, step):
+    """Drop records written after `step` (by a run that died before its next checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except json.JSONDecodeError:
+            pass                                             # a torn last line from a hard kill
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def to_uint8(x):
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C) numpy, rounding as in PNG export."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path):
+    """Write uint8 (N, H, W, C) images as one PNG grid with floor(sqrt(N)) columns, 2 px gaps."""
+    from PIL import Image
+    n, h, w, c = images.shape
+    cols = max(1, int(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def lr_at(step, lr, warmup):
+    """Linear warm-up over `warmup` optimizer steps to the constant base LR (tqch: min((s+1)/warmup, 1))."""
+    return lr * min((step + 1) / warmup, 1.0) if warmup > 0 else lr
+
+
+def ema_decay_at(num_updates, decay):
+    """EMA decay with TF's warm-up: min(decay, (1+n)/(10+n))."""
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
+def step_generator(seed, step, rank, device):
+    """Generator for the timesteps and noise of one optimizer step: keyed by (seed, step, rank), so a
+    resumed run draws exactly what the uninterrupted one did without saving RNG state."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank) * 2 ** 32 + step)
+    return g
+
+
+def precision_dtype(cfg, device):
+    """bf16 autocast dtype or None (fp32). 'auto' = bf16 on CUDA, fp32 on CPU (exactly reproducible)."""
+    p = cfg["train"]["precision"]
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if p == "bf16" else None
+
+
+def build_model(cfg, device):
+    """The UNet of the config, on `device` (channels_last when asked, or 'auto' on CUDA)."""
+    from unet import UNet
+    model = UNet(**cfg["model"]).to(device)
+    cl = cfg["train"]["channels_last"]
+    if cl == "on" or (cl == "auto" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def step_generators(seed, step, rank, device):
+    """(cpu, device) generators for one optimizer step, keyed by (seed, step, rank): a resumed run
+    draws exactly what the uninterrupted run drew, without saving any RNG state."""
+    key = ((seed * 1_000_003 + rank) * 2 ** 32 + step) % 2 ** 62
+    cpu = torch.Generator().manual_seed(2 * key)
+    dev = torch.Generator(device=device).manual_seed(2 * key + 1) if device.type != "cpu" else cpu
+    return cpu, dev
+
+
+def draw_timesteps(n, stage, cfg, gen):
+    """(n,) training timesteps on the CPU: U[0, T) for plain DDPM, the stage's window (hard) or its
+    Beta(alpha, beta) (soft)."""
+    T = cfg["diffusion"]["timesteps"]
+    if stage is None:
+        return sample_t(n, 0, T, gen)
+    if cfg["curriculum"]["mode"] == "soft":
+        return sample_t_soft(n, stage["alpha"], stage["beta"], T, gen)
+    return sample_t(n, *time_window(stage, T), gen)
+
+
+def train_step(run, x0, stage, step):
+    """One optimizer step on this rank's batch: micro-steps (no_sync on all but the last), clipping,
+    Adam, EMA, CS score accumulation. Statistics stay on the device (no host sync)."""
+    cfg, model, mask = run["cfg"], run["model"], run["mask"]
+    tr, mean_type = cfg["train"], cfg["diffusion"]["model_mean_type"]
+    gen_cpu, gen_dev = step_generators(cfg["seed"], step, run["rank"], x0.device)
+    if cfg["model"]["drop_rate"] > 0:
+        torch.manual_seed(gen_cpu.initial_seed())            # dropout masks keyed by the step too
+    micro = x0.chunk(tr["num_accum"])
+    for k, xb in enumerate(micro):
+        t = draw_timesteps(len(xb), stage, cfg, gen_cpu)
+        t = (t.pin_memory() if xb.is_cuda else t).to(xb.device, non_blocking=True)
+        eps = torch.randn(xb.shape, generator=gen_dev, device=xb.device)
+        xt = q_sample(xb, t, eps, run["tab"])
+        last = k == len(micro) - 1
+        sync = run["ddp"].no_sync() if run["world"] > 1 and not last else _nullcontext()
+        with sync, torch.autocast(xb.device.type, dtype=run["amp"] or torch.float32, enabled=run["amp"] is not None):
+            out = run["fwd"](xt, t, mask)
+        mse = mse_per_sample(out, training_target(xb, xt, t, eps, run["tab"], mean_type))
+        penalty = group_l1(model) if run["lam"] > 0 else mse.new_zeros(())
+        loss, reg = objective(mse, penalty, run["lam"], tr["batch_size"])
+        with sync:
+            (loss / len(micro)).backward()
+        run["stats"].add(t, mse.detach(), loss.detach(), reg.detach(), cfg["diffusion"]["timesteps"])
+    if run["mode"] == "cs":
+        accumulate_score(run, cfg["sparsity"]["regrowth_method"])
+    for group in run["opt"].param_groups:
+        group["lr"] = lr_at(step, tr["lr"], tr["warmup"])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_norm"])
+    run["opt"].step()
+    run["opt"].zero_grad(set_to_none=True)
+    if run["ema"] is not None:
+        ema_params, params = list(run["ema"].parameters()), list(model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1 - ema_decay_at(step, tr["ema_decay"]))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def accumulate_score(run, method):
+    """Add this step's regrowth evidence for masked channels (decision 9); gradients are complete here."""
+    if method == "gradient":
+        run["score"] += gradient_score(run["model"].middle[0].conv2.weight.grad, run["mask"].detach())
+    elif method == "taylor":
+        run["score"] += taylor_score(run["mask"].grad, run["mask"].detach())
+        run["mask"].grad = None
+
+
+class StepStats:
+    """Running sums on the device since the last log: loss, mse, reg, count, and mse per 10 t-buckets."""
+
+    def __init__(self, device):
+        self.v = torch.zeros(25, dtype=torch.float64, device=device)   # [24]: a rank asked to stop
+
+    def add(self, t, mse, loss, reg, T):
+        n = len(t)
+        self.v[0] += loss.double() * n
+        self.v[1] += mse.double().sum()
+        self.v[2] += reg.double() * n
+        self.v[3] += n
+        bucket = (t * 10 // T).clamp(max=9)
+        self.v[4:14].index_add_(0, bucket, mse.double())
+        self.v[14:24].index_add_(0, bucket, torch.ones_like(mse, dtype=torch.float64))
+
+    def reduce(self, world):
+        """All-reduce once (a log step), return a dict of means, and reset."""
+        v = all_reduce_sum(self.v.clone(), world).cpu()
+        self.v.zero_()
+        n = max(v[3].item(), 1.0)
+        buckets = [round(s / c, 6) if c else None for s, c in zip(v[4:14].tolist(), v[14:24].tolist())]
+        return {"loss": v[0].item() / n, "mse": v[1].item() / n, "reg": v[2].item() / n, "n": int(v[3]),
+                "bucket_mse": buckets, "stop": v[24].item() > 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (shared by training grids, `sample` and `eval`).
+
+@torch.no_grad()
+def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0.0, skip="uniform", amp=None):
+    """Images first .. first+count-1 as float (count, C, H, W) in [-1, 1].
+
+    x_T of image i is drawn from a generator keyed by (seed, i), so with deterministic DDIM (eta = 0) image i
+    never depends on the batch or the number of GPUs; per-step noise is keyed by (seed, first)."""
+    device = tab["betas"].device
+    dif = cfg["diffusion"]
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2 ** 32 + i))
+                     for i in range(first, first + count)]).to(device)
+    g = torch.Generator(device=device).manual_seed((seed * 2 ** 32 + first) * 2 + 1)
+    T = dif["timesteps"]
+    ts = ddim_timesteps(T, ddim_steps, skip) if ddim_steps else list(range(T - 1, -1, -1))
+    for k, t_ in enumerate(ts):
+        t = torch.full((count,), t_, device=device, dtype=torch.long)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = net(x, t, mask).float()
+        stochastic = not ddim_steps or eta > 0
+        z = torch.randn(x.shape, generator=g, device=device) if stochastic else torch.zeros((), device=device)
+        if ddim_steps:
+            t_prev = torch.full_like(t, ts[k + 1] if k + 1 < len(ts) else -1)
+            x = ddim_step(out, x, t, t_prev, tab, eta, z, dif["model_mean_type"])
+        else:
+            x = ddpm_step(out, x, t, tab, z, dif["model_mean_type"], dif["model_var_type"])
+    return x
+
+
+def sample_sharded(net, cfg, shape, n, seed, mask, tab, rank, world, batch, **kw):
+    """n images generated in chunks of `batch`, split over ranks, gathered in index order on every rank."""
+    per_rank = math.ceil(n / world)
+    lo = min(rank * per_rank, n)
+    mine = [generate(net, cfg, shape, a, min(batch, lo + per_rank - a, n - a), seed, mask, tab, **kw)
+            for a in range(lo, min(lo + per_rank, n), batch)]
+    local = torch.cat(mine) if mine else torch.zeros((0, *shape), device=tab["betas"].device)
+    pad = torch.zeros((per_rank - len(local), *shape), device=local.device)
+    return all_gather_rows(torch.cat([local, pad]), world)[:n]
+
+
+def tables_on(cfg, device):
+    """The diffusion tables of a config on `device` (still float64)."""
+    d = cfg["diffusion"]
+    betas = beta_schedule(d["beta_schedule"], d["timesteps"], d["beta_start"], d["beta_end"])
+    return {k: v.to(device) for k, v in diffusion_tables(betas).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP.
+
+def prepare_out_dir(out_dir):
+    """Create the run folder and prove it is writable before any work starts."""
+    try:
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"run folder {out_dir} is not writable ({e.strerror}); pass --out_dir=PATH")
+
+
+def stage_banner(cfg, i, mode, mask, regrown, epoch_range):
+    """One line describing a curriculum stage: window, sparsity / active channels, lambda."""
+    stages, T = cfg["curriculum"]["stages"], cfg["diffusion"]["timesteps"]
+    st = stages[i]
+    where = (f"t ~ {T}*Beta({st['alpha']}, {st['beta']})" if cfg["curriculum"]["mode"] == "soft"
+             else "t in [%d, %d)" % time_window(st, T))
+    text = (f"== stage {i + 1}/{len(stages)} [{st.get('name', f'stage{i + 1}')}] epochs "
+            f"{epoch_range[0] + 1}-{epoch_range[1]} | {where}")
+    if mode == "cs":
+        s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
+        text += (f" | sparsity {s:.0%}: {int(mask.sum())}/{mask.numel()} active"
+                 f" (+{len(regrown)} regrown by {cfg['sparsity']['regrowth_method']})")
+    if mode == "cr":
+        text += f" | lambda {stage_lambda(stages, i, cfg['regularization']['lambda_max']):.3g}"
+    return text
+
+
+def train(cfg, config_path=None, resume=None, force=False):
+    import signal
+    import time
+    import data
+    rank, world, device = setup_dist()
+    is_main, mode, tr = rank == 0, run_mode(cfg), cfg["train"]
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+    if tr["batch_size"] % (world * tr["num_accum"]):
+        raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by world size {world} "
+                          f"x train.num_accum {tr['num_accum']}")
+    stem = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
+    out_dir = cfg["out_dir"] or os.path.join("out", stem)
+    ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
+    if is_main:
+        prepare_out_dir(out_dir)
+
+    # Data: a uint8 (N, H, W, C) array, cached and memory-mapped by data.py.
+    images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
+                              resolution=cfg["resolution"] or None, log=log)
+    if cfg["data_limit"]:
+        images = images[:cfg["data_limit"]]
+    if images.shape[3] != cfg["model"]["in_channels"]:
+        raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
+                          f"images have {images.shape[3]} channels")
+    shape = (images.shape[3], images.shape[1], images.shape[2])
+    steps_per_epoch = data.steps_per_epoch(len(images), tr["batch_size"])
+    num_epochs = total_epochs(cfg)
+    total_steps = num_epochs * steps_per_epoch
+    stages = cfg["curriculum"]["stages"]
+
+    # Model, EMA, optimizer, mask: identical initialisation on every rank (same seed).
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if tr["use_ema"] else None
+    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(tr["beta1"], tr["beta2"]),
+                           fused=device.type == "cuda")
+    C = model.bottleneck_channels
+    mask = torch.ones(C)
+    if mode == "cs":
+        first = active_count(C, stage_sparsity(stages, 0, cfg["sparsity"]["initial_sparsity"]))
+        mask = initial_mask(C, first, cfg["seed"])
+    birth = torch.where(mask > 0, 0, -1)
+    score, step = torch.zeros(C), 0
+
+    # Resume: the run folder's ckpt.pt (or --resume PATH) if its config matches.
+    source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if source:
+        state = load_checkpoint(source)
+        diff = config_diff(state["config"], cfg)
+        if diff and not force:
+            raise RunError(f"{source} was written with a different config ({', '.join(diff)}); "
+                           "use another --out_dir, or --force to resume anyway")
+        model.load_state_dict(state["model"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        mask, birth, score, step = state["mask"], state["birth"], state["score"], state["step"]
+        if is_main:
+            truncate_jsonl(metrics_path, step)
+        log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
+    taylor = mode == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
+    mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
+
+    ddp = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = {"cfg": cfg, "model": model, "ddp": ddp, "fwd": torch.compile(ddp) if tr["compile"] else ddp,
+           "ema": ema, "opt": opt, "mask": mask, "score": score, "tab": tables_on(cfg, device),
+           "amp": precision_dtype(cfg, device), "lam": 0.0, "mode": mode, "rank": rank, "world": world,
+           "stats": StepStats(device)}
+    if is_main:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    note = " (curriculum: stage epochs override train.epochs)" if stages and cfg["curriculum"]["enabled"] else ""
+    log(f"diffcl train | mode {mode} | {len(images)} images {shape} | world {world} x "
+        f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {num_epochs} epochs{note} | "
+        f"{sum(p.numel() for p in model.parameters()):,} params | {device} "
+        f"{'bf16' if run['amp'] else 'fp32'} | out {out_dir}")
+
+    stop = {"asked": False}
+    def ask_stop(*_):
+        stop["asked"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
+    previous_handler = signal.signal(signal.SIGINT, ask_stop)
+
+    def checkpoint(epoch, snapshot=False):
+        bad = all_reduce_sum((~torch.isfinite(run["stats"].v[:3])).any().double().reshape(1), world)
+        if bad.item():
+            raise RunError(f"loss became non-finite before step {step} (epoch {epoch + 1}); not saved. "
+                           f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
+        assert_ranks_agree(model, run["mask"].detach(), world)
+        if is_main:
+            state = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                     "opt": opt.state_dict(), "mask": run["mask"].detach().cpu(), "birth": birth,
+                     "score": run["score"].cpu(), "step": step, "epoch": step / steps_per_epoch,
+                     "config": cfg, "image_shape": list(shape), "world": world, "torch": str(torch.__version__)}
+            save_checkpoint(ckpt_path, state)
+            if snapshot and tr["snapshots"]:
+                save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"), state)
+        barrier(world)
+
+    try:
+        t_log, step_log, first_epoch = time.perf_counter(), step, step // steps_per_epoch
+        for epoch in range(first_epoch, num_epochs):
+            # Curriculum: the stage, window, lambda and mask target are functions of the epoch.
+            i = stage_of_epoch(epoch, stages) if stages else None
+            stage = stages[i] if i is not None else None
+            run["lam"] = stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
+            starts_stage = i is not None and epoch == stage_start_epoch(i, stages) and step % steps_per_epoch == 0
+            if i is not None and (starts_stage or epoch == first_epoch):
+                regrown = []
+                if mode == "cs" and starts_stage and i > 0:
+                    totals = all_reduce_sum(run["score"].clone(), world).cpu()
+                    if cfg["sparsity"]["regrowth_method"] == "random":
+                        totals = random_score(C, cfg["seed"], i)
+                    target = active_count(C, stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"]))
+                    new_mask, birth, regrown = regrow(run["mask"].detach().cpu(), birth, totals, target, i)
+                    run["mask"] = new_mask.to(device).requires_grad_(taylor)
+                    run["score"].zero_()
+                end = stage_start_epoch(i, stages) + stage["epochs"] if i < len(stages) - 1 else num_epochs
+                log(stage_banner(cfg, i, mode, run["mask"].detach(), regrown, (stage_start_epoch(i, stages), end)))
+                if is_main and starts_stage:
+                    record = {"kind": "stage", "step": step, "epoch": epoch, "stage": i,
+                              "name": stage.get("name", f"stage{i + 1}"), "window": list(time_window(stage, cfg["diffusion"]["timesteps"])),
+                              "lambda": run["lam"], "active": int(run["mask"].sum()), "regrown": regrown,
+                              "birth_stage": birth.tolist()}
+                    if mode == "cr":
+                        record["small_norm_channels"] = small_norm_channels(model)
+                    append_jsonl(metrics_path, record)
+
+            # One optimizer step per batch.
+            model.train()
+            for x0 in data.epoch_batches(images, tr["batch_size"], rank, world, cfg["seed"], epoch, device,
+                                         start=step - epoch * steps_per_epoch):
+                train_step(run, x0, stage, step)
+                step += 1
+                if world == 1 and stop["asked"]:
+                    raise StopRequested
+                if step % tr["log_intv"] == 0 or step == total_steps:
+                    run["stats"].v[24] = float(stop["asked"])
+                    s = run["stats"].reduce(world)
+                    if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
+                        raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage "
+                                       f"{stage.get('name', i + 1) if stage else 'none'}); stopped. Last good "
+                                       f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact). "
+                                       "Lower train.lr or raise train.warmup, then rerun to resume")
+                    now = time.perf_counter()
+                    img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    name = stage.get("name", f"stage{i + 1}") if stage else "plain"
+                    log(f"{epoch + 1}/{num_epochs} epochs [{name}] step {step} | loss={s['loss']:.4f} "
+                        f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s")
+                    if is_main:
+                        append_jsonl(metrics_path, {
+                            "kind": "train", "step": step, "epoch": epoch, "stage": i, "name": name,
+                            "lr": lr_at(step - 1, tr["lr"], tr["warmup"]), "loss": s["loss"], "mse": s["mse"],
+                            "reg": s["reg"], "lambda": run["lam"], "active": int(run["mask"].sum()),
+                            "img_s": round(img_s, 1), "bucket_mse": s["bucket_mse"]})
+                    if s["stop"]:
+                        raise StopRequested
+                if tr["save_every"] and step % tr["save_every"] == 0:
+                    checkpoint(epoch)
+
+            # Bookkeeping at the end of an epoch: sample grid, checkpoint.
+            if tr["image_intv"] and (epoch + 1) % tr["image_intv"] == 0:
+                net = ema if ema is not None else model.eval()
+                x = sample_sharded(net, cfg, shape, tr["num_samples"], cfg["seed"], run["mask"].detach(), run["tab"],
+                                   rank, world, batch=64, ddim_steps=tr["sample_steps"], amp=run["amp"])
+                if is_main:
+                    name = stage.get("name", f"stage{i + 1}") if stage else "plain"
+                    save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{epoch + 1:04d}_{name}.png"))
+            if (epoch + 1) % max(tr["chkpt_intv"], 1) == 0 or epoch + 1 == num_epochs:
+                checkpoint(epoch, snapshot=True)
+    except StopRequested:                                   # Ctrl-C, acted on at a step boundary
+        checkpoint(step // steps_per_epoch)
+        log(f"interrupted at step {step}; saved {ckpt_path}. Run the same command to resume.")
+        raise SystemExit(130)
+    except KeyboardInterrupt:                               # a second Ctrl-C: stop now, save nothing
+        log(f"stopped at once; nothing saved after the last checkpoint ({ckpt_path}).")
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    log(f"done: {step} steps, checkpoint {ckpt_path}")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# sample / eval / bench
+
+def model_from_checkpoint(path, device, raw=False):
+    """(net, cfg, mask, image_shape) from a checkpoint: EMA weights unless raw, the CS mask applied."""
+    state = load_checkpoint(path)
+    cfg = merge_config(state["config"], path)
+    net = build_model(cfg, device)
+    use_ema = state.get("ema") is not None and not raw
+    net.load_state_dict(state["ema"] if use_ema else state["model"])
+    return net.eval().requires_grad_(False), cfg, state["mask"].to(device), tuple(state["image_shape"])
+
+
+def progress(done, total, t0, what):
+    """'what: done/total | img/s | ETA' for long jobs."""
+    import time
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    return f"{what}: {done}/{total} | {rate:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+
+
+def write_png(image, path):
+    """One uint8 (H, W, C) image, written atomically so a killed run never leaves a half file."""
+    from PIL import Image
+    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_size=256, seed=0,
+           raw=False, npz=False):
+    """Generate `num` images to out/000000.png ...; chunk k of `batch_size` images goes to rank k % world.
+    Image i's starting noise is keyed by (seed, i), so reruns skip finished chunks and the result does not
+    depend on the number of GPUs."""
+    import time
+    rank, world, device = setup_dist()
+    net, cfg, mask, shape = model_from_checkpoint(ckpt, device, raw)
+    tab, amp = tables_on(cfg, device), precision_dtype(cfg, device)
+    os.makedirs(out, exist_ok=True)
+    name = lambda i: os.path.join(out, f"{i:06d}.png")
+    chunks = [(a, min(batch_size, num - a)) for a in range(0, num, batch_size)][rank::world]
+    todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
+    if rank == 0:
+        print(f"sample: {num} images from {ckpt} ({'DDIM %d steps, eta %g, %s' % (steps, eta, skip) if ddim else 'DDPM %d steps' % cfg['diffusion']['timesteps']}"
+              f", {'raw' if raw else 'EMA'} weights) -> {out}; {len(chunks) - len(todo)} chunks already done", flush=True)
+    t0, done = time.perf_counter(), 0
+    for a, n in todo:
+        x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip, amp=amp)
+        for j, img in enumerate(to_uint8(x)):
+            write_png(img, name(a + j))
+        done += n
+        if rank == 0:
+            print(progress(done * world, sum(c[1] for c in todo) * world, t0, "sample"), flush=True)
+    barrier(world)
+    if npz and rank == 0:
+        import fid
+        np.savez(os.path.join(out, "samples.npz"), images=fid.load_image_folder(out)[:num])
+    return out
+
+
+def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=None, download=False, k=3,
+             batch_size=256, **sample_kw):
+    """FID (and precision/recall when `real` data is given) of a checkpoint's samples or of saved images.
+    Prints one JSON line and appends it to eval.jsonl beside the images."""
+    import time
+    import fid
+    rank, world, device = setup_dist()
+    if ckpt:
+        images = sample(ckpt, num, images or os.path.join(os.path.dirname(ckpt), "eval_samples"),
+                        batch_size=batch_size, **sample_kw)
+    fake = fid.load_images_any(images)[:num]
+    model = fid.load_inception(inception, download=download, device=device)
+    t0 = time.perf_counter()
+    feats = sharded_features(model, fake, rank, world, device)
+    real_feats = None
+    if real:
+        import data
+        real_imgs = fid.load_images_any(real) if os.path.exists(real) else data.load_images(real)
+        real_feats = sharded_features(model, real_imgs[:num], rank, world, device)
+    result = fid.score_features(feats, ref, real_feats, k=k)
+    result.update({"n": len(fake), "images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw,
+                   "inception_sha256": fid.weights_sha256(fid.find_weights(inception, download)),
+                   "seconds": round(time.perf_counter() - t0, 1)})
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+        append_jsonl(os.path.join(images if os.path.isdir(images) else os.path.dirname(images) or ".",
+                                  "eval.jsonl"), result)
+    return result
+
+
+def sharded_features(model, images, rank, world, device):
+    """Inception pool features of `images`, computed in contiguous slices per rank, gathered in order."""
+    import fid
+    per_rank = math.ceil(len(images) / world)
+    mine = images[rank * per_rank:(rank + 1) * per_rank]
+    f = torch.from_numpy(np.asarray(fid.features(model, mine, device=device,
+                                                 log=print if rank == 0 else (lambda *a: None)),
+                                    dtype=np.float64)).to(device)
+    pad = torch.zeros((per_rank - len(f), f.shape[1] if f.ndim == 2 else 2048), dtype=f.dtype, device=device)
+    return all_gather_rows(torch.cat([f.reshape(-1, pad.shape[1]), pad]), world)[:len(images)].cpu().numpy()
+
+
+def matmul_rate(device, dtype, n=None, reps=5):
+    """Measured dense matmul FLOP/s of this device in `dtype` (the utilisation denominator)."""
+    import time
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False):
+    """Throughput of the real training step (`train_step`) on synthetic images, FLOPs, utilisation, memory."""
+    import resource
+    import time
+    from torch.utils.flop_counter import FlopCounterMode
+    rank, world, device = setup_dist()
+    tr = cfg["train"]
+    B = batch_size or tr["batch_size"]
+    cfg = merge_config({**cfg, "train": {**tr, "batch_size": B, "num_accum": 1}}, "bench")
+    res = cfg["resolution"] or 32
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, device)
+    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], fused=device.type == "cuda")
+    mode, C = run_mode(cfg), model.bottleneck_channels
+    run = {"cfg": cfg, "model": model, "ddp": model, "fwd": torch.compile(model) if tr["compile"] else model,
+           "ema": copy.deepcopy(model).requires_grad_(False), "opt": opt, "mask": torch.ones(C, device=device),
+           "score": torch.zeros(C, device=device), "tab": tables_on(cfg, device), "amp": precision_dtype(cfg, device),
+           "lam": 1e-5 if mode == "cr" else 0.0, "mode": mode, "rank": 0, "world": 1, "stats": StepStats(device)}
+    x0 = torch.rand(B, cfg["model"]["in_channels"], res, res, device=device) * 2 - 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_compile = time.perf_counter()
+    for s in range(3):                                      # warm-up (and compilation)
+        train_step(run, x0, None, s)
+    sync()
+    t_compile = time.perf_counter() - t_compile
+    times = []
+    for w in range(windows):
+        t0 = time.perf_counter()
+        for s in range(steps):
+            train_step(run, x0, None, 3 + w * steps + s)
+        run["stats"].v[0].item()                            # one host sync per window, as a log step would
+        sync()
+        times.append((time.perf_counter() - t0) / steps)
+    step_s = sorted(times)[len(times) // 2]
+    with FlopCounterMode(display=False) as counter:
+        xt, t = x0[:2], torch.zeros(2, dtype=torch.long, device=device)
+        mse_per_sample(model(xt, t, run["mask"]), xt).mean().backward()
+    opt.zero_grad(set_to_none=True)
+    gflop = counter.get_total_flops() / 2 / 1e9
+    peak = matmul_rate(device, run["amp"] or torch.float32)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+              "precision": "bf16" if run["amp"] else "fp32", "compile": tr["compile"], "batch": B,
+              "resolution": res, "params": sum(p.numel() for p in model.parameters()),
+              "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2),
+              "gflop_per_img": round(gflop, 3), "achieved_tflops": round(B * gflop / step_s / 1e3, 4),
+              "matmul_tflops": round(peak / 1e12, 4), "utilisation": round(B * gflop * 1e9 / step_s / peak, 3),
+              "warmup_s": round(t_compile, 2),
+              "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
+    if do_sample:
+        net = run["ema"].eval()
+        n = min(B, 64)
+        generate(net, cfg, x0.shape[1:], 0, n, 0, run["mask"], run["tab"], ddim_steps=2, amp=run["amp"])
+        sync()
+        t0 = time.perf_counter()
+        generate(net, cfg, x0.shape[1:], 0, n, 0, run["mask"], run["tab"], ddim_steps=sample_steps, amp=run["amp"])
+        sync()
+        result[f"ddim{sample_steps}_img_per_s"] = round(n / (time.perf_counter() - t0), 2)
+    if data_check:
+        import data
+        imgs = data.load_images("shapes", resolution=res, num_images=10000, log=lambda *a: None)
+        result["data_img_per_s"] = round(data.data_throughput(imgs, 128, device), 0)
+    if rank == 0:
+        for k, v in result.items():
+            print(f"{k:>20}  {v}")
+        print(json.dumps(result), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# main: `python diffcl.py train|sample|eval|bench ...`; errors a user can fix print one line, exit 2.
+
+DESCRIPTION_FLAGS = ("--num-gpus", "--rigid-launch")
+
+
+def parse_cli(argv):
+    import argparse
+    cmd = argv[0] if argv else ""
+    p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
+                                epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 --epochs=3")
+    if cmd in ("train", "bench"):
+        p.add_argument("config", nargs="?", help="config JSON (same as --config-path)")
+        p.add_argument("--config-path", dest="config_path")
+    if cmd == "train":
+        p.add_argument("--resume", help="resume from this checkpoint instead of <out_dir>/ckpt.pt")
+        p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
+        p.add_argument("--distributed", action="store_true", help="accepted for compatibility; torchrun decides")
+    if cmd in ("sample", "eval"):
+        p.add_argument("--ckpt", required=cmd == "sample")
+        p.add_argument("--num", type=int, default=64 if cmd == "sample" else 10000)
+        p.add_argument("--out", default=None, help="image folder to write")
+        p.add_argument("--ddim", action="store_true")
+        p.add_argument("--steps", type=int, default=50)
+        p.add_argument("--eta", type=float, default=0.0)
+        p.add_argument("--skip", choices=("uniform", "quadratic"), default="uniform")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    if cmd == "sample":
+        p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 images)")
+    if cmd == "eval":
+        p.add_argument("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
+        p.add_argument("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
+        p.add_argument("--real", help="real images (dataset name, folder or .npy) for precision/recall")
+        p.add_argument("--inception")
+        p.add_argument("--download", action="store_true")
+    if cmd == "bench":
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--steps", type=int, default=10)
+        p.add_argument("--precision", choices=("fp32", "bf16"))
+        p.add_argument("--compile", action="store_true")
+        p.add_argument("--sample", action="store_true", help="also time DDIM sampling")
+        p.add_argument("--data", action="store_true", help="also time the data path")
+    if cmd not in ("train", "sample", "eval", "bench"):
+        raise ConfigError("usage: python diffcl.py train|sample|eval|bench ... (see README.md)")
+    args, rest = p.parse_known_args(argv[1:])
+    for flag in DESCRIPTION_FLAGS:
+        if any(r.split("=")[0] == flag for r in rest):
+            raise ConfigError(f"{flag} is the description's mp.spawn launcher; use torchrun instead: "
+                              "torchrun --standalone --nproc_per_node N diffcl.py train CONFIG "
+                              "(or bash run.sh MODE N)")
+    return cmd, args, rest
+
+
+def main(argv):
+    import data
+    import fid
+    try:
+        cmd, args, rest = parse_cli(argv)
+        if cmd in ("train", "bench"):
+            path = args.config_path or args.config or ("configs/celeba32.json" if cmd == "bench" else None)
+            if path is None:
+                raise ConfigError("train needs a config: python diffcl.py train --config-path configs/celeba32_cs.json")
+            if cmd == "bench":
+                rest = rest + [f"--train.precision={args.precision}"] * bool(args.precision) + \
+                       ["--train.compile=true"] * args.compile
+            cfg = load_config(path, rest)
+            if cmd == "train":
+                train(cfg, path, resume=args.resume, force=args.force)
+            else:
+                bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample, data_check=args.data)
+            return 0
+        if rest:
+            raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
+        kw = dict(ddim=args.ddim, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed, raw=args.raw)
+        if cmd == "sample":
+            out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + ("ddim%d" % args.steps if args.ddim else "ddpm"))
+            sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz, **kw)
+        else:
+            if not args.ckpt and not args.images:
+                raise ConfigError("eval needs --ckpt CKPT (sample then score) or --images FOLDER|NPZ")
+            evaluate(args.ckpt, args.out if args.ckpt else args.images, args.ref, args.num, args.real,
+                     args.inception, args.download, batch_size=args.batch_size, **kw)
+        return 0
+    except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            import gc
+            gc.collect()                                    # avoids an intermittent gloo abort at exit
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

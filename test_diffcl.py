@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import diffcl as D
+from unet import AttentionBlock, SamePad2d, UNet, timestep_embedding
 
 HERE = Path(__file__).resolve().parent
 F64 = torch.float64
@@ -349,3 +351,230 @@ def test_group_l1_equals_a_direct_loop_and_objective_composition():
     mse = torch.tensor([1.0, 3.0])
     loss, reg = D.objective(mse, torch.tensor(10.0), 0.5, 4)
     assert reg.item() == pytest.approx(1.25) and loss.item() == pytest.approx(2 + 1.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet (unet.py)
+
+CELEBA32 = dict(in_channels=3, hid_channels=64, ch_multipliers=[1, 2, 2], num_res_blocks=2,
+                apply_attn=[False, False, False], drop_rate=0.0)
+CIFAR10 = dict(in_channels=3, hid_channels=128, ch_multipliers=[1, 2, 2, 2], num_res_blocks=2,
+               apply_attn=[False, True, False, False], drop_rate=0.1)
+TINY = dict(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=[False, True])
+
+
+def tiny(seed=0, **overrides):
+    """A small UNet whose parameters are all redrawn at a useful scale (the zero-init layers would
+    otherwise make every output ~1e-5 and every comparison trivial)."""
+    torch.manual_seed(seed)
+    model = UNet(**{**TINY, **overrides}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model
+
+
+def inputs(seed=1, channels=3, size=16, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=g), torch.tensor([3, 999])[:batch]
+
+
+# Counts (decision 15 and the reference's table).
+
+@pytest.mark.parametrize("cfg, params, convs, conv_out, bottleneck", [
+    (CELEBA32, 6_140_675, 52, 5_827, 128),
+    (CIFAR10, 35_746_307, 77, 20_611, 256),
+])
+def test_counts(cfg, params, convs, conv_out, bottleneck):
+    model = UNet(**cfg)
+    conv_layers = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert len(conv_layers) == convs
+    assert sum(m.out_channels for m in conv_layers) == conv_out
+    assert model.bottleneck_channels == bottleneck
+
+
+# tqch/ddpm-torch parameter names.
+
+def tqch_keys(hid_channels, ch_multipliers, num_res_blocks, apply_attn, **_):
+    """State-dict keys of tqch's UNet, derived from its naming rules and the skip-connection data flow."""
+    def params(prefix, names):
+        return [f"{prefix}.{n}.{w}" for n in names for w in ("weight", "bias")]
+
+    def block(prefix, cin, cout, attn):
+        res = ("norm1", "conv1", "fc", "norm2", "conv2") + (("skip",) if cin != cout else ())
+        if attn:
+            return params(f"{prefix}.0", res) + params(f"{prefix}.1", ("norm", "project_in", "project_out"))
+        return params(prefix, res)
+
+    chs = [m * hid_channels for m in ch_multipliers]
+    keys = params("embed", ("0", "2")) + ["in_conv.weight", "in_conv.bias"]
+    skips, ch = [hid_channels], hid_channels  # channel count of every tensor pushed on the skip stack
+    for i, c in enumerate(chs):
+        for j in range(num_res_blocks):
+            keys += block(f"downsamples.level_{i}.{j}", ch, c, apply_attn[i])
+            skips.append(ch := c)
+        if i < len(chs) - 1:
+            keys += params(f"downsamples.level_{i}.{num_res_blocks}", ("1",))  # 0 is the SAME padding
+            skips.append(c)
+    keys += block("middle.0", ch, ch, False) + params("middle.1", ("norm", "project_in", "project_out"))
+    keys += block("middle.2", ch, ch, False)
+    for i in reversed(range(len(chs))):
+        for j in range(num_res_blocks + 1):
+            keys += block(f"upsamples.level_{i}.{j}", ch + skips.pop(), chs[i], apply_attn[i])
+            ch = chs[i]
+        if i > 0:
+            keys += params(f"upsamples.level_{i}.{num_res_blocks + 1}", ("1",))  # 0 is the nearest upsample
+    assert not skips
+    return keys + params("out_conv", ("0", "2"))
+
+
+@pytest.mark.parametrize("cfg", [CELEBA32, TINY])
+def test_tqch_parameter_names(cfg):
+    keys = list(UNet(**cfg).state_dict())
+    assert sorted(keys) == sorted(tqch_keys(**cfg))
+    assert len(keys) == len(set(keys))
+
+
+def test_load_ddp_prefixed_state_dict():
+    src, dst = tiny(seed=0), tiny(seed=1)
+    x, t = inputs()
+    ckpt = {f"module.{k}": v for k, v in src.state_dict().items()}  # as saved from a DDP wrapper
+    dst.load_state_dict({k.removeprefix("module."): v for k, v in ckpt.items()}, strict=True)
+    with torch.no_grad():
+        assert torch.equal(dst(x, t), src(x, t))
+
+
+def test_init_like_tf():
+    model = UNet(**TINY)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert torch.all(m.bias == 0), name
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(m.weight)
+            zero_init = name.endswith(("conv2", "project_out")) or name == "out_conv.2"
+            bound = math.sqrt((1e-10 if zero_init else 1.0) * 6 / (fan_in + fan_out))
+            assert m.weight.abs().max() <= bound, name
+            assert m.weight.abs().max() > 0.5 * bound, name  # uniform draws fill the range
+        if isinstance(m, nn.GroupNorm):
+            assert (m.num_groups, m.eps) == (32, 1e-6)
+
+
+# Masked forward (decision 6).
+
+def test_mask_of_ones_is_unmasked():
+    model = tiny()
+    x, t = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, mask=torch.ones(model.bottleneck_channels)), model(x, t))
+
+
+def test_mask_removes_off_channels_exactly():
+    model = tiny()
+    x, t = inputs()
+    mask = torch.ones(model.bottleneck_channels)
+    off, on = 5, 6
+    mask[off] = 0.0
+    with torch.no_grad():
+        ref = model(x, t, mask=mask)
+        last = model.middle[2].conv2  # the conv that writes the middle block's output channels
+        last.weight[off] += 1.0
+        last.bias[off] += 1.0
+        assert torch.equal(model(x, t, mask=mask), ref)
+        last.weight[on] += 1.0
+        last.bias[on] += 1.0
+        assert not torch.allclose(model(x, t, mask=mask), ref)
+
+
+def test_mask_blocks_gradient_of_off_channels():
+    model = tiny()
+    x, t = inputs()
+    mask = (torch.arange(model.bottleneck_channels) % 3 != 0).float()
+    middle_out = []
+
+    def keep(module, args, out):  # returns None, so the output is left as it is
+        out.retain_grad()
+        middle_out.append(out)
+
+    model.middle.register_forward_hook(keep)
+    model(x, t, mask=mask).square().sum().backward()
+    grad = middle_out[0].grad
+    assert torch.all(grad[:, mask == 0] == 0)
+    assert torch.all(grad[:, mask == 1].abs().amax(dim=(0, 2, 3)) > 0)
+
+
+def test_mask_shape_is_checked():
+    model = tiny()
+    x, t = inputs()
+    with pytest.raises(AssertionError):
+        model(x, t, mask=torch.ones(model.bottleneck_channels + 1))
+
+
+# Blocks.
+
+def test_sdpa_attention_matches_einsum():
+    torch.manual_seed(0)
+    block = AttentionBlock(64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        x = torch.randn(2, 64, 8, 8)
+        B, C, H, W = x.shape
+        q, k, v = block.project_in(block.norm(x)).chunk(3, dim=1)
+        w = torch.einsum("bcij,bckl->bijkl", q, k).reshape(B, H, W, H * W) / math.sqrt(C)
+        w = torch.softmax(w, dim=-1).reshape(B, H, W, H, W)
+        expected = x + block.project_out(torch.einsum("bijkl,bckl->bcij", w, v))
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_same_pad_like_tf():
+    pad = SamePad2d()
+    even = pad(torch.ones(1, 1, 4, 4))  # TF SAME, k=3, s=2: pad 0 before, 1 after
+    assert even.shape[-2:] == (5, 5) and even[..., :4, :4].eq(1).all() and even[..., 4, :].eq(0).all()
+    assert even[..., :, 4].eq(0).all()
+    odd = pad(torch.ones(1, 1, 5, 5))  # 1 on each side
+    assert odd.shape[-2:] == (7, 7) and odd[..., 1:6, 1:6].eq(1).all() and odd.sum() == 25
+
+
+def test_timestep_embedding_fairseq_convention():
+    emb = timestep_embedding(torch.tensor([0, 10]), 8)
+    assert torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    freqs = 10000.0 ** (-torch.arange(4) / 3)  # first frequency 1, last 1/10000
+    torch.testing.assert_close(emb[1], torch.cat([torch.sin(10 * freqs), torch.cos(10 * freqs)]))
+    assert timestep_embedding(torch.tensor([7]), 9)[0, -1] == 0  # odd dim: zero column
+
+
+# Shapes, dtypes, memory formats.
+
+@pytest.mark.parametrize("in_channels, out_channels, expected", [(3, None, 3), (3, 6, 6), (1, None, 1)])
+def test_output_shape(in_channels, out_channels, expected):
+    model = tiny(in_channels=in_channels, out_channels=out_channels)
+    x, t = inputs(channels=in_channels)
+    with torch.no_grad():
+        assert model(x, t).shape == (2, expected, 16, 16)
+
+
+def test_bf16_autocast_is_finite():
+    model = tiny()
+    x, t = inputs()
+    mask = (torch.arange(model.bottleneck_channels) % 2).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, mask=mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_channels_last_matches_contiguous():
+    model = tiny()
+    x, t = inputs()
+    with torch.no_grad():
+        ref = model(x, t)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_avgpool_resampling_and_float_t():
+    model = tiny(resample_with_conv=False, apply_attn=True)
+    x, t = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t.float()), model(x, t))
+    assert sum(isinstance(m, nn.Conv2d) and m.stride == (2, 2) for m in model.modules()) == 0

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# usage: bash run.sh MODE [NGPUS] [extra args...]
+#   MODE   base | c | cs | cr   -> configs/${DATASET}_${MODE}.json (base -> configs/${DATASET}.json)
+#          demo                 -> the CPU demo: all four modes on the built-in dataset, then a summary
+#   NGPUS  processes to launch (default 1; 0 or no CUDA -> CPU with gloo)
+#   DATASET=celeba64 bash run.sh cs 6       CUDA_VISIBLE_DEVICES=0,1,3,5 bash run.sh cr 4 --train.lr=1e-4
+set -euo pipefail
+cd "$(dirname "$0")"
+usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+mode=${1:-}; [ $# -gt 0 ] && shift
+dataset=${DATASET:-celeba32}
+case "$mode" in
+  base) config=configs/${dataset}.json ;;
+  c|cs|cr) config=configs/${dataset}_${mode}.json ;;
+  demo) set -x; exec python3 diffcl.py demo "$@" ;;
+  *) echo "run.sh: unknown mode '${mode}'" >&2; usage ;;
+esac
+[ -f "$config" ] || { echo "run.sh: no config $config (DATASET=$dataset)" >&2; usage; }
+ngpus=1
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then
+  [[ $1 =~ ^[0-9]+$ ]] || { echo "run.sh: NGPUS must be a number, got '$1'" >&2; usage; }
+  ngpus=$1; shift
+fi
+has_cuda=$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')
+if [ "$ngpus" = 0 ] || [ "$has_cuda" = 0 ]; then
+  procs=$(( ngpus > 0 ? ngpus : 1 ))       # CPU: gloo processes (2 on a 2-core laptop is plenty)
+else
+  procs=$ngpus
+fi
+set -x
+exec python3 -m torch.distributed.run --standalone --nproc_per_node="$procs" diffcl.py train --config-path "$config" "$@"
