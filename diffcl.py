@@ -894,10 +894,12 @@ def train(cfg, config_path=None, resume=None, force=False):
         prepare_out_dir(out_dir)
 
     # Data: a uint8 (N, H, W, C) array, cached and memory-mapped by data.py.
+    if not is_main:
+        barrier(world)                                      # rank 0 builds the cache first, the others reuse it
     images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
-                              resolution=cfg["resolution"] or None, log=log)
-    if cfg["data_limit"]:
-        images = images[:cfg["data_limit"]]
+                              resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None)
+    if is_main:
+        barrier(world)
     if images.shape[3] != cfg["model"]["in_channels"]:
         raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
                           f"images have {images.shape[3]} channels")
