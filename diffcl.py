@@ -107,13 +107,13 @@ class ConfigError(Exception):
 
 def _check_value(where, value, default):
     """Type-check one value against its default; ints are accepted where floats are expected."""
-    if isinstance(default, bool) or isinstance(value, bool):
+    if isinstance(default, list):
+        ok = isinstance(value, list) or (where.endswith("apply_attn") and isinstance(value, bool))
+    elif isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float))
         value = float(value) if ok else value
-    elif isinstance(default, list):
-        ok = isinstance(value, list) or (where.endswith("apply_attn") and isinstance(value, bool))
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -658,7 +658,9 @@ def save_grid(images, path):
     for k in range(n):
         r, q = divmod(k, cols)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path + ".tmp.png")
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = max(1, 64 // h)                                 # blow small images up (nearest) so they can be seen
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
 
@@ -1295,12 +1297,12 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
     return [v / len(x0) for v in sums]
 
 
-def summarise(run_dirs, out, held_out, note=""):
+def summarise(run_dirs, out, held_out):
     """Summary table (markdown) + two PNG charts from finished runs {label: out_dir}."""
     rows, curves, buckets = [], {}, {}
     for label, d in run_dirs.items():
         net, cfg, mask, _ = model_from_checkpoint(os.path.join(d, "ckpt.pt"), torch.device("cpu"))
-        buckets[label] = bucket_loss(net, cfg, mask, held_out)
+        buckets[label] = bucket_loss(net, cfg, mask, held_out, n=len(held_out))
         train = [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["kind"] == "train"]
         stages = [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["kind"] == "stage"]
         curves[label] = [(r["step"], r["mse"]) for r in train]
@@ -1308,13 +1310,14 @@ def summarise(run_dirs, out, held_out, note=""):
         if run_mode(cfg) == "cs":
             extra = "active per stage " + "/".join(str(r["active"]) for r in stages)
             births = state_births(d)
-            extra += "; birth stage counts " + ", ".join(f"s{k + 1}:{v}" for k, v in sorted(births.items()))
+            extra += "; channels born in stage " + ", ".join(
+                f"{'never' if k < 0 else k + 1}: {v}" for k, v in sorted(births.items()))
         if run_mode(cfg) == "cr":
             extra = "channels with norm<1e-3 per stage " + "/".join(
                 str(sum(r.get("small_norm_channels", {}).values())) for r in stages)
         rows.append((label, buckets[label], extra))
-    lines = [f"Held-out eps-MSE per timestep bucket (t in [k*T/10, (k+1)*T/10), {len(held_out[:256])} images, "
-             f"EMA weights, mask applied){note}", "",
+    lines = [f"Held-out eps-MSE per timestep bucket (t in [k*T/10, (k+1)*T/10), {len(held_out)} test images, "
+             "EMA weights, mask applied)", "",
              "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " | mean | notes |",
              "|---" * 13 + "|"]
     for label, b, extra in rows:
@@ -1396,7 +1399,7 @@ def bar_chart(groups, path, title, spread=None):
     img.save(path)
 
 
-def demo(out="runs/demo", dataset="shapes", overrides=()):
+def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256):
     """Train plain, C, CS and CR briefly on `dataset`, then print the summary table and draw the charts."""
     import time
     import data
@@ -1409,7 +1412,7 @@ def demo(out="runs/demo", dataset="shapes", overrides=()):
         cfg = load_config(mode_config(dataset, mode), [f"--out_dir={os.path.join(out, mode)}", *overrides])
         dirs[mode] = train(cfg, mode_config(dataset, mode))
     held_out = data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
-                                log=lambda *a: None, num_images=256)
+                                log=lambda *a: None, num_images=held_out_n)[:held_out_n]
     table, _ = summarise(dirs, out, held_out)
     print("\n" + table, flush=True)
     print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>/samples/, charts "
@@ -1417,7 +1420,7 @@ def demo(out="runs/demo", dataset="shapes", overrides=()):
     return out
 
 
-def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inception=None):
+def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inception=None, held_out_n=256):
     """Train base, C, CS and CR with the same data, optimizer steps and seeds; score every final checkpoint
     (held-out loss per t bucket always; FID-n with DDIM-50 when Inception weights are found); write
     compare.md, compare.json and compare.png (mean +- std over seeds). A rerun resumes where it stopped."""
@@ -1432,7 +1435,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inceptio
     except fid.FIDError as e:
         weights, note = None, f"FID skipped: {e}"
         print(note, flush=True)
-    held_out = None
+    held_out, inception_model = None, None
     for seed in range(seeds):
         for mode in MODES:
             key, run_dir = f"{mode}/seed{seed}", os.path.join(out, f"{mode}_seed{seed}")
@@ -1445,13 +1448,16 @@ def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inceptio
             net, cfg, mask, shape = model_from_checkpoint(os.path.join(run_dir, "ckpt.pt"), mask_device())
             if held_out is None:
                 held_out = data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
-                                            log=lambda *a: None, root=cfg["data_root"] or None)
-            entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out)}
+                                            log=lambda *a: None, root=cfg["data_root"] or None)[:held_out_n]
+            entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out, n=held_out_n)}
             if weights:
-                ref = ref or reference_stats(cfg, fid_num, out, weights)
+                inception = inception_model or fid.load_inception(weights, device=mask_device())
+                inception_model = inception
+                ref = ref or reference_stats(cfg, fid_num, out, inception)
                 images = sample(os.path.join(run_dir, "ckpt.pt"), fid_num, os.path.join(run_dir, "fid_samples"),
                                 ddim=True, steps=50)
-                entry["fid"] = evaluate(images=images, ref=ref, num=fid_num, inception=weights)["fid"]
+                entry["fid"] = fid.score(fid.load_image_folder(images)[:fid_num], ref, inception,
+                                         device=mask_device())["fid"]
             results[key] = entry
             with open(path + ".tmp", "w") as f:
                 json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": fid_num if weights else 0,
@@ -1464,7 +1470,7 @@ def mask_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def reference_stats(cfg, num, out, weights):
+def reference_stats(cfg, num, out, model):
     """FID statistics of the first `num` training images (same preprocessing as training), cached in out/."""
     import data
     import fid
@@ -1472,7 +1478,6 @@ def reference_stats(cfg, num, out, weights):
     if not os.path.exists(path):
         real = data.load_images(cfg["dataset"], resolution=cfg["resolution"] or None,
                                 root=cfg["data_root"] or None)[:num]
-        model = fid.load_inception(weights, device=mask_device())
         fid.save_stats(path, *fid.feature_stats(fid.features(model, real, device=mask_device())))
     return path
 

@@ -1568,3 +1568,120 @@ def test_truncated_checkpoint_in_run_folder_is_reported_not_overwritten(tmp_path
     with pytest.raises(D.RunError, match="truncated or corrupt"):
         D.train(cfg)
     assert open(ckpt, "rb").read() == b"\x00" * 100
+
+
+# ---------------------------------------------------------------------------------------------
+# sample / eval / bench / demo / compare
+
+@pytest.fixture(scope="module")
+def cs_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cs_ckpt")
+    cfg = tiny_cfg(tmp, "cs", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    cfg["curriculum"]["stages"][-1]["epochs"] = 1
+    cfg["curriculum"]["stages"].append({"t_min": 0.0, "t_max": 1.0, "epochs": 1, "sparsity": 0.25})
+    cfg["curriculum"]["stages"][1]["sparsity"] = 0.4           # stage 2 of 3 still masks channels
+    out = D.train(D.merge_config(cfg, "tiny"))
+    return os.path.join(out, "ckpt.pt")
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_path):
+    out = tmp_path / "s"
+    D.sample(cs_checkpoint, 5, str(out), ddim=True, steps=4, batch_size=2)
+    files = sorted(os.listdir(out))
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    imgs = [read_png(out / f) for f in files]
+    assert imgs[0].shape == (16, 16, 3) and len({im.tobytes() for im in imgs}) == 5
+    os.remove(out / "000003.png")
+    (out / "000001.png").write_bytes(b"keep me")                # finished chunks are not redone
+    D.sample(cs_checkpoint, 5, str(out), ddim=True, steps=4, batch_size=2)
+    assert np.array_equal(read_png(out / "000003.png"), imgs[3]) and (out / "000001.png").read_bytes() == b"keep me"
+    other = tmp_path / "batch5"
+    D.sample(cs_checkpoint, 5, str(other), ddim=True, steps=4, batch_size=5)   # eta = 0: batch does not matter
+    assert all(np.array_equal(read_png(other / f"{i:06d}.png"), imgs[i]) for i in (0, 2, 3, 4))
+    net, cfg, mask, shape = D.model_from_checkpoint(cs_checkpoint, torch.device("cpu"))
+    assert mask.sum() == D.active_count(64, 0.25) < 64 and shape == (3, 16, 16)
+    x = torch.randn(2, *shape)
+    t = torch.tensor([5, 15])
+    assert not torch.equal(net(x, t, mask), net(x, t))           # the mask matters, and sampling applies it
+
+
+def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path):
+    r = run_cli("sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", tmp_path / "ddpm", "--raw", "--npz")
+    assert r.returncode == 0, r.stderr
+    assert "DDPM 20 steps" in r.stdout and "raw weights" in r.stdout
+    assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def test_eval_needs_real_weights_or_says_how_to_get_them(cs_checkpoint, tmp_path, monkeypatch):
+    ref = tmp_path / "ref.npz"
+    fid.save_stats(str(ref), np.zeros(2048), np.eye(2048))
+    if not os.environ.get("DIFFCL_INCEPTION"):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "nohub"))
+        with pytest.raises(fid.FIDError, match="DIFFCL_INCEPTION"):
+            D.evaluate(cs_checkpoint, str(tmp_path / "e"), str(ref), num=2, ddim=True, steps=2)
+        pytest.skip("DIFFCL_INCEPTION not set: the scoring half of eval needs the real Inception weights")
+    result = D.evaluate(cs_checkpoint, str(tmp_path / "e"), str(ref), num=4, real=str(tmp_path / "e"),
+                        ddim=True, steps=2)
+    assert math.isfinite(result["fid"]) and result["n"] == 4 and result["precision"] == 1.0
+    line = json.loads(open(tmp_path / "e" / "eval.jsonl").read().splitlines()[-1])
+    assert line["inception_sha256"] == "7ff4a85c3a63" and line["ref"] == str(ref)
+
+
+def test_bench_runs_the_training_step_and_prints_json(capsys):
+    cfg = D.merge_config({**{k: v for k, v in TINY_RUN.items() if k not in ("curriculum",)}}, "tiny")
+    result = D.bench(cfg, batch_size=4, steps=2, windows=1, do_sample=True, sample_steps=2)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == result and result["img_per_s"] > 0 and result["gflop_per_img"] > 0
+    assert 0 < result["utilisation"] and result["ddim2_img_per_s"] > 0 and result["peak_mem_gb"] > 0
+
+
+def test_bf16_training_step_tracks_fp32(tmp_path):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1})
+    fp32 = D.train(dict(cfg, out_dir=str(tmp_path / "fp32")))
+    bf16 = D.train(dict(cfg, out_dir=str(tmp_path / "bf16"), train={**cfg["train"], "precision": "bf16"}))
+    a, b = records(fp32, "train"), records(bf16, "train")
+    assert all(math.isfinite(r["loss"]) for r in b)
+    assert all(abs(x["loss"] - y["loss"]) < 0.05 * x["loss"] for x, y in zip(a, b))
+    pa = torch.load(os.path.join(fp32, "ckpt.pt"), weights_only=True)["model"]
+    pb = torch.load(os.path.join(bf16, "ckpt.pt"), weights_only=True)["model"]
+    diff = math.sqrt(sum((pa[k] - pb[k]).double().norm() ** 2 for k in pa))
+    norm = math.sqrt(sum(pa[k].double().norm() ** 2 for k in pa))
+    assert 0 < diff / norm < 1e-2                               # close, but bf16 really was used
+
+
+DEMO_OVERRIDES = ["--data_limit=32", "--train.batch_size=16", "--train.log_intv=2", "--train.image_intv=5",
+                  "--train.sample_steps=2", "--model.ch_multipliers=[1,2]", "--model.apply_attn=false",
+                  "--diffusion.timesteps=50"]
+
+
+def test_demo_writes_every_artefact_and_a_summary_of_all_four_modes(tmp_path, capsys):
+    out = D.demo(str(tmp_path / "demo"), "shapes", DEMO_OVERRIDES, held_out_n=16)
+    text = capsys.readouterr().out
+    for mode in D.MODES:
+        assert os.path.exists(os.path.join(out, mode, "metrics.jsonl"))
+        assert len(os.listdir(os.path.join(out, mode, "samples"))) == 2
+        assert f"| {mode} | " in text
+    assert "active per stage 13/26/38/51/64" in text and "channels born in stage 1: 13, 2: 13" in text
+    assert "channels with norm<1e-3 per stage" in text
+    for chart in ("loss_by_bucket.png", "loss_over_steps.png"):
+        assert Image.open(os.path.join(out, chart)).size == (720, 420)
+
+
+def test_compare_two_seeds_writes_its_table_and_resumes(tmp_path, capsys):
+    stages = json.dumps([{"t_min": 0.5, "t_max": 1.0, "epochs": 1}, {"t_min": 0.0, "t_max": 1.0, "epochs": 1}])
+    args = (str(tmp_path / "cmp"), "shapes", 2, [*DEMO_OVERRIDES, f"--curriculum.stages={stages}"], 6, None, None, 16)
+    D.compare(*args)
+    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
+    assert sorted(saved["runs"]) == sorted(f"{m}/seed{s}" for m in D.MODES for s in (0, 1))
+    assert saved["epochs"] == 2 and records(str(tmp_path / "cmp" / "base_seed1"), "train")[-1]["step"] == 4
+    table = open(tmp_path / "cmp" / "compare.md").read()
+    assert all(f"| {m} | " in table for m in D.MODES) and "+-" in table
+    assert ("| FID |" in table) == bool(os.environ.get("DIFFCL_INCEPTION"))
+    assert Image.open(tmp_path / "cmp" / "compare.png").size == (720, 420)
+    capsys.readouterr()
+    D.compare(*args)                                            # a rerun trains nothing
+    assert "=== compare" not in capsys.readouterr().out
