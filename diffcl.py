@@ -11,6 +11,7 @@ distributed helpers -> train -> sample / eval / bench -> main. Everything above 
 function of its arguments (randomness only through a passed-in generator) and is tested directly.
 Semantics follow ../shared/spec/decisions.md; the numbers in comments refer to its decisions.
 """
+import contextlib
 import copy
 import json
 import math
@@ -680,14 +681,6 @@ def ema_decay_at(num_updates, decay):
     return min(decay, (1 + num_updates) / (10 + num_updates))
 
 
-def step_generator(seed, step, rank, device):
-    """Generator for the timesteps and noise of one optimizer step: keyed by (seed, step, rank), so a
-    resumed run draws exactly what the uninterrupted one did without saving RNG state."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + rank) * 2 ** 32 + step)
-    return g
-
-
 def precision_dtype(cfg, device):
     """bf16 autocast dtype or None (fp32). 'auto' = bf16 on CUDA, fp32 on CPU (exactly reproducible)."""
     p = cfg["train"]["precision"]
@@ -741,7 +734,7 @@ def train_step(run, x0, stage, step):
         eps = torch.randn(xb.shape, generator=gen_dev, device=xb.device)
         xt = q_sample(xb, t, eps, run["tab"])
         last = k == len(micro) - 1
-        sync = run["ddp"].no_sync() if run["world"] > 1 and not last else _nullcontext()
+        sync = run["ddp"].no_sync() if run["world"] > 1 and not last else contextlib.nullcontext()
         with sync, torch.autocast(xb.device.type, dtype=run["amp"] or torch.float32, enabled=run["amp"] is not None):
             out = run["fwd"](xt, t, mask)
         mse = mse_per_sample(out, training_target(xb, xt, t, eps, run["tab"], mean_type))
@@ -760,14 +753,6 @@ def train_step(run, x0, stage, step):
     if run["ema"] is not None:
         ema_params, params = list(run["ema"].parameters()), list(model.parameters())
         torch._foreach_lerp_(ema_params, params, 1 - ema_decay_at(step, tr["ema_decay"]))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def accumulate_score(run, method):
@@ -885,7 +870,33 @@ def stage_banner(cfg, i, mode, mask, regrown, epoch_range):
     return text
 
 
-def train(cfg, config_path=None, resume=None, force=False):
+def regrow_at_stage(run, birth, i):
+    """CS stage transition: sum the scores over ranks, switch on channels up to stage i's target, reset."""
+    cfg, C = run["cfg"], run["mask"].numel()
+    totals = all_reduce_sum(run["score"].clone(), run["world"]).cpu()
+    if cfg["sparsity"]["regrowth_method"] == "random":
+        totals = random_score(C, cfg["seed"], i)
+    target = active_count(C, stage_sparsity(cfg["curriculum"]["stages"], i, cfg["sparsity"]["initial_sparsity"]))
+    mask, birth, regrown = regrow(run["mask"].detach().cpu(), birth, totals, target, i)
+    run["mask"] = mask.to(run["score"].device).requires_grad_(run["mask"].requires_grad)
+    run["score"].zero_()
+    return birth, regrown
+
+
+def stage_record(run, i, step, epoch, regrown, birth):
+    """The metrics.jsonl record written at a stage transition."""
+    cfg = run["cfg"]
+    stage = cfg["curriculum"]["stages"][i]
+    record = {"kind": "stage", "step": step, "epoch": epoch, "stage": i, "name": stage.get("name", f"stage{i + 1}"),
+              "window": list(time_window(stage, cfg["diffusion"]["timesteps"])), "lambda": run["lam"],
+              "active": int(run["mask"].sum()), "regrown": regrown, "birth_stage": birth.tolist()}
+    if run["mode"] == "cr":
+        record["small_norm_channels"] = small_norm_channels(run["model"])
+    return record
+
+
+def train(cfg, config_path=None, resume=None, force=False, download=False):
+    """Train plain DDPM / C / CS / CR as the config says; resumes from <out_dir>/ckpt.pt. Returns out_dir."""
     import signal
     import time
     import data
@@ -905,7 +916,8 @@ def train(cfg, config_path=None, resume=None, force=False):
     if not is_main:
         barrier(world)                                      # rank 0 builds the cache first, the others reuse it
     images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
-                              resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None)
+                              resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None,
+                              download=download)
     if is_main:
         barrier(world)
     if images.shape[3] != cfg["model"]["in_channels"]:
@@ -1000,23 +1012,11 @@ def train(cfg, config_path=None, resume=None, force=False):
             if i is not None and (starts_stage or epoch == first_epoch):
                 regrown = []
                 if mode == "cs" and starts_stage and i > 0:
-                    totals = all_reduce_sum(run["score"].clone(), world).cpu()
-                    if cfg["sparsity"]["regrowth_method"] == "random":
-                        totals = random_score(C, cfg["seed"], i)
-                    target = active_count(C, stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"]))
-                    new_mask, birth, regrown = regrow(run["mask"].detach().cpu(), birth, totals, target, i)
-                    run["mask"] = new_mask.to(device).requires_grad_(taylor)
-                    run["score"].zero_()
+                    birth, regrown = regrow_at_stage(run, birth, i)
                 end = stage_start_epoch(i, stages) + stage["epochs"] if i < len(stages) - 1 else num_epochs
                 log(stage_banner(cfg, i, mode, run["mask"].detach(), regrown, (stage_start_epoch(i, stages), end)))
                 if is_main and starts_stage:
-                    record = {"kind": "stage", "step": step, "epoch": epoch, "stage": i,
-                              "name": stage.get("name", f"stage{i + 1}"), "window": list(time_window(stage, cfg["diffusion"]["timesteps"])),
-                              "lambda": run["lam"], "active": int(run["mask"].sum()), "regrown": regrown,
-                              "birth_stage": birth.tolist()}
-                    if mode == "cr":
-                        record["small_norm_channels"] = small_norm_channels(model)
-                    append_jsonl(metrics_path, record)
+                    append_jsonl(metrics_path, stage_record(run, i, step, epoch, regrown, birth))
 
             # One optimizer step per batch.
             model.train()
@@ -1110,6 +1110,9 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     import time
     rank, world, device = setup_dist()
     net, cfg, mask, shape = model_from_checkpoint(ckpt, device, raw)
+    T = cfg["diffusion"]["timesteps"]
+    if ddim and not 1 <= steps <= T:
+        raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
     tab, amp = tables_on(cfg, device), precision_dtype(cfg, device)
     os.makedirs(out, exist_ok=True)
     name = lambda i: os.path.join(out, f"{i:06d}.png")
@@ -1530,6 +1533,7 @@ def parse_cli(argv):
         p.add_argument("--resume", help="resume from this checkpoint instead of <out_dir>/ckpt.pt")
         p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
         p.add_argument("--distributed", action="store_true", help="accepted for compatibility; torchrun decides")
+        p.add_argument("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
         p.add_argument("--ckpt", required=cmd == "sample")
         p.add_argument("--num", type=int, default=64 if cmd == "sample" else 10000)
@@ -1589,7 +1593,7 @@ def main(argv):
                        ["--train.compile=true"] * args.compile
             cfg = load_config(path, rest)
             if cmd == "train":
-                train(cfg, path, resume=args.resume, force=args.force)
+                train(cfg, path, resume=args.resume, force=args.force, download=args.download)
             else:
                 bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample, data_check=args.data)
             return 0
