@@ -1618,6 +1618,9 @@ def main(argv):
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:                               # before training started: nothing to save
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

@@ -1694,3 +1694,35 @@ def test_compiled_training_step_matches_eager(tmp_path):
     assert pa.keys() == pb.keys()                               # no `_orig_mod.` prefix in checkpoints
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-4, rtol=1e-3), k
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tmp_path):
+    import signal
+    cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 0, "log_intv": 1, "save_every": 0})
+    cfg["data_limit"] = 96
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, str(HERE / "diffcl.py"), "train", str(path), f"--out_dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted at step" in out and "Traceback" not in err, err
+    step = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]
+    assert 0 < step < 24 and f"interrupted at step {step};" in out
+    assert subprocess.run(cmd, cwd=HERE, capture_output=True).returncode == 0
+    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+    assert same_state(os.path.join(full, "ckpt.pt"), tmp_path / "run" / "ckpt.pt")
+
+
+def test_gradient_accumulation_trains_and_keeps_loss_bookkeeping(tmp_path):
+    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "num_accum": 2})
+    out = D.train(cfg)
+    train = records(out, "train")
+    assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
+    assert all(r["loss"] == pytest.approx(r["mse"] + r["reg"], rel=1e-5) for r in train)
+    with pytest.raises(D.ConfigError, match="must divide by world size 1 x train.num_accum 3"):
+        D.train(dict(cfg, train={**cfg["train"], "num_accum": 3, "batch_size": 8}))
