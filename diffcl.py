@@ -388,6 +388,11 @@ def stage_of_epoch(epoch, stages):
     return len(stages) - 1
 
 
+def stage_name(stages, i):
+    """A stage's display name: its 'name', else 'stage<i+1>'; 'plain' without a curriculum (i is None)."""
+    return "plain" if i is None else stages[i].get("name", f"stage{i + 1}")
+
+
 def stage_start_epoch(i, stages):
     """First epoch of stage i."""
     return sum(s["epochs"] for s in stages[:i])
@@ -719,6 +724,15 @@ def draw_timesteps(n, stage, cfg, gen):
     return sample_t(n, *time_window(stage, T), gen)
 
 
+def training_state(cfg, model, ddp, ema, opt, mask, score, rank, world):
+    """Everything `train_step` reads, in one dict (shared by `train` and `bench`)."""
+    device = mask.device
+    return {"cfg": cfg, "model": model, "ddp": ddp, "fwd": torch.compile(ddp) if cfg["train"]["compile"] else ddp,
+            "ema": ema, "opt": opt, "mask": mask, "score": score, "tab": tables_on(cfg, device),
+            "amp": precision_dtype(cfg, device), "lam": 0.0, "mode": run_mode(cfg), "rank": rank, "world": world,
+            "stats": StepStats(device)}
+
+
 def train_step(run, x0, stage, step):
     """One optimizer step on this rank's batch: micro-steps (no_sync on all but the last), clipping,
     Adam, EMA, CS score accumulation. Statistics stay on the device (no host sync)."""
@@ -859,7 +873,7 @@ def stage_banner(cfg, i, mode, mask, regrown, epoch_range):
     st = stages[i]
     where = (f"t ~ {T}*Beta({st['alpha']}, {st['beta']})" if cfg["curriculum"]["mode"] == "soft"
              else "t in [%d, %d)" % time_window(st, T))
-    text = (f"== stage {i + 1}/{len(stages)} [{st.get('name', f'stage{i + 1}')}] epochs "
+    text = (f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] epochs "
             f"{epoch_range[0] + 1}-{epoch_range[1]} | {where}")
     if mode == "cs":
         s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
@@ -887,7 +901,7 @@ def stage_record(run, i, step, epoch, regrown, birth):
     """The metrics.jsonl record written at a stage transition."""
     cfg = run["cfg"]
     stage = cfg["curriculum"]["stages"][i]
-    record = {"kind": "stage", "step": step, "epoch": epoch, "stage": i, "name": stage.get("name", f"stage{i + 1}"),
+    record = {"kind": "stage", "step": step, "epoch": epoch, "stage": i, "name": stage_name(cfg["curriculum"]["stages"], i),
               "window": list(time_window(stage, cfg["diffusion"]["timesteps"])), "lambda": run["lam"],
               "active": int(run["mask"].sum()), "regrown": regrown, "birth_stage": birth.tolist()}
     if run["mode"] == "cr":
@@ -966,10 +980,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = {"cfg": cfg, "model": model, "ddp": ddp, "fwd": torch.compile(ddp) if tr["compile"] else ddp,
-           "ema": ema, "opt": opt, "mask": mask, "score": score, "tab": tables_on(cfg, device),
-           "amp": precision_dtype(cfg, device), "lam": 0.0, "mode": mode, "rank": rank, "world": world,
-           "stats": StepStats(device)}
+    run = training_state(cfg, model, ddp, ema, opt, mask, score, rank, world)
     if is_main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
@@ -1031,13 +1042,13 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                     s = run["stats"].reduce(world)
                     if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
                         raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage "
-                                       f"{stage.get('name', i + 1) if stage else 'none'}); stopped. Last good "
+                                       f"{stage_name(stages, i)}); stopped. Last good "
                                        f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact). "
                                        "Lower train.lr or raise train.warmup, then rerun to resume")
                     now = time.perf_counter()
                     img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
                     t_log, step_log = now, step
-                    name = stage.get("name", f"stage{i + 1}") if stage else "plain"
+                    name = stage_name(stages, i)
                     log(f"{epoch + 1}/{num_epochs} epochs [{name}] step {step} | loss={s['loss']:.4f} "
                         f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
                         f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
@@ -1058,7 +1069,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 x = sample_sharded(net, cfg, shape, tr["num_samples"], cfg["seed"], run["mask"].detach(), run["tab"],
                                    rank, world, batch=64, ddim_steps=tr["sample_steps"], amp=run["amp"])
                 if is_main:
-                    name = stage.get("name", f"stage{i + 1}") if stage else "plain"
+                    name = stage_name(stages, i)
                     save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{epoch + 1:04d}_{name}.png"))
             if (epoch + 1) % max(tr["chkpt_intv"], 1) == 0 or epoch + 1 == num_epochs:
                 checkpoint(epoch, snapshot=True)
@@ -1214,10 +1225,9 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     model = build_model(cfg, device)
     opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], fused=device.type == "cuda")
     mode, C = run_mode(cfg), model.bottleneck_channels
-    run = {"cfg": cfg, "model": model, "ddp": model, "fwd": torch.compile(model) if tr["compile"] else model,
-           "ema": copy.deepcopy(model).requires_grad_(False), "opt": opt, "mask": torch.ones(C, device=device),
-           "score": torch.zeros(C, device=device), "tab": tables_on(cfg, device), "amp": precision_dtype(cfg, device),
-           "lam": 1e-5 if mode == "cr" else 0.0, "mode": mode, "rank": 0, "world": 1, "stats": StepStats(device)}
+    run = training_state(cfg, model, model, copy.deepcopy(model).requires_grad_(False), opt,
+                         torch.ones(C, device=device), torch.zeros(C, device=device), 0, 1)
+    run["lam"] = 1e-5 if mode == "cr" else 0.0               # time the penalty too
     x0 = torch.rand(B, cfg["model"]["in_channels"], res, res, device=device) * 2 - 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_compile = time.perf_counter()
