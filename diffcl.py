@@ -20,7 +20,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Config: the description's nested JSON. Every key has a default here; unknown keys are errors.

@@ -899,20 +899,6 @@ def test_data_throughput_reports_a_rate():
 # ---------------------------------------------------------------------------------------------
 # FID, precision and recall (fid.py)
 
-import json
-import os
-import warnings
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
-
-import fid
-
 TSV = Path(__file__).resolve().parent.parent / "shared" / "reference" / "fid-inception-state-dict-keys.tsv"
 
 
