@@ -1315,13 +1315,15 @@ def summarise(run_dirs, out, held_out):
     for label, d in run_dirs.items():
         net, cfg, mask, _ = model_from_checkpoint(os.path.join(d, "ckpt.pt"), torch.device("cpu"))
         buckets[label] = bucket_loss(net, cfg, mask, held_out, n=len(held_out))
-        train = [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["kind"] == "train"]
-        stages = [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if r["kind"] == "stage"]
-        curves[label] = [(r["step"], r["mse"]) for r in train]
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        stages = [r for r in records if r["kind"] == "stage"]
+        curves[label] = [(r["step"], r["mse"]) for r in records if r["kind"] == "train"]
         extra = ""
         if run_mode(cfg) == "cs":
             extra = "active per stage " + "/".join(str(r["active"]) for r in stages)
-            births = state_births(d)
+            birth = stages[-1]["birth_stage"]                # masks only change at stage starts
+            births = {k: birth.count(k) for k in sorted(set(birth))}
             extra += "; channels born in stage " + ", ".join(
                 f"{'never' if k < 0 else k + 1}: {v}" for k, v in sorted(births.items()))
         if run_mode(cfg) == "cr":
@@ -1340,12 +1342,6 @@ def summarise(run_dirs, out, held_out):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
     return table, buckets
-
-
-def state_births(run_dir):
-    """{birth stage: channel count} of a CS run's final mask (-1 = never switched on)."""
-    birth = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["birth"].tolist()
-    return {k: birth.count(k) for k in sorted(set(birth))}
 
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
