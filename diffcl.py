@@ -97,6 +97,17 @@ CHOICES = {
     "mode": ("hard", "soft"),
     "regrowth_method": ("gradient", "taylor", "random"),
 }
+# Allowed ranges, checked at start-up so a bad value never costs an epoch (upper bounds stop sizes that
+# could only exhaust memory). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
+RANGES = [("seed", 0, 2 ** 63 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
+          ("diffusion.timesteps", 2, 100_000), ("diffusion.beta_start", 1e-9, 1 - 1e-9),
+          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
+          ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
+          ("train.beta1", 0.0, 1 - 1e-9), ("train.beta2", 0.0, 1 - 1e-9), ("train.batch_size", 1, 1 << 20),
+          ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
+          ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0), ("train.num_samples", 0, 10_000),
+          ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7), ("train.save_every", 0, 10 ** 9),
+          ("train.log_intv", 1, 10 ** 9)]
 STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": int, "name": str,
               "sparsity": float, "lambda": float, "alpha": float, "beta": float}
 
@@ -112,7 +123,7 @@ def _check_value(where, value, default):
     elif isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float))
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default))
@@ -164,6 +175,8 @@ def validate_config(cfg, source="config"):
             ok = isinstance(v, STAGE_KEYS[k]) or (STAGE_KEYS[k] is float and isinstance(v, int))
             if isinstance(v, bool) or not ok:
                 raise ConfigError(f"{where}.{k}: expected {STAGE_KEYS[k].__name__}, got {v!r}")
+        if not all(math.isfinite(v) for v in st.values() if isinstance(v, float)):
+            raise ConfigError(f"{where}: values must be finite numbers")
         if not 0 <= st["t_min"] < st["t_max"] <= 1:
             raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
         if st["epochs"] < 1:
@@ -187,8 +200,25 @@ def validate_config(cfg, source="config"):
     if tr["batch_size"] < 1 or tr["num_accum"] < 1 or tr["batch_size"] % tr["num_accum"]:
         raise ConfigError(f"{source}: train.batch_size ({tr['batch_size']}) must be a positive "
                           f"multiple of train.num_accum ({tr['num_accum']})")
-    if cfg["diffusion"]["timesteps"] < 2 or tr["lr"] <= 0 or tr["log_intv"] < 1:
-        raise ConfigError(f"{source}: need diffusion.timesteps >= 2, train.lr > 0, train.log_intv >= 1")
+    for key, lo, hi in RANGES:
+        section, _, sub = key.rpartition(".")
+        value = cfg[section][sub] if section else cfg[sub]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{source}: {key} must be in [{lo}, {hi}], got {value!r}")
+    model = cfg["model"]
+    if model["hid_channels"] % 32:
+        raise ConfigError(f"{source}: model.hid_channels must be a multiple of 32 (GroupNorm uses 32 groups), "
+                          f"got {model['hid_channels']}")
+    if not model["ch_multipliers"] or not all(type(m) is int and 1 <= m <= 16 for m in model["ch_multipliers"]):
+        raise ConfigError(f"{source}: model.ch_multipliers must be a non-empty list of integers in [1, 16]")
+    attn = model["apply_attn"]
+    if not isinstance(attn, bool) and (len(attn) != len(model["ch_multipliers"]) or
+                                       not all(isinstance(a, bool) for a in attn)):
+        raise ConfigError(f"{source}: model.apply_attn must be true/false or one true/false per entry of "
+                          f"model.ch_multipliers ({len(model['ch_multipliers'])})")
+    if not 0 <= tr["sample_steps"] <= cfg["diffusion"]["timesteps"]:
+        raise ConfigError(f"{source}: train.sample_steps must be 0 (DDPM) or a DDIM step count in "
+                          f"[1, diffusion.timesteps = {cfg['diffusion']['timesteps']}]")
     if cur["mode"] == "soft" and any("alpha" not in s or "beta" not in s for s in cur["stages"]):
         raise ConfigError(f"{source}: curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage")
 
@@ -222,12 +252,18 @@ def load_config(path=None, overrides=(), base=None):
     user = copy.deepcopy(base) if base is not None else {}
     if path:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 user = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path} (see configs/ for the shipped ones)")
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); JSON has no comments: use a '_comment' key")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file; a config is a JSON object (see configs/)")
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e} (pass a JSON file, see configs/)")
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: a config is a JSON object {{...}}, not a {type(user).__name__}")
     for section, value in parse_overrides(overrides).items():
         if isinstance(value, dict) and isinstance(user.get(section), dict):
             user[section] = {**user[section], **value}
@@ -236,6 +272,26 @@ def load_config(path=None, overrides=(), base=None):
         else:
             user[section] = value
     return merge_config(user, path or "config")
+
+
+def check_memory(cfg, device, world):
+    """Refuse a config whose model and batch cannot fit this device: params, grads, Adam and EMA copies, plus
+    ~6 stored activations per ResBlock conv. A rough lower bound, so only hopeless sizes are refused."""
+    from unet import UNet
+    m, tr = cfg["model"], cfg["train"]
+    with torch.device("meta"):                              # sizes only: nothing is allocated
+        params = sum(p.numel() for p in UNet(**m).parameters())
+    res = cfg["resolution"] or (64 if cfg["dataset"].startswith("celeba64") else 32)
+    batch = tr["batch_size"] // world // tr["num_accum"]
+    acts = sum(6 * (2 * m["num_res_blocks"] + 1) * m["hid_channels"] * k * (res / 2 ** level) ** 2
+               for level, k in enumerate(m["ch_multipliers"]))
+    need = 4 * (5 * params + 2 * batch * acts)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        raise ConfigError(f"this model ({params / 1e6:.1f}M params) at {batch} images of {res}x{res} per step "
+                          f"needs at least ~{need / 2 ** 30:.0f} GiB, more than the {have / 2 ** 30:.0f} GiB of {device}; "
+                          "reduce model.hid_channels, resolution or train.batch_size (or raise train.num_accum)")
 
 
 def run_mode(cfg):
@@ -376,15 +432,41 @@ def ddim_step(out, xt, t, t_prev, tab, eta, noise, mean_type="eps"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Curriculum (decisions 1-5): everything is a pure function of the epoch and the config.
+# Random streams. Every draw comes from a generator keyed by integers -- (purpose, seed, step, rank) in
+# training, (purpose, seed, image) in sampling -- so a resumed run draws exactly what the uninterrupted
+# run drew, and ranks, seeds and steps get unrelated streams.
 
-def stage_of_epoch(epoch, stages):
-    """Index of the stage that contains `epoch` (0-based); epochs past the list stay in the last stage."""
-    for i, stage in enumerate(stages):
-        if epoch < stage["epochs"]:
-            return i
-        epoch -= stage["epochs"]
-    return len(stages) - 1
+TIMESTEPS, NOISE, DROPOUT, X_T, SAMPLER_NOISE, FIRST_MASK, RANDOM_REGROWTH = range(7)   # purposes
+
+
+def key_seed(*key):
+    """A 64-bit seed hashed from non-negative integers by numpy's SeedSequence. Parts are mixed, never
+    shifted into high bits: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed."""
+    low, high = np.random.SeedSequence(key).generate_state(2, np.uint32)
+    return int(low) | int(high) << 32
+
+
+def step_generators(seed, step, rank, device):
+    """(timestep generator on the CPU, noise generator on `device`) for one optimizer step of one rank."""
+    t_gen = torch.Generator().manual_seed(key_seed(TIMESTEPS, seed, step, rank))
+    return t_gen, torch.Generator(device=device).manual_seed(key_seed(NOISE, seed, step, rank))
+
+
+# ----------------------------------------------------------------------------------------------
+# Curriculum: every rule of the method. Stage functions take (stages, i, ...) with i the stage index;
+# stage lengths are given in epochs and turned into optimizer steps here, and nowhere else.
+
+def stage_start(stages, i, steps_per_epoch):
+    """First optimizer step of stage i."""
+    return sum(s["epochs"] for s in stages[:i]) * steps_per_epoch
+
+
+def stage_at(stages, step, steps_per_epoch):
+    """Index of the stage that contains optimizer `step`; steps past the schedule stay in the last stage."""
+    i = 0
+    while i + 1 < len(stages) and step >= stage_start(stages, i + 1, steps_per_epoch):
+        i += 1
+    return i
 
 
 def stage_name(stages, i):
@@ -392,43 +474,45 @@ def stage_name(stages, i):
     return "plain" if i is None else stages[i].get("name", f"stage{i + 1}")
 
 
-def stage_start_epoch(i, stages):
-    """First epoch of stage i."""
-    return sum(s["epochs"] for s in stages[:i])
-
-
 def total_epochs(cfg):
-    """Training length: the sum of stage epochs with the curriculum on (decision 3), else train.epochs."""
+    """Training length: the sum of stage epochs with the curriculum on, else train.epochs."""
     if cfg["curriculum"]["enabled"]:
         return sum(s["epochs"] for s in cfg["curriculum"]["stages"])
     return cfg["train"]["epochs"]
 
 
-def time_window(stage, T):
-    """Half-open integer window [floor(t_min T), floor(t_max T)) of a stage, at least one step wide.
+def time_window(stages, i, T):
+    """Half-open integer window [floor(t_min T), floor(t_max T)) of stage i, at least one step wide.
 
     The 1e-9 guards against 0.57 * 100 = 56.999... flooring to 56."""
-    lo = min(math.floor(stage["t_min"] * T + 1e-9), T - 1)
-    hi = min(math.floor(stage["t_max"] * T + 1e-9), T)
+    lo = min(math.floor(stages[i]["t_min"] * T + 1e-9), T - 1)
+    hi = min(math.floor(stages[i]["t_max"] * T + 1e-9), T)
     return lo, max(hi, lo + 1)
 
 
-def sample_t(n, lo, hi, generator, device="cpu"):
+def sample_t(n, lo, hi, generator):
     """(n,) int64 timesteps uniform on [lo, hi) from an explicit generator (hard curriculum)."""
-    return torch.randint(lo, hi, (n,), generator=generator, device=device)
+    return torch.randint(lo, hi, (n,), generator=generator)
 
 
 def sample_t_soft(n, alpha, beta, T, generator):
     """(n,) int64 timesteps t = floor(u T), u ~ Beta(alpha, beta), by inverting the Beta CDF of
-    uniforms from `generator` (so every rank's own seeded stream is used; decision 4). CPU tensor."""
+    uniforms from `generator` (so every rank's own keyed stream is used)."""
     from scipy.special import betaincinv
     u = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
     x = betaincinv(alpha, beta, u)
     return torch.from_numpy(np.minimum(np.floor(x * T), T - 1).astype(np.int64))
 
 
-# ----------------------------------------------------------------------------------------------
-# Sparsity (CS, decisions 6-10) and Group-L1 regularisation (CR, decisions 11-14).
+def draw_timesteps(stages, i, n, T, soft, generator):
+    """(n,) CPU timesteps for stage i: U[0, T) without a curriculum (i is None), else U[window) (hard) or
+    floor(T Beta(alpha, beta)) (soft)."""
+    if i is None:
+        return sample_t(n, 0, T, generator)
+    if soft:
+        return sample_t_soft(n, stages[i]["alpha"], stages[i]["beta"], T, generator)
+    return sample_t(n, *time_window(stages, i, T), generator)
+
 
 def linear_decay(peak, i, num_stages):
     """peak * (S-1-i)/(S-1): the description's linear per-stage decay; 0 when S = 1."""
@@ -436,23 +520,39 @@ def linear_decay(peak, i, num_stages):
 
 
 def stage_sparsity(stages, i, initial_sparsity):
-    """Target fraction of masked bottleneck channels in stage i (a stage's 'sparsity' overrides)."""
+    """CS: target fraction of masked bottleneck channels in stage i (a stage's 'sparsity' overrides)."""
     return stages[i].get("sparsity", linear_decay(initial_sparsity, i, len(stages)))
 
 
 def stage_lambda(stages, i, lambda_max):
-    """Group-L1 weight lambda in stage i (a stage's 'lambda' overrides)."""
+    """CR: Group-L1 weight lambda in stage i (a stage's 'lambda' overrides)."""
     return stages[i].get("lambda", linear_decay(lambda_max, i, len(stages)))
 
 
+def lr_at(step, lr, warmup):
+    """Linear warm-up over `warmup` optimizer steps to the constant base LR (tqch: min((s+1)/warmup, 1))."""
+    return lr * min((step + 1) / warmup, 1.0) if warmup > 0 else lr
+
+
+def ema_decay_at(num_updates, decay):
+    """EMA decay with TF's warm-up: min(decay, (1+n)/(10+n))."""
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparsity (CS) and Group-L1 regularisation (CR).
+
 def active_count(C, sparsity):
-    """Channels kept on: max(1, round(C (1 - s))), rounding halves up (128 -> 26/51/77/102/128)."""
-    return max(1, math.floor(C * (1 - sparsity) + 0.5))
+    """Channels kept on: max(1, round(C (1 - s))) with halves rounded up, in exact fractions (10 x 0.45 and
+    10 x 0.95 both round up). limit_denominator recovers the decimal a config wrote (0.6000000000000001 -> 3/5)."""
+    from fractions import Fraction
+    keep = C * (1 - Fraction(sparsity).limit_denominator(10 ** 6))
+    return max(1, math.floor(keep + Fraction(1, 2)))
 
 
 def initial_mask(C, active, seed):
     """(C,) float 0/1 mask with `active` ones at seeded random positions: identical on every rank."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(key_seed(FIRST_MASK, seed))
     mask = torch.zeros(C)
     mask[torch.randperm(C, generator=g)[:active]] = 1.0
     return mask
@@ -470,7 +570,7 @@ def taylor_score(mask_grad, mask):
 
 def random_score(C, seed, stage_index):
     """(C,) uniform scores from a generator keyed by (seed, stage): the same on every rank."""
-    return torch.rand(C, generator=torch.Generator().manual_seed(seed * 1000 + stage_index))
+    return torch.rand(C, generator=torch.Generator().manual_seed(key_seed(RANDOM_REGROWTH, seed, stage_index)))
 
 
 def regrow(mask, birth, score, target_active, stage_index):
@@ -518,13 +618,20 @@ def small_norm_channels(model, threshold=1e-3):
 # Distributed helpers. DDP is on iff torchrun set RANK; every collective is called by every rank.
 
 def setup_dist():
-    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE.
+    DIFFCL_DEVICE=cpu|cuda pins the device (default: CUDA when there is one)."""
     import datetime
     import torch.distributed as dist
-    cuda = torch.cuda.is_available()
+    want = os.environ.get("DIFFCL_DEVICE", "auto")
+    if want not in ("auto", "cpu", "cuda") or (want == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"DIFFCL_DEVICE={want}: use cpu, or cuda on a machine with a CUDA GPU")
+    cuda = want != "cpu" and torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if cuda and local >= torch.cuda.device_count():
+        raise ConfigError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this node but only "
+                          f"{torch.cuda.device_count()} GPU(s): launch one process per GPU, or DIFFCL_DEVICE=cpu")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -570,7 +677,7 @@ def assert_ranks_agree(model, mask, world):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, logging and images (the plumbing `train` needs; no maths here).
+# Files: checkpoints, metrics.jsonl, images, the run-folder lock.
 
 class RunError(Exception):
     """A problem with a run (checkpoint, output folder, NaN); printed as one line, exit 2."""
@@ -584,6 +691,8 @@ class StopRequested(Exception):
 RESUMABLE_KEYS = {"out_dir", "train.log_intv", "train.image_intv", "train.chkpt_intv", "train.save_every",
                   "train.num_samples", "train.sample_steps", "train.precision", "train.channels_last",
                   "train.compile", "train.snapshots", "train.epochs", "data_root"}
+CHECKPOINT_KEYS = {"model": dict, "ema": (dict, type(None)), "opt": dict, "mask": torch.Tensor,
+                   "birth": torch.Tensor, "score": torch.Tensor, "step": int, "config": dict, "image_shape": list}
 
 
 def config_diff(old, new):
@@ -598,30 +707,54 @@ def config_diff(old, new):
     return [k for k in keys if k not in RESUMABLE_KEYS]
 
 
-def save_checkpoint(path, state):
-    """Write atomically (temporary file, then rename) so a crash never leaves a torn checkpoint."""
+def save_checkpoint(path, state, keep_previous=False):
+    """Write atomically (temporary file, then rename) so a crash never leaves a torn checkpoint. With
+    keep_previous, the checkpoint being replaced stays as <name>_prev.pt (a hard link: no copy)."""
     tmp = f"{path}.tmp"
     try:
         torch.save(state, tmp)
+        if keep_previous and os.path.exists(path):
+            prev = path.removesuffix(".pt") + "_prev.pt"
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(prev + ".tmp")
+            os.link(path, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
+    except BaseException as e:                              # disk full is a RuntimeError from torch.save
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is intact")
+        if not isinstance(e, Exception):
+            raise                                           # a second Ctrl-C: leave no .tmp, then stop
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        raise RunError(f"could not write checkpoint {path}: {reason}; the previous one is intact. "
+                       "Free disk space or pass --out_dir=PATH")
 
 
 def load_checkpoint(path):
-    """torch.load(weights_only=True) with a one-line error for missing, truncated or foreign files."""
+    """torch.load(weights_only=True), then a structure check: one-line errors for missing, truncated,
+    foreign or malformed files (a file is never modified)."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
-                       "delete it or resume from a snapshot with --resume PATH")
+        raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or resume "
+                       "from the previous one with --resume <out_dir>/ckpt_prev.pt")
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise RunError(f"{path} is not a diffcl checkpoint (no 'config'/'model' entries)")
+    bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
+    if bad or len(state["image_shape"]) != 3:
+        raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
     return state
+
+
+def load_weights(module, weights, path):
+    """module.load_state_dict with a one-line error when the checkpoint is of another architecture."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise RunError(f"{path} does not fit this model ({first}); it was written for another model config")
 
 
 def append_jsonl(path, record):
@@ -631,18 +764,20 @@ def append_jsonl(path, record):
 
 
 def truncate_jsonl(path, step):
-    """Drop records written after `step` (by a run that died before its next checkpoint)."""
+    """Drop records that a killed run wrote after its checkpoint at `step`: training records after it,
+    and stage records at or after it (a stage record at step s is written after the checkpoint at s, so
+    the resumed run writes it again)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
     keep = []
-    for ln in lines:
-        try:
-            if json.loads(ln).get("step", 0) <= step:
-                keep.append(ln)
-        except json.JSONDecodeError:
-            pass                                             # a torn last line from a hard kill
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue                                    # a torn last line from a hard kill
+            if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage"):
+                keep.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -669,138 +804,42 @@ def save_grid(images, path):
     os.replace(path + ".tmp.png", path)
 
 
+def prepare_out_dir(out_dir, *subdirs):
+    """Create a folder (and subfolders) and prove it is writable before any work starts."""
+    try:
+        for sub in subdirs or ("",):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"folder {out_dir} is not writable ({e.strerror}); choose another output path")
+
+
+def lock_run_folder(out_dir):
+    """Take an exclusive lock on the run folder, or refuse with the holder's pid. The kernel drops the lock
+    when its process dies, so a SIGKILLed run never leaves a stale lock. Keep the returned file open."""
+    import fcntl
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise RunError(f"run folder {out_dir} is in use by another trainer (pid {holder}); wait for it to "
+                       "finish, or pass --out_dir=OTHER")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def fmt_time(seconds):
     """Seconds as '1h02m', '3m05s' or '12s'."""
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def lr_at(step, lr, warmup):
-    """Linear warm-up over `warmup` optimizer steps to the constant base LR (tqch: min((s+1)/warmup, 1))."""
-    return lr * min((step + 1) / warmup, 1.0) if warmup > 0 else lr
-
-
-def ema_decay_at(num_updates, decay):
-    """EMA decay with TF's warm-up: min(decay, (1+n)/(10+n))."""
-    return min(decay, (1 + num_updates) / (10 + num_updates))
-
-
-def precision_dtype(cfg, device):
-    """bf16 autocast dtype or None (fp32). 'auto' = bf16 on CUDA, fp32 on CPU (exactly reproducible)."""
-    p = cfg["train"]["precision"]
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if p == "bf16" else None
-
-
-def build_model(cfg, device):
-    """The UNet of the config, on `device` (channels_last when asked, or 'auto' on CUDA)."""
-    from unet import UNet
-    model = UNet(**cfg["model"]).to(device)
-    cl = cfg["train"]["channels_last"]
-    if cl == "on" or (cl == "auto" and device.type == "cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def step_generators(seed, step, rank, device):
-    """(cpu, device) generators for one optimizer step, keyed by (seed, step, rank): a resumed run
-    draws exactly what the uninterrupted run drew, without saving any RNG state."""
-    key = ((seed * 1_000_003 + rank) * 2 ** 32 + step) % 2 ** 62
-    cpu = torch.Generator().manual_seed(2 * key)
-    dev = torch.Generator(device=device).manual_seed(2 * key + 1) if device.type != "cpu" else cpu
-    return cpu, dev
-
-
-def draw_timesteps(n, stage, cfg, gen):
-    """(n,) training timesteps on the CPU: U[0, T) for plain DDPM, the stage's window (hard) or its
-    Beta(alpha, beta) (soft)."""
-    T = cfg["diffusion"]["timesteps"]
-    if stage is None:
-        return sample_t(n, 0, T, gen)
-    if cfg["curriculum"]["mode"] == "soft":
-        return sample_t_soft(n, stage["alpha"], stage["beta"], T, gen)
-    return sample_t(n, *time_window(stage, T), gen)
-
-
-def training_state(cfg, model, ddp, ema, opt, mask, score, rank, world):
-    """Everything `train_step` reads, in one dict (shared by `train` and `bench`)."""
-    device = mask.device
-    return {"cfg": cfg, "model": model, "ddp": ddp, "fwd": torch.compile(ddp) if cfg["train"]["compile"] else ddp,
-            "ema": ema, "opt": opt, "mask": mask, "score": score, "tab": tables_on(cfg, device),
-            "amp": precision_dtype(cfg, device), "lam": 0.0, "mode": run_mode(cfg), "rank": rank, "world": world,
-            "stats": StepStats(device)}
-
-
-def train_step(run, x0, stage, step):
-    """One optimizer step on this rank's batch: micro-steps (no_sync on all but the last), clipping,
-    Adam, EMA, CS score accumulation. Statistics stay on the device (no host sync)."""
-    cfg, model, mask = run["cfg"], run["model"], run["mask"]
-    tr, mean_type = cfg["train"], cfg["diffusion"]["model_mean_type"]
-    gen_cpu, gen_dev = step_generators(cfg["seed"], step, run["rank"], x0.device)
-    if cfg["model"]["drop_rate"] > 0:
-        torch.manual_seed(gen_cpu.initial_seed())            # dropout masks keyed by the step too
-    micro = x0.chunk(tr["num_accum"])
-    for k, xb in enumerate(micro):
-        t = draw_timesteps(len(xb), stage, cfg, gen_cpu)
-        t = (t.pin_memory() if xb.is_cuda else t).to(xb.device, non_blocking=True)
-        eps = torch.randn(xb.shape, generator=gen_dev, device=xb.device)
-        xt = q_sample(xb, t, eps, run["tab"])
-        last = k == len(micro) - 1
-        sync = run["ddp"].no_sync() if run["world"] > 1 and not last else contextlib.nullcontext()
-        with sync, torch.autocast(xb.device.type, dtype=run["amp"] or torch.float32, enabled=run["amp"] is not None):
-            out = run["fwd"](xt, t, mask)
-        mse = mse_per_sample(out, training_target(xb, xt, t, eps, run["tab"], mean_type))
-        penalty = group_l1(model) if run["lam"] > 0 else mse.new_zeros(())
-        loss, reg = objective(mse, penalty, run["lam"], tr["batch_size"])
-        with sync:
-            (loss / len(micro)).backward()
-        run["stats"].add(t, mse.detach(), loss.detach(), reg.detach(), cfg["diffusion"]["timesteps"])
-    if run["mode"] == "cs":
-        accumulate_score(run, cfg["sparsity"]["regrowth_method"])
-    for group in run["opt"].param_groups:
-        group["lr"] = lr_at(step, tr["lr"], tr["warmup"])
-    torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_norm"])
-    run["opt"].step()
-    run["opt"].zero_grad(set_to_none=True)
-    if run["ema"] is not None:
-        ema_params, params = list(run["ema"].parameters()), list(model.parameters())
-        torch._foreach_lerp_(ema_params, params, 1 - ema_decay_at(step, tr["ema_decay"]))
-
-
-def accumulate_score(run, method):
-    """Add this step's regrowth evidence for masked channels (decision 9); gradients are complete here."""
-    if method == "gradient":
-        run["score"] += gradient_score(run["model"].middle[0].conv2.weight.grad, run["mask"].detach())
-    elif method == "taylor":
-        run["score"] += taylor_score(run["mask"].grad, run["mask"].detach())
-        run["mask"].grad = None
-
-
-class StepStats:
-    """Running sums on the device since the last log: loss, mse, reg, count, and mse per 10 t-buckets."""
-
-    def __init__(self, device):
-        self.v = torch.zeros(25, dtype=torch.float64, device=device)   # [24]: a rank asked to stop
-
-    def add(self, t, mse, loss, reg, T):
-        n = len(t)
-        self.v[0] += loss.double() * n
-        self.v[1] += mse.double().sum()
-        self.v[2] += reg.double() * n
-        self.v[3] += n
-        bucket = (t * 10 // T).clamp(max=9)
-        self.v[4:14].index_add_(0, bucket, mse.double())
-        self.v[14:24].index_add_(0, bucket, torch.ones_like(mse, dtype=torch.float64))
-
-    def reduce(self, world):
-        """All-reduce once (a log step), return a dict of means, and reset."""
-        v = all_reduce_sum(self.v.clone(), world).cpu()
-        self.v.zero_()
-        n = max(v[3].item(), 1.0)
-        buckets = [round(s / c, 6) if c else None for s, c in zip(v[4:14].tolist(), v[14:24].tolist())]
-        return {"loss": v[0].item() / n, "mse": v[1].item() / n, "reg": v[2].item() / n, "n": int(v[3]),
-                "bucket_mse": buckets, "stop": v[24].item() > 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -814,9 +853,9 @@ def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0
     never depends on the batch or the number of GPUs; per-step noise is keyed by (seed, first)."""
     device = tab["betas"].device
     dif = cfg["diffusion"]
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2 ** 32 + i))
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(X_T, seed, i)))
                      for i in range(first, first + count)]).to(device)
-    g = torch.Generator(device=device).manual_seed((seed * 2 ** 32 + first) * 2 + 1)
+    g = torch.Generator(device=device).manual_seed(key_seed(SAMPLER_NOISE, seed, first))
     T = dif["timesteps"]
     ts = ddim_timesteps(T, ddim_steps, skip) if ddim_steps else list(range(T - 1, -1, -1))
     for k, t_ in enumerate(ts):
@@ -854,26 +893,127 @@ def tables_on(cfg, device):
 # ----------------------------------------------------------------------------------------------
 # Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP.
 
-def prepare_out_dir(out_dir):
-    """Create the run folder and prove it is writable before any work starts."""
-    try:
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise RunError(f"run folder {out_dir} is not writable ({e.strerror}); pass --out_dir=PATH")
+def precision_dtype(cfg, device):
+    """bf16 autocast dtype or None (fp32). 'auto' = bf16 on CUDA, fp32 on CPU (exactly reproducible)."""
+    p = cfg["train"]["precision"]
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if p == "bf16" else None
 
 
-def stage_banner(cfg, i, mode, mask, regrown, epoch_range):
-    """One line describing a curriculum stage: window, sparsity / active channels, lambda."""
-    stages, T = cfg["curriculum"]["stages"], cfg["diffusion"]["timesteps"]
-    st = stages[i]
-    where = (f"t ~ {T}*Beta({st['alpha']}, {st['beta']})" if cfg["curriculum"]["mode"] == "soft"
-             else "t in [%d, %d)" % time_window(st, T))
-    text = (f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] epochs "
-            f"{epoch_range[0] + 1}-{epoch_range[1]} | {where}")
+def build_model(cfg, device):
+    """The UNet of the config, on `device` (channels_last when asked, or 'auto' on CUDA)."""
+    from unet import UNet
+    model = UNet(**cfg["model"]).to(device)
+    cl = cfg["train"]["channels_last"]
+    if cl == "on" or (cl == "auto" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, in place and outside autograd (no graph grows across steps)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def train_step(x0, step, i, lam, mask, score, *, cfg, model, ddp, fwd, ema, opt, tab, amp, stats, rank, world):
+    """One optimizer step on this rank's batch x0 in stage i (None: no curriculum): micro-steps (no_sync on
+    all but the last), clipping, Adam, EMA, and the CS regrowth score added into `score` in place.
+    Statistics stay on the device (no host sync)."""
+    tr, dif, stages = cfg["train"], cfg["diffusion"], cfg["curriculum"]["stages"]
+    soft, T = cfg["curriculum"]["mode"] == "soft", dif["timesteps"]
+    t_gen, noise_gen = step_generators(cfg["seed"], step, rank, x0.device)
+    if cfg["model"]["drop_rate"] > 0:
+        torch.manual_seed(key_seed(DROPOUT, cfg["seed"], step, rank))
+    micro = x0.chunk(tr["num_accum"])
+    for k, xb in enumerate(micro):
+        t = draw_timesteps(stages, i, len(xb), T, soft, t_gen)
+        t = (t.pin_memory() if xb.is_cuda else t).to(xb.device, non_blocking=True)
+        eps = torch.randn(xb.shape, generator=noise_gen, device=xb.device)
+        xt = q_sample(xb, t, eps, tab)
+        sync = ddp.no_sync() if world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+        with sync, torch.autocast(xb.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = fwd(xt, t, mask)
+        mse = mse_per_sample(out, training_target(xb, xt, t, eps, tab, dif["model_mean_type"]))
+        loss, reg = objective(mse, group_l1(model) if lam > 0 else mse.new_zeros(()), lam, tr["batch_size"])
+        with sync:
+            (loss / len(micro)).backward()
+        stats.add(t, mse.detach(), loss.detach(), reg.detach(), T)
+    if run_mode(cfg) == "cs":
+        score += regrowth_evidence(cfg["sparsity"]["regrowth_method"], model, mask)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, tr["lr"], tr["warmup"])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_norm"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema_update(ema, model, ema_decay_at(step, tr["ema_decay"]))
+
+
+def regrowth_evidence(method, model, mask):
+    """This step's CS score for masked channels (gradients are complete and all-reduced here)."""
+    if method == "gradient":
+        return gradient_score(model.middle[0].conv2.weight.grad, mask.detach())
+    if method == "taylor":
+        evidence = taylor_score(mask.grad, mask.detach())
+        mask.grad = None
+        return evidence
+    return torch.zeros_like(mask.detach())                  # random regrowth needs no evidence
+
+
+class StepStats:
+    """Running sums on the device since the last log: loss, mse, reg, count, and mse per 10 t-buckets."""
+
+    def __init__(self, device):
+        self.v = torch.zeros(25, dtype=torch.float64, device=device)   # [24]: a rank asked to stop
+
+    def add(self, t, mse, loss, reg, T):
+        n = len(t)
+        self.v[0] += loss.double() * n
+        self.v[1] += mse.double().sum()
+        self.v[2] += reg.double() * n
+        self.v[3] += n
+        bucket = (t * 10 // T).clamp(max=9)
+        self.v[4:14].index_add_(0, bucket, mse.double())
+        self.v[14:24].index_add_(0, bucket, torch.ones_like(mse, dtype=torch.float64))
+
+    def reduce(self, world):
+        """All-reduce once (a log step), return a dict of means, and reset."""
+        v = all_reduce_sum(self.v.clone(), world).cpu()
+        self.v.zero_()
+        n = max(v[3].item(), 1.0)
+        buckets = [round(s / c, 6) if c else None for s, c in zip(v[4:14].tolist(), v[14:24].tolist())]
+        return {"loss": v[0].item() / n, "mse": v[1].item() / n, "reg": v[2].item() / n, "n": int(v[3]),
+                "bucket_mse": buckets, "stop": v[24].item() > 0}
+
+
+def run_is_finite(model, stats, world):
+    """True on every rank iff the losses since the last log and all parameters are finite on every rank."""
+    bad = [~torch.isfinite(stats.v[:3]).all()] + [~torch.isfinite(p).all() for p in model.parameters()]
+    return all_reduce_sum(torch.stack(bad).any().double().reshape(1), world).item() == 0
+
+
+def regrow_at_stage(cfg, i, mask, birth, score, world):
+    """CS stage transition: sum the scores over ranks, switch channels on up to stage i's target.
+    Returns (mask, birth, regrown ids); the caller resets `score`."""
+    C = mask.numel()
+    totals = all_reduce_sum(score.clone(), world).cpu()
+    if cfg["sparsity"]["regrowth_method"] == "random":
+        totals = random_score(C, cfg["seed"], i)
+    target = active_count(C, stage_sparsity(cfg["curriculum"]["stages"], i, cfg["sparsity"]["initial_sparsity"]))
+    new, birth, regrown = regrow(mask.detach().cpu(), birth, totals, target, i)
+    return new.to(mask.device).requires_grad_(mask.requires_grad), birth, regrown
+
+
+def stage_banner(cfg, i, mask, regrown):
+    """One line describing curriculum stage i: epochs, window, sparsity / active channels, lambda."""
+    stages, T, mode = cfg["curriculum"]["stages"], cfg["diffusion"]["timesteps"], run_mode(cfg)
+    first = stage_start(stages, i, 1)
+    last = first + stages[i]["epochs"] if i < len(stages) - 1 else total_epochs(cfg)
+    where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if cfg["curriculum"]["mode"] == "soft"
+             else "t in [%d, %d)" % time_window(stages, i, T))
+    text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] epochs {first + 1}-{last} | {where}"
     if mode == "cs":
         s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
         text += (f" | sparsity {s:.0%}: {int(mask.sum())}/{mask.numel()} active"
@@ -883,66 +1023,64 @@ def stage_banner(cfg, i, mode, mask, regrown, epoch_range):
     return text
 
 
-def regrow_at_stage(run, birth, i):
-    """CS stage transition: sum the scores over ranks, switch on channels up to stage i's target, reset."""
-    cfg, C = run["cfg"], run["mask"].numel()
-    totals = all_reduce_sum(run["score"].clone(), run["world"]).cpu()
-    if cfg["sparsity"]["regrowth_method"] == "random":
-        totals = random_score(C, cfg["seed"], i)
-    target = active_count(C, stage_sparsity(cfg["curriculum"]["stages"], i, cfg["sparsity"]["initial_sparsity"]))
-    mask, birth, regrown = regrow(run["mask"].detach().cpu(), birth, totals, target, i)
-    run["mask"] = mask.to(run["score"].device).requires_grad_(run["mask"].requires_grad)
-    run["score"].zero_()
-    return birth, regrown
-
-
-def stage_record(run, i, step, epoch, regrown, birth):
-    """The metrics.jsonl record written at a stage transition."""
-    cfg = run["cfg"]
-    stage = cfg["curriculum"]["stages"][i]
-    record = {"kind": "stage", "step": step, "epoch": epoch, "stage": i, "name": stage_name(cfg["curriculum"]["stages"], i),
-              "window": list(time_window(stage, cfg["diffusion"]["timesteps"])), "lambda": run["lam"],
-              "active": int(run["mask"].sum()), "regrown": regrown, "birth_stage": birth.tolist()}
-    if run["mode"] == "cr":
-        record["small_norm_channels"] = small_norm_channels(run["model"])
+def stage_record(cfg, i, step, steps_per_epoch, lam, mask, regrown, birth, model):
+    """The metrics.jsonl record written when stage i starts."""
+    stages = cfg["curriculum"]["stages"]
+    record = {"kind": "stage", "step": step, "epoch": step // steps_per_epoch, "stage": i,
+              "name": stage_name(stages, i), "window": list(time_window(stages, i, cfg["diffusion"]["timesteps"])),
+              "lambda": lam, "active": int(mask.sum()), "regrown": regrown, "birth_stage": birth.tolist()}
+    if run_mode(cfg) == "cr":
+        record["small_norm_channels"] = small_norm_channels(model)
     return record
 
 
-def train(cfg, config_path=None, resume=None, force=False, download=False):
-    """Train plain DDPM / C / CS / CR as the config says; resumes from <out_dir>/ckpt.pt. Returns out_dir."""
-    import signal
-    import time
+def batches_from(images, cfg, rank, world, step, steps_per_epoch, device):
+    """This rank's batches from optimizer `step` on, across epochs (so a resume needs no special case)."""
     import data
-    rank, world, device = setup_dist()
-    is_main, mode, tr = rank == 0, run_mode(cfg), cfg["train"]
-    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    if tr["batch_size"] % (world * tr["num_accum"]):
-        raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by world size {world} "
-                          f"x train.num_accum {tr['num_accum']}")
-    stem = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
-    out_dir = cfg["out_dir"] or os.path.join("out", stem)
-    ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
-    if is_main:
-        prepare_out_dir(out_dir)
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:
+        yield from data.epoch_batches(images, cfg["train"]["batch_size"], rank, world, cfg["seed"], epoch,
+                                      device, start=skip)
+        epoch, skip = epoch + 1, 0
 
-    # Data: a uint8 (N, H, W, C) array, cached and memory-mapped by data.py.
-    if not is_main:
-        barrier(world)                                      # rank 0 builds the cache first, the others reuse it
+
+def load_training_data(cfg, rank, world, download, log):
+    """The dataset as uint8 (N, H, W, C); rank 0 builds data.py's cache first, the others reuse it."""
+    import data
+    if rank > 0:
+        barrier(world)
     images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
                               resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None,
                               download=download)
-    if is_main:
+    if rank == 0:
         barrier(world)
     if images.shape[3] != cfg["model"]["in_channels"]:
         raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
                           f"images have {images.shape[3]} channels")
-    shape = (images.shape[3], images.shape[1], images.shape[2])
-    steps_per_epoch = data.steps_per_epoch(len(images), tr["batch_size"])
-    num_epochs = total_epochs(cfg)
-    total_steps = num_epochs * steps_per_epoch
-    stages = cfg["curriculum"]["stages"]
+    return images
 
-    # Model, EMA, optimizer, mask: identical initialisation on every rank (same seed).
+
+def resume_state(source, cfg, force, model, ema, opt):
+    """Load a checkpoint into model, EMA and optimizer; returns (mask, birth, score, step)."""
+    state = load_checkpoint(source)
+    diff = config_diff(state["config"], cfg)
+    if diff and not force:
+        raise RunError(f"{source} was written with a different config ({', '.join(diff)}); "
+                       "use another --out_dir, or --force to resume anyway")
+    load_weights(model, state["model"], source)
+    if ema is not None and state["ema"] is not None:
+        load_weights(ema, state["ema"], source)
+    load_weights(opt, state["opt"], source)
+    if state["mask"].shape != (model.bottleneck_channels,):
+        raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
+                       f"{model.bottleneck_channels}")
+    return state["mask"], state["birth"], state["score"], state["step"]
+
+
+def new_state(cfg, device):
+    """(model, ema, opt, mask, birth, score): identical on every rank (same seed). The mask starts with stage
+    0's share of channels for CS and all ones otherwise; birth[c] is the stage channel c came on (-1: off)."""
+    tr = cfg["train"]
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if tr["use_ema"] else None
@@ -950,130 +1088,147 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                            fused=device.type == "cuda")
     C = model.bottleneck_channels
     mask = torch.ones(C)
-    if mode == "cs":
-        first = active_count(C, stage_sparsity(stages, 0, cfg["sparsity"]["initial_sparsity"]))
-        mask = initial_mask(C, first, cfg["seed"])
-    birth = torch.where(mask > 0, 0, -1)
-    score, step = torch.zeros(C), 0
+    if run_mode(cfg) == "cs":
+        stages = cfg["curriculum"]["stages"]
+        mask = initial_mask(C, active_count(C, stage_sparsity(stages, 0, cfg["sparsity"]["initial_sparsity"])),
+                            cfg["seed"])
+    return model, ema, opt, mask, torch.where(mask > 0, 0, -1), torch.zeros(C)
 
-    # Resume: the run folder's ckpt.pt (or --resume PATH) if its config matches.
-    source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
-    if source:
-        state = load_checkpoint(source)
-        diff = config_diff(state["config"], cfg)
-        if diff and not force:
-            raise RunError(f"{source} was written with a different config ({', '.join(diff)}); "
-                           "use another --out_dir, or --force to resume anyway")
-        model.load_state_dict(state["model"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        mask, birth, score, step = state["mask"], state["birth"], state["score"], state["step"]
-        if is_main:
-            truncate_jsonl(metrics_path, step)
-        log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
-    taylor = mode == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
-    mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
 
-    ddp = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = training_state(cfg, model, ddp, ema, opt, mask, score, rank, world)
+def train(cfg, config_path=None, resume=None, force=False, download=False):
+    """Train plain DDPM / C / CS / CR as the config says; resumes from <out_dir>/ckpt.pt. Returns out_dir."""
+    import signal
+    import threading
+    import time
+    import data
+    rank, world, device = setup_dist()
+    is_main, mode, tr, seed = rank == 0, run_mode(cfg), cfg["train"], cfg["seed"]
+    stages = cfg["curriculum"]["stages"] if cfg["curriculum"]["enabled"] else None
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+    if tr["batch_size"] % (world * tr["num_accum"]):
+        raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by world size {world} "
+                          f"x train.num_accum {tr['num_accum']}")
+    check_memory(cfg, device, world)
+    out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
+    ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
     if is_main:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-    note = " (curriculum: stage epochs override train.epochs)" if stages and cfg["curriculum"]["enabled"] else ""
-    log(f"diffcl train | mode {mode} | {len(images)} images {shape} | world {world} x "
-        f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {num_epochs} epochs{note} | "
-        f"{sum(p.numel() for p in model.parameters()):,} params | {device} "
-        f"{'bf16' if run['amp'] else 'fp32'} | out {out_dir}")
-
-    stop = {"asked": False}
-    def ask_stop(*_):
-        stop["asked"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
-    previous_handler = signal.signal(signal.SIGINT, ask_stop)
-
-    def checkpoint(epoch, snapshot=False):
-        bad = all_reduce_sum((~torch.isfinite(run["stats"].v[:3])).any().double().reshape(1), world)
-        if bad.item():
-            raise RunError(f"loss became non-finite before step {step} (epoch {epoch + 1}); not saved. "
-                           f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
-        assert_ranks_agree(model, run["mask"].detach(), world)
-        if is_main:
-            state = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "opt": opt.state_dict(), "mask": run["mask"].detach().cpu(), "birth": birth,
-                     "score": run["score"].cpu(), "step": step, "epoch": step / steps_per_epoch,
-                     "config": cfg, "image_shape": list(shape), "world": world, "torch": str(torch.__version__)}
-            save_checkpoint(ckpt_path, state)
-            if snapshot and tr["snapshots"]:
-                save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"), state)
-        barrier(world)
-
+        prepare_out_dir(out_dir, "samples")
+    lock = lock_run_folder(out_dir) if is_main else None
+    stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
-        t_log, step_log, first_epoch = time.perf_counter(), step, step // steps_per_epoch
-        for epoch in range(first_epoch, num_epochs):
-            # Curriculum: the stage, window, lambda and mask target are functions of the epoch.
-            i = stage_of_epoch(epoch, stages) if stages else None
-            stage = stages[i] if i is not None else None
-            run["lam"] = stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
-            starts_stage = i is not None and epoch == stage_start_epoch(i, stages) and step % steps_per_epoch == 0
-            if i is not None and (starts_stage or epoch == first_epoch):
+        images = load_training_data(cfg, rank, world, download, log)
+        shape = (images.shape[3], images.shape[1], images.shape[2])
+        steps_per_epoch = data.steps_per_epoch(len(images), tr["batch_size"])
+        num_epochs = total_epochs(cfg)
+        total_steps, grid_every, ckpt_every = (n * steps_per_epoch for n in (num_epochs, tr["image_intv"],
+                                                                             max(tr["chkpt_intv"], 1)))
+        model, ema, opt, mask, birth, score = new_state(cfg, device)
+        source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+        step = 0
+        if source:
+            mask, birth, score, step = resume_state(source, cfg, force, model, ema, opt)
+            log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
+        if is_main:
+            truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+        taylor = mode == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
+        mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
+        ddp = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        kw = dict(cfg=cfg, model=model, ddp=ddp, fwd=torch.compile(ddp) if tr["compile"] else ddp, ema=ema,
+                  opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=StepStats(device),
+                  rank=rank, world=world)
+        note = " (curriculum: stage epochs override train.epochs)" if stages else ""
+        log(f"diffcl train | mode {mode} | {len(images)} images {shape} | world {world} x "
+            f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {num_epochs} epochs{note} | "
+            f"{sum(p.numel() for p in model.parameters()):,} params | {device} "
+            f"{'bf16' if kw['amp'] else 'fp32'} | out {out_dir}")
+
+        def checkpoint(epoch_end):
+            if not run_is_finite(model, kw["stats"], world):
+                raise RunError(f"loss or parameters became non-finite before step {step}; not saved. Last good "
+                               f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact)")
+            assert_ranks_agree(model, mask.detach(), world)
+            if is_main:
+                state = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "opt": opt.state_dict(), "mask": mask.detach().cpu(), "birth": birth,
+                         "score": score.cpu(), "step": step, "epoch": step / steps_per_epoch, "config": cfg,
+                         "image_shape": list(shape), "world": world, "torch": str(torch.__version__)}
+                save_checkpoint(ckpt_path, state, keep_previous=True)
+                if epoch_end and tr["snapshots"]:
+                    save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"), state)
+            barrier(world)
+
+        def ask_stop(*_):
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
+        signal.signal(signal.SIGINT, ask_stop)
+        batches, first_step = batches_from(images, cfg, rank, world, step, steps_per_epoch, device), step
+        t_log, step_log = time.perf_counter(), step
+        while step < total_steps:
+            # Curriculum: the stage, its window and lambda, and the CS mask are functions of the step.
+            i = stage_at(stages, step, steps_per_epoch) if stages else None
+            lam = stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
+            starts = i is not None and step == stage_start(stages, i, steps_per_epoch)
+            if i is not None and (starts or step == first_step):
                 regrown = []
-                if mode == "cs" and starts_stage and i > 0:
-                    birth, regrown = regrow_at_stage(run, birth, i)
-                end = stage_start_epoch(i, stages) + stage["epochs"] if i < len(stages) - 1 else num_epochs
-                log(stage_banner(cfg, i, mode, run["mask"].detach(), regrown, (stage_start_epoch(i, stages), end)))
-                if is_main and starts_stage:
-                    append_jsonl(metrics_path, stage_record(run, i, step, epoch, regrown, birth))
+                if mode == "cs" and starts and i > 0:
+                    mask, birth, regrown = regrow_at_stage(cfg, i, mask, birth, score, world)
+                    score.zero_()
+                log(stage_banner(cfg, i, mask.detach(), regrown))
+                if is_main and starts:
+                    append_jsonl(metrics_path, stage_record(cfg, i, step, steps_per_epoch, lam, mask, regrown,
+                                                            birth, model))
 
-            # One optimizer step per batch.
+            # One optimizer step.
             model.train()
-            for x0 in data.epoch_batches(images, tr["batch_size"], rank, world, cfg["seed"], epoch, device,
-                                         start=step - epoch * steps_per_epoch):
-                train_step(run, x0, stage, step)
-                step += 1
-                if world == 1 and stop["asked"]:
-                    raise StopRequested
-                if step % tr["log_intv"] == 0 or step == total_steps:
-                    run["stats"].v[24] = float(stop["asked"])
-                    s = run["stats"].reduce(world)
-                    if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
-                        raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage "
-                                       f"{stage_name(stages, i)}); stopped. Last good "
-                                       f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact). "
-                                       "Lower train.lr or raise train.warmup, then rerun to resume")
-                    now = time.perf_counter()
-                    img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
-                    t_log, step_log = now, step
-                    name = stage_name(stages, i)
-                    log(f"{epoch + 1}/{num_epochs} epochs [{name}] step {step} | loss={s['loss']:.4f} "
-                        f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
-                        f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
-                    if is_main:
-                        append_jsonl(metrics_path, {
-                            "kind": "train", "step": step, "epoch": epoch, "stage": i, "name": name,
-                            "lr": lr_at(step - 1, tr["lr"], tr["warmup"]), "loss": s["loss"], "mse": s["mse"],
-                            "reg": s["reg"], "lambda": run["lam"], "active": int(run["mask"].sum()),
-                            "img_s": round(img_s, 1), "bucket_mse": s["bucket_mse"]})
-                    if s["stop"]:
-                        raise StopRequested
-                if tr["save_every"] and step % tr["save_every"] == 0:
-                    checkpoint(epoch)
+            train_step(next(batches), step, i, lam, mask, score, **kw)
+            step += 1
+            if world == 1 and stop.is_set():
+                raise StopRequested
 
-            # Bookkeeping at the end of an epoch: sample grid, checkpoint.
-            if tr["image_intv"] and (epoch + 1) % tr["image_intv"] == 0:
-                net = ema if ema is not None else model.eval()
-                x = sample_sharded(net, cfg, shape, tr["num_samples"], cfg["seed"], run["mask"].detach(), run["tab"],
-                                   rank, world, batch=64, ddim_steps=tr["sample_steps"], amp=run["amp"])
+            # Log: one all-reduce of the running sums, every log_intv steps.
+            if step % tr["log_intv"] == 0 or step == total_steps:
+                kw["stats"].v[24] = float(stop.is_set())
+                s = kw["stats"].reduce(world)
+                epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
+                if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
+                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
+                                   f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} "
+                                   "(intact). Lower train.lr or raise train.warmup, then rerun to resume")
+                now = time.perf_counter()
+                img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                log(f"{epoch + 1}/{num_epochs} epochs [{name}] step {step} | loss={s['loss']:.4f} "
+                    f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
+                    f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                 if is_main:
-                    name = stage_name(stages, i)
-                    save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{epoch + 1:04d}_{name}.png"))
-            if (epoch + 1) % max(tr["chkpt_intv"], 1) == 0 or epoch + 1 == num_epochs:
-                checkpoint(epoch, snapshot=True)
+                    append_jsonl(metrics_path, {
+                        "kind": "train", "step": step, "epoch": epoch, "stage": i, "name": name,
+                        "lr": lr_at(step - 1, tr["lr"], tr["warmup"]), "loss": s["loss"], "mse": s["mse"],
+                        "reg": s["reg"], "lambda": lam, "active": int(mask.sum()), "img_s": round(img_s, 1),
+                        "bucket_mse": s["bucket_mse"]})
+                if s["stop"]:
+                    raise StopRequested
+
+            # Checkpoint: every chkpt_intv epochs, every save_every steps, and at the end.
+            epoch_end = step % ckpt_every == 0 or step == total_steps
+            if epoch_end or (tr["save_every"] and step % tr["save_every"] == 0):
+                checkpoint(epoch_end)
+
+            # Sample grid: after the checkpoint, so drawing it can never cost the epoch.
+            if grid_every and step % grid_every == 0:
+                net = ema if ema is not None else model.eval()
+                x = sample_sharded(net, cfg, shape, tr["num_samples"], seed, mask.detach(), kw["tab"], rank, world,
+                                   batch=64, ddim_steps=tr["sample_steps"], amp=kw["amp"])
+                if is_main:
+                    save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{step // steps_per_epoch:04d}_"
+                                                                            f"{stage_name(stages, i)}.png"))
     except StopRequested:                                   # Ctrl-C, acted on at a step boundary
-        checkpoint(step // steps_per_epoch)
+        checkpoint(False)
         log(f"interrupted at step {step}; saved {ckpt_path}. Run the same command to resume.")
         raise SystemExit(130)
     except KeyboardInterrupt:                               # a second Ctrl-C: stop now, save nothing
@@ -1081,6 +1236,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+        if lock is not None:
+            lock.close()
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
 
@@ -1090,12 +1247,57 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
 
 def model_from_checkpoint(path, device, raw=False):
     """(net, cfg, mask, image_shape) from a checkpoint: EMA weights unless raw, the CS mask applied."""
-    state = load_checkpoint(path)
-    cfg = merge_config(state["config"], path)
+    return model_from_state(load_checkpoint(path), path, device, raw)
+
+
+def model_from_state(state, path, device, raw=False):
+    """model_from_checkpoint for a checkpoint already loaded by load_checkpoint."""
+    try:
+        cfg = merge_config(state["config"], path)
+    except ConfigError as e:
+        raise RunError(f"{path} holds a config this version cannot use ({e})")
     net = build_model(cfg, device)
-    use_ema = state.get("ema") is not None and not raw
-    net.load_state_dict(state["ema"] if use_ema else state["model"])
+    use_ema = state["ema"] is not None and not raw
+    load_weights(net, state["ema"] if use_ema else state["model"], path)
     return net.eval().requires_grad_(False), cfg, state["mask"].to(device), tuple(state["image_shape"])
+
+
+def file_sha256(path):
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def claim_image_folder(out, made_by, replace_stale):
+    """Make `out` a folder of images made by `made_by` (checkpoint, seed, sampler...), recorded in its
+    manifest.json. Images that something else made are deleted when replace_stale (a folder diffcl chose),
+    else refused: reusing them would report the old model's numbers."""
+    import re
+    prepare_out_dir(out)
+    path = os.path.join(out, "manifest.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    pngs = [f for f in os.listdir(out) if re.fullmatch(r"\d{6}\.png", f)]
+    if old == made_by:
+        return
+    if pngs or old is not None:
+        what = ", ".join(k for k in made_by if not isinstance(old, dict) or old.get(k) != made_by[k])
+        if not replace_stale:
+            raise RunError(f"{out} already holds images made differently ({what or 'no manifest.json'}); "
+                           "choose another --out, or delete the folder")
+        print(f"{out}: replacing {len(pngs)} images made differently ({what or 'no manifest.json'})", flush=True)
+        for f in pngs:
+            os.remove(os.path.join(out, f))
+    with open(path + ".tmp", "w") as f:
+        json.dump(made_by, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def progress(done, total, t0, what):
@@ -1113,18 +1315,25 @@ def write_png(image, path):
 
 
 def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_size=256, seed=0,
-           raw=False, npz=False):
+           raw=False, npz=False, replace_stale=False):
     """Generate `num` images to out/000000.png ...; chunk k of `batch_size` images goes to rank k % world.
     Image i's starting noise is keyed by (seed, i), so reruns skip finished chunks and the result does not
     depend on the number of GPUs."""
     import time
     rank, world, device = setup_dist()
-    net, cfg, mask, shape = model_from_checkpoint(ckpt, device, raw)
+    state = load_checkpoint(ckpt)
+    net, cfg, mask, shape = model_from_state(state, ckpt, device, raw)
     T = cfg["diffusion"]["timesteps"]
     if ddim and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
     tab, amp = tables_on(cfg, device), precision_dtype(cfg, device)
-    os.makedirs(out, exist_ok=True)
+    # With DDPM or eta > 0 the per-step noise is keyed by each chunk's first image, so the batch matters.
+    made_by = {"ckpt_sha256": file_sha256(ckpt), "step": state["step"], "seed": seed, "weights": "raw" if raw else "ema",
+               "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
+               "batch_size": batch_size if not ddim or eta > 0 else None}
+    if rank == 0:
+        claim_image_folder(out, made_by, replace_stale)
+    barrier(world)
     name = lambda i: os.path.join(out, f"{i:06d}.png")
     chunks = [(a, min(batch_size, num - a)) for a in range(0, num, batch_size)][rank::world]
     todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
@@ -1157,7 +1366,7 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:
         images = sample(ckpt, num, images or os.path.join(os.path.dirname(ckpt), "eval_samples"),
-                        batch_size=batch_size, **sample_kw)
+                        batch_size=batch_size, replace_stale=not images, **sample_kw)   # our folder: refresh it
     opts = SimpleNamespace(data_root=None, split=None, download=download, num=None, log=lambda *a: None)
     fake = fid.read_images(images, opts)[:num]
     weights = fid.find_weights(inception, download)
@@ -1220,51 +1429,51 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     B = batch_size or tr["batch_size"]
     cfg = merge_config({**cfg, "train": {**tr, "batch_size": B, "num_accum": 1}}, "bench")
     res = cfg["resolution"] or 32
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg, device)
-    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], fused=device.type == "cuda")
-    mode, C = run_mode(cfg), model.bottleneck_channels
-    run = training_state(cfg, model, model, copy.deepcopy(model).requires_grad_(False), opt,
-                         torch.ones(C, device=device), torch.zeros(C, device=device), 0, 1)
-    run["lam"] = 1e-5 if mode == "cr" else 0.0               # time the penalty too
+    model, ema, opt, mask, _, score = new_state(cfg, device)
+    taylor = run_mode(cfg) == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
+    mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
+    lam = 1e-5 if run_mode(cfg) == "cr" else 0.0            # time the penalty too
+    kw = dict(cfg=cfg, model=model, ddp=model, fwd=torch.compile(model) if tr["compile"] else model, ema=ema,
+              opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=StepStats(device),
+              rank=0, world=1)
     x0 = torch.rand(B, cfg["model"]["in_channels"], res, res, device=device) * 2 - 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_compile = time.perf_counter()
     for s in range(3):                                      # warm-up (and compilation)
-        train_step(run, x0, None, s)
+        train_step(x0, s, None, lam, mask, score, **kw)
     sync()
     t_compile = time.perf_counter() - t_compile
     times = []
     for w in range(windows):
         t0 = time.perf_counter()
         for s in range(steps):
-            train_step(run, x0, None, 3 + w * steps + s)
-        run["stats"].v[0].item()                            # one host sync per window, as a log step would
+            train_step(x0, 3 + w * steps + s, None, lam, mask, score, **kw)
+        kw["stats"].v[0].item()                            # one host sync per window, as a log step would
         sync()
         times.append((time.perf_counter() - t0) / steps)
     step_s = sorted(times)[len(times) // 2]
     with FlopCounterMode(display=False) as counter:
         xt, t = x0[:2], torch.zeros(2, dtype=torch.long, device=device)
-        mse_per_sample(model(xt, t, run["mask"]), xt).mean().backward()
+        mse_per_sample(model(xt, t, mask), xt).mean().backward()
     opt.zero_grad(set_to_none=True)
     gflop = counter.get_total_flops() / 2 / 1e9
-    peak = matmul_rate(device, run["amp"] or torch.float32)
+    peak = matmul_rate(device, kw["amp"] or torch.float32)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-              "precision": "bf16" if run["amp"] else "fp32", "compile": tr["compile"], "batch": B,
+              "precision": "bf16" if kw["amp"] else "fp32", "compile": tr["compile"], "batch": B,
               "resolution": res, "params": sum(p.numel() for p in model.parameters()),
               "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2),
-              "gflop_per_img": round(gflop, 3), "achieved_tflops": round(B * gflop / step_s / 1e3, 4),
-              "matmul_tflops": round(peak / 1e12, 4), "utilisation": round(B * gflop * 1e9 / step_s / peak, 3),
+              "gflop_per_img": float(f"{gflop:.4g}"), "achieved_tflops": float(f"{B * gflop / step_s / 1e3:.4g}"),
+              "matmul_tflops": float(f"{peak / 1e12:.4g}"), "utilisation": float(f"{B * gflop * 1e9 / step_s / peak:.4g}"),
               "warmup_s": round(t_compile, 2),
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if do_sample:
-        net = run["ema"].eval()
+        net = (ema or model).eval()
         n = min(B, 64)
-        generate(net, cfg, x0.shape[1:], 0, n, 0, run["mask"], run["tab"], ddim_steps=2, amp=run["amp"])
+        generate(net, cfg, x0.shape[1:], 0, n, 0, mask, kw["tab"], ddim_steps=2, amp=kw["amp"])
         sync()
         t0 = time.perf_counter()
-        generate(net, cfg, x0.shape[1:], 0, n, 0, run["mask"], run["tab"], ddim_steps=sample_steps, amp=run["amp"])
+        generate(net, cfg, x0.shape[1:], 0, n, 0, mask, kw["tab"], ddim_steps=sample_steps, amp=kw["amp"])
         sync()
         result[f"ddim{sample_steps}_img_per_s"] = round(n / (time.perf_counter() - t0), 2)
     if data_check:
@@ -1463,7 +1672,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inceptio
                 inception_model = inception
                 ref = ref or reference_stats(cfg, fid_num, out, inception)
                 images = sample(os.path.join(run_dir, "ckpt.pt"), fid_num, os.path.join(run_dir, "fid_samples"),
-                                ddim=True, steps=50)
+                                ddim=True, steps=50, replace_stale=True)
                 entry["fid"] = fid.score(fid.load_image_folder(images)[:fid_num], ref, inception,
                                          device=mask_device())["fid"]
             results[key] = entry

@@ -4,6 +4,8 @@ import os
 # Tiny models gain nothing from a second thread, and OpenMP threads stall badly when the CPU is
 # shared; subprocesses (torchrun, the CLI) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# These tests mean CPU (fp32, gloo), also on a machine with a GPU; subprocesses inherit the pin.
+os.environ["DIFFCL_DEVICE"] = "cpu"
 
 import glob
 import gzip
@@ -254,24 +256,27 @@ DESC_STAGES = D.load_config(str(HERE / "configs" / "celeba32_c.json"))["curricul
 
 
 @pytest.mark.parametrize("epoch,stage", [(0, 0), (1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (9, 4), (10, 4), (99, 4)])
-def test_stage_of_epoch_at_every_boundary_and_past_the_end(epoch, stage):
-    assert D.stage_of_epoch(epoch, DESC_STAGES) == stage
+def test_stage_at_every_boundary_and_past_the_end(epoch, stage):
+    assert D.stage_at(DESC_STAGES, epoch, 1) == stage
+    assert D.stage_at(DESC_STAGES, 7 * epoch, 7) == stage                 # 7 steps per epoch
+    assert D.stage_at(DESC_STAGES, 7 * epoch - 1, 7) == max(0, D.stage_at(DESC_STAGES, epoch - 1, 1))
 
 
-def test_stage_start_epochs():
-    assert [D.stage_start_epoch(i, DESC_STAGES) for i in range(5)] == [0, 1, 2, 3, 5]
+def test_stage_starts_in_steps():
+    assert [D.stage_start(DESC_STAGES, i, 1) for i in range(5)] == [0, 1, 2, 3, 5]
+    assert [D.stage_start(DESC_STAGES, i, 10) for i in range(5)] == [0, 10, 20, 30, 50]
 
 
 def test_description_windows():
-    windows = [D.time_window(s, 1000) for s in DESC_STAGES]
+    windows = [D.time_window(DESC_STAGES, i, 1000) for i in range(5)]
     assert windows == [(800, 1000), (600, 1000), (400, 1000), (200, 1000), (0, 1000)]
 
 
 def test_window_edge_cases():
-    assert D.time_window({"t_min": 0.57, "t_max": 1.0}, 100) == (57, 100)   # no float floor surprise
-    assert D.time_window({"t_min": 0.5, "t_max": 0.5001}, 1000) == (500, 501)  # empty -> one step wide
-    assert D.time_window({"t_min": 0.999, "t_max": 1.0}, 10) == (9, 10)
-    assert D.time_window({"t_min": 0.0, "t_max": 0.25}, 1000) == (0, 250)
+    assert D.time_window([{"t_min": 0.57, "t_max": 1.0}], 0, 100) == (57, 100)   # no float floor surprise
+    assert D.time_window([{"t_min": 0.5, "t_max": 0.5001}], 0, 1000) == (500, 501)  # empty -> one step wide
+    assert D.time_window([{"t_min": 0.999, "t_max": 1.0}], 0, 10) == (9, 10)
+    assert D.time_window([{"t_min": 0.0, "t_max": 0.25}], 0, 1000) == (0, 250)
 
 
 def test_sample_t_stays_in_window_hits_both_ends_and_is_seeded():
@@ -315,6 +320,9 @@ def test_per_stage_overrides_win_and_single_stage_gives_zero():
 
 def test_active_count_rounding_and_floor_of_one():
     assert D.active_count(10, 0.25) == 8                      # 7.5 rounds half up
+    assert D.active_count(10, 0.55) == 5 and D.active_count(10, 0.05) == 10   # 4.5 and 9.5: exact halves, up
+    assert D.active_count(10, 0.8 * 3 / 4) == 4 and D.active_count(128, 0.8 * 3 / 4) == 51   # 0.6000000000000001
+    assert D.active_count(3, 0.5) == 2 and D.active_count(10, 0.54) == 5 and D.active_count(10, 0.56) == 4
     assert D.active_count(4, 0.99) == 1 and D.active_count(256, 0.0) == 256
 
 
@@ -1397,11 +1405,11 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, mode, extra
     full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
     real_step, calls = D.train_step, {"n": 0}
 
-    def crashing_step(*args):
+    def crashing_step(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 8:                                  # mid-stage-2: after the step-6 save
             raise RuntimeError("simulated crash")
-        return real_step(*args)
+        return real_step(*args, **kw)
     monkeypatch.setattr(D, "train_step", crashing_step)
     with pytest.raises(RuntimeError):
         D.train(dict(cfg, out_dir=str(tmp_path / "crash")))
@@ -1568,8 +1576,8 @@ def read_png(path):
 def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_path):
     out = tmp_path / "s"
     D.sample(cs_checkpoint, 5, str(out), ddim=True, steps=4, batch_size=2)
-    files = sorted(os.listdir(out))
-    assert files == [f"{i:06d}.png" for i in range(5)]
+    files = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert files == [f"{i:06d}.png" for i in range(5)] and (out / "manifest.json").exists()
     imgs = [read_png(out / f) for f in files]
     assert imgs[0].shape == (16, 16, 3) and len({im.tobytes() for im in imgs}) == 5
     os.remove(out / "000003.png")

@@ -33,12 +33,14 @@ def init_(layer, init_scale=1.0):
 
 
 def conv(cin, cout, kernel_size, stride=1, padding=0, init_scale=1.0):
-    # skip_init: build without PyTorch's default init, so the RNG draws only what tqch draws.
-    return init_(nn.utils.skip_init(nn.Conv2d, cin, cout, kernel_size, stride, padding), init_scale)
+    # skip_init: build without PyTorch's default init, so the RNG draws only what tqch draws. The default
+    # device is passed on so that `with torch.device("meta")` sizes a model without allocating it.
+    return init_(nn.utils.skip_init(nn.Conv2d, cin, cout, kernel_size, stride, padding,
+                                    device=torch.get_default_device()), init_scale)
 
 
 def linear(cin, cout):
-    return init_(nn.utils.skip_init(nn.Linear, cin, cout))
+    return init_(nn.utils.skip_init(nn.Linear, cin, cout, device=torch.get_default_device()))
 
 
 def norm(channels):
