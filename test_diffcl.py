@@ -22,6 +22,7 @@ import time
 import urllib.error
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1553,6 +1554,443 @@ def test_truncated_checkpoint_in_run_folder_is_reported_not_overwritten(tmp_path
     with pytest.raises(D.RunError, match="truncated or corrupt"):
         D.train(cfg)
     assert open(ckpt, "rb").read() == b"\x00" * 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile and damaged inputs for data.py and fid.py: each raises the module's one-line error (or, for our
+# own caches, is rebuilt), never runs code and never destroys a file.
+
+CIFAR_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+# ---------------------------------------------------------------------------- helpers
+class Evil:
+    """Unpickling this calls fn(*args): the payload of a crafted pickle."""
+    def __init__(self, fn, *args):
+        self.call = (fn, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+def payloads(marker):
+    """name -> an object whose unpickling creates `marker` (three ways a crafted file can run code)."""
+    return {"os.system": Evil(os.system, f"touch '{marker}'"),
+            "eval": Evil(eval, f"open({str(marker)!r}, 'w').close()"),
+            "open": Evil(open, str(marker), "w")}
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 str (SHORT_BINSTRING/BINSTRING), as cPickle wrote the official batches."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        obj = obj.encode("latin1") if isinstance(obj, str) else obj
+        head = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack(
+            "<i", len(obj))
+        self.write(head + obj)
+
+    dispatch[bytes] = dispatch[str] = save_bytes
+
+
+def py2_pickle(obj):
+    """Protocol 2 bytes in the official CIFAR-10 format: Python 2 strings, numpy.core.multiarray._reconstruct."""
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def cifar_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {b"batch_label": b"training batch", b"labels": [int(v) for v in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3072), np.uint8), b"filenames": [b"x.png"] * n}
+
+
+def cifar_dir(tmp_path, blobs, tar=False):
+    """A CIFAR-10 root holding the batch pickles `blobs` {name: bytes} (the rest well-formed), loose or as tar.gz."""
+    root = tmp_path / "cifar"
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for i, name in enumerate(CIFAR_NAMES):
+        (batches / name).write_bytes(blobs[name] if name in blobs else pickle.dumps(cifar_batch(2, i), protocol=2))
+    if tar:
+        with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as t:
+            t.add(batches, arcname="cifar-10-batches-py")
+        for f in batches.iterdir():
+            f.unlink()
+        batches.rmdir()
+    return root
+
+
+def load_quiet(name, tmp_path, **kw):
+    return data.load_images(name, cache_dir=tmp_path / "cache", log=kw.pop("log", lambda s: None), **kw)
+
+
+def raises_one_line(error, match, fn, *args, **kw):
+    with pytest.raises(error, match=match) as e:
+        fn(*args, **kw)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------- CIFAR-10: restricted unpickler
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("kind", ["os.system", "eval", "open"])
+def test_cifar_crafted_pickle_is_refused_and_runs_nothing(tmp_path, kind, protocol):
+    marker = tmp_path / "pwned"
+    batch = {**cifar_batch(2), b"labels": payloads(marker)[kind]}  # the payload sits inside a real-looking batch
+    blob = pickle.dumps(batch, protocol=protocol)
+    root = cifar_dir(tmp_path, {"data_batch_3": blob})
+    msg = raises_one_line(data.DataError, "refuses to unpickle global .*not a CIFAR-10 batch", load_quiet, "cifar10",
+                          tmp_path, root=root)
+    assert "data_batch_3" in msg and not marker.exists()
+    pickle.loads(blob)  # the payload is real: plain pickle runs it
+    assert marker.exists()
+
+
+def test_cifar_crafted_pickle_in_tarball_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    root = cifar_dir(tmp_path, {"test_batch": pickle.dumps(payloads(marker)["os.system"], protocol=2)}, tar=True)
+    msg = raises_one_line(data.DataError, "refuses to unpickle global posix.system", load_quiet, "cifar10", tmp_path,
+                          root=root, split="test")
+    assert "cifar-10-python.tar.gz:test_batch" in msg and not marker.exists()
+
+
+@pytest.mark.parametrize("tar", [False, True])
+@pytest.mark.parametrize("fmt", ["python2", "python3"])
+def test_cifar_official_format_still_loads(tmp_path, fmt, tar):
+    batches = {n: cifar_batch(3, i) for i, n in enumerate(CIFAR_NAMES)}
+    dump = py2_pickle if fmt == "python2" else (lambda b: pickle.dumps(b, protocol=2))
+    if fmt == "python2":
+        assert b"cnumpy.core.multiarray\n_reconstruct" in dump(batches["test_batch"])  # the real files' global
+    root = cifar_dir(tmp_path, {n: dump(b) for n, b in batches.items()}, tar)
+    x = load_quiet("cifar10", tmp_path, root=root, split="all")
+    want = np.concatenate([b[b"data"] for b in batches.values()]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert x.shape == (18, 32, 32, 3) and np.array_equal(x, want)
+
+
+BAD_BATCHES = {
+    "list": [1, 2, 3],
+    "no data": {b"labels": [0, 1]},
+    "str keys": {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]},
+    "float data": {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]},
+    "wrong width": {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]},
+    "labels short": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]},
+    "labels int": {b"data": np.zeros((2, 3072), np.uint8), b"labels": 2},
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_BATCHES, "truncated", "empty", "garbage"])
+def test_cifar_damaged_or_wrong_batch_is_a_data_error(tmp_path, case):
+    good = pickle.dumps(cifar_batch(2), protocol=2)
+    blob = {"truncated": good[:len(good) // 2], "empty": b"", "garbage": b"\x80\x02}q\x00\xff\xfe junk"}.get(case)
+    blob = blob if blob is not None else pickle.dumps(BAD_BATCHES[case], protocol=2)
+    root = cifar_dir(tmp_path, {"data_batch_2": blob})
+    msg = raises_one_line(data.DataError, "download CIFAR-10 again", load_quiet, "cifar10", tmp_path, root=root)
+    assert "data_batch_2" in msg
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST
+def idx_bytes(n, rows=28, cols=28, pixels=None, magic=2051):
+    pixels = n * rows * cols if pixels is None else pixels
+    return struct.pack(">4i", magic, n, rows, cols) + bytes(pixels)
+
+
+def fashion_dir(tmp_path, train_gz):
+    root = tmp_path / "fashion"
+    root.mkdir()
+    (root / "train-images-idx3-ubyte.gz").write_bytes(train_gz)
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(3)))
+    return root
+
+
+def corrupt_crc(blob):
+    return blob[:-8] + bytes(b ^ 0xFF for b in blob[-8:-4]) + blob[-4:]
+
+
+FASHION_BAD = {
+    "truncated gzip": lambda: gzip.compress(idx_bytes(5))[:-20],  # the end of the deflate stream and the trailer
+    "garbage bytes": lambda: b"<html>404 Not Found</html>",
+    "bad crc": lambda: corrupt_crc(gzip.compress(idx_bytes(5))),
+    "empty file": lambda: b"",
+    "short header": lambda: gzip.compress(b"\x00\x00\x08\x03\x00"),
+    "short payload": lambda: gzip.compress(idx_bytes(5, pixels=3 * 784)),
+    "long payload": lambda: gzip.compress(idx_bytes(5, pixels=6 * 784)),
+    "negative count": lambda: gzip.compress(idx_bytes(-5, pixels=0)),
+    "huge count": lambda: gzip.compress(idx_bytes(2**31 - 1, pixels=784)),
+    "not 28x28": lambda: gzip.compress(idx_bytes(2, 32, 32)),
+    "label file": lambda: gzip.compress(struct.pack(">2i", 2049, 5) + bytes(5)),
+}
+
+
+@pytest.mark.parametrize("case", FASHION_BAD)
+def test_fashion_damaged_idx_is_a_data_error(tmp_path, case):
+    root = fashion_dir(tmp_path, FASHION_BAD[case]())
+    msg = raises_one_line(data.DataError, "dataset-fashion-mnist", load_quiet, "fashion32", tmp_path, root=root)
+    assert "train-images-idx3-ubyte.gz" in msg
+
+
+def test_fashion_good_files_still_load(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 28, 28), np.uint8)
+    root = fashion_dir(tmp_path, gzip.compress(idx_bytes(5)[:16] + pixels.tobytes()))
+    x = load_quiet("fashion32", tmp_path, root=root)
+    assert x.shape == (5, 32, 32, 1) and np.array_equal(x[:, 2:30, 2:30, 0], pixels)
+
+
+# ---------------------------------------------------------------------------- image folders and roots
+def test_folder_zero_byte_image_is_named(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(root / "good.png")
+    (root / "zero.png").write_bytes(b"")
+    lines = []
+    assert len(load_quiet(f"folder:{root}", tmp_path, log=lines.append)) == 1
+    assert any("zero.png" in line and "skipped" in line for line in lines), lines
+    raises_one_line(data.DataError, "1 of 2 images .*zero.png.*strict", load_quiet, f"folder:{root}", tmp_path,
+                    strict=True)
+
+
+def test_folder_unlistable_subfolder_is_a_data_error(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    (root / "locked").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
+    scandir = os.scandir
+
+    def no_permission(path="."):  # as root, chmod 000 does not stop reading: simulate what a user would get
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    msg = raises_one_line(data.DataError, "cannot list .*locked .*Permission denied", load_quiet, f"folder:{root}",
+                          tmp_path)
+    assert "fix its permissions" in msg
+
+
+@pytest.mark.parametrize("name", ["cifar10", "fashion32", "celeba32", "folder"])
+def test_data_root_that_is_a_file_is_a_data_error(tmp_path, name):
+    file = tmp_path / "not_a_dir"
+    file.write_text("x")
+    kw = {} if name == "folder" else {"root": file}
+    raises_one_line(data.DataError, "not_a_dir is a file, not a directory", load_quiet,
+                    f"folder:{file}" if name == "folder" else name, tmp_path, download=True, **kw)
+    assert file.read_text() == "x"
+
+
+def test_cifar_download_into_a_path_under_a_file_is_a_data_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not reach the network"))
+    raises_one_line(data.DataError, "could not download .*put it at .*file/sub/cifar-10-python.tar.gz", load_quiet,
+                    "cifar10", tmp_path, root=tmp_path / "file" / "sub", download=True)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("listing", [b"\xff\xfe\x00binary", b"000001.jpg\n", b"000001.jpg 0 extra\n"])
+def test_celeba_bad_partition_file_is_a_data_error(tmp_path, listing):
+    (tmp_path / "img_align_celeba").mkdir()
+    (tmp_path / "list_eval_partition.txt").write_bytes(listing)
+    raises_one_line(data.DataError, "cannot read .*list_eval_partition.txt .*official partition file", load_quiet,
+                    "celeba32", tmp_path, root=tmp_path)
+
+
+def folder_of(tmp_path, n=3):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+CACHE_DAMAGE = {
+    "cut in the pixels": lambda npy, meta: npy.write_bytes(npy.read_bytes()[:-100]),
+    "cut in the header": lambda npy, meta: npy.write_bytes(npy.read_bytes()[:60]),
+    "zero bytes": lambda npy, meta: npy.write_bytes(b""),
+    "npy missing": lambda npy, meta: npy.unlink(),
+    "sidecar garbage": lambda npy, meta: meta.write_text("{not json"),
+    "sidecar a list": lambda npy, meta: meta.write_text("[1, 2]"),
+    "sidecar wrong shape": lambda npy, meta: meta.write_text(json.dumps({**json.loads(meta.read_text()),
+                                                                         "shape": [2, 32, 32, 3]})),
+    "object array": lambda npy, meta: np.save(npy, np.array([Evil(os.system, "true")] * 3, dtype=object)),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_DAMAGE)
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, case):
+    root, calls, decode = folder_of(tmp_path), [], data.decode
+    monkeypatch.setattr(data, "decode", lambda *a: calls.append(1) or decode(*a))
+    first = np.array(load_quiet(f"folder:{root}", tmp_path))
+    [npy] = (tmp_path / "cache").glob("*.npy")
+    CACHE_DAMAGE[case](npy, npy.with_suffix(".json"))
+    again = load_quiet(f"folder:{root}", tmp_path)
+    assert len(calls) == 2 and np.array_equal(again, first) and first.shape == (3, 32, 32, 3)
+    assert np.array_equal(load_quiet(f"folder:{root}", tmp_path), first) and len(calls) == 2  # rebuilt one reused
+
+
+def test_unwritable_cache_dir_is_a_data_error(tmp_path):
+    root, blocker = folder_of(tmp_path), tmp_path / "cache_file"
+    blocker.write_text("mine")
+    raises_one_line(data.DataError, "cannot write the image cache .*writable cache_dir", data.load_images,
+                    f"folder:{root}", cache_dir=blocker, log=lambda s: None)
+    assert blocker.read_text() == "mine"
+
+
+BAD_ARGS = {
+    "negative num_images": (lambda p: load_quiet("shapes", p, num_images=-1), "num_images must be an integer >= 1"),
+    "negative folder num_images": (lambda p: load_quiet(f"folder:{folder_of(p)}", p, num_images=-2), "num_images must"),
+    "fractional num_images": (lambda p: load_quiet("shapes", p, num_images=2.5), "num_images must"),
+    "negative resolution": (lambda p: load_quiet("shapes", p, resolution=-8), "resolution must be an integer >= 2"),
+    "resolution 1": (lambda p: load_quiet(f"folder:{folder_of(p)}", p, resolution=1), "resolution must"),
+    "zero batch": (lambda p: data.steps_per_epoch(10, 0), "batch size must be at least 1"),
+    "negative batch": (lambda p: list(data.epoch_batches(np.zeros((8, 2, 2, 3), np.uint8), -4, 0, 1, 0, 0, "cpu")),
+                       "batch size must be at least 1"),
+    "zero world": (lambda p: next(data.epoch_batches(np.zeros((8, 2, 2, 3), np.uint8), 4, 0, 0, 0, 0, "cpu")),
+                   "world size 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGS)
+def test_bad_numeric_arguments_are_data_errors(tmp_path, case):
+    fn, pattern = BAD_ARGS[case]
+    raises_one_line(data.DataError, pattern, fn, tmp_path)
+
+
+# ---------------------------------------------------------------------------- fid.py
+def good_stats(d=4):
+    return np.zeros(d), np.eye(d)
+
+
+def put(path, blob):
+    path.write_bytes(blob)
+    return path
+
+
+def saved(path, array):
+    np.save(path, array)
+    return path
+
+
+def write_npz(path, compressed=False, **arrays):
+    with open(path, "wb") as f:
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)
+    return path
+
+
+def corrupt_deflate(path):
+    blob = write_npz(path, compressed=True, mu=np.arange(4000.0), sigma=np.eye(3)).read_bytes()
+    path.write_bytes(blob[:200] + b"\xff" * 40 + blob[240:])
+    return path
+
+
+STATS_BAD = {
+    "mu 2-D": (lambda p: write_npz(p, mu=np.zeros((4, 1)), sigma=np.eye(4)), "expected numeric mu"),
+    "sigma not square": (lambda p: write_npz(p, mu=np.zeros(4), sigma=np.zeros((4, 5))), "expected numeric mu"),
+    "sigma other size": (lambda p: write_npz(p, mu=np.zeros(4), sigma=np.eye(3)), "expected numeric mu"),
+    "mu strings": (lambda p: write_npz(p, mu=np.array(["a", "b"]), sigma=np.eye(2)), "expected numeric mu"),
+    "object arrays": (lambda p: write_npz(p, mu=np.array([Evil(os.system, f"touch '{p}.pwned'")], dtype=object),
+                                          sigma=np.eye(1)), "cannot read .*allow_pickle"),
+    "zero bytes": (lambda p: put(p, b""), "cannot read"),
+    "truncated": (lambda p: put(p, write_npz(p, mu=np.zeros(400), sigma=np.eye(400)).read_bytes()[:5000]),
+                  "cannot read"),
+    "corrupt deflate": (corrupt_deflate, "cannot read"),
+    "a directory": (lambda p: p.mkdir() or p, "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", STATS_BAD)
+def test_bad_stats_files_are_fid_errors(tmp_path, case):
+    make, pattern = STATS_BAD[case]
+    path = make(tmp_path / "stats.npz")
+    raises_one_line(fid.FIDError, pattern, fid.load_stats, path)
+    assert not (tmp_path / "stats.npz.pwned").exists()
+
+
+def test_stats_meta_damaged_means_no_meta(tmp_path):
+    for meta in ["{not json", "[1, 2]", "3"]:
+        path = write_npz(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2), meta=np.array(meta))
+        assert fid.stats_meta(path) == {}
+    write_npz(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2), meta=np.array('{"n": 7}'))
+    assert fid.stats_meta(tmp_path / "s.npz") == {"n": 7}
+
+
+def test_save_stats_to_unwritable_place_is_a_fid_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    raises_one_line(fid.FIDError, "cannot write", fid.save_stats, blocker / "stats.npz", *good_stats())
+    assert blocker.read_text() == "mine"
+
+
+def opts(num=None):
+    return SimpleNamespace(data_root=None, split=None, download=False, num=num, log=lambda s: None)
+
+
+def truncated_npy(path):
+    blob = saved(path, np.zeros((9, 8, 8, 3), np.uint8)).read_bytes()
+    return put(path, blob[:300])
+
+
+IMAGES_BAD = {
+    "object .npy": (lambda p: saved(p / "x.npy", np.array([Evil(os.system, f"touch '{p}/pwned'")] * 2, dtype=object)),
+                    "cannot read"),
+    "truncated .npy": (lambda p: truncated_npy(p / "x.npy"), "cannot read"),
+    "zero-byte .npy": (lambda p: put(p / "x.npy", b""), "cannot read"),
+    "object .npz": (lambda p: write_npz(p / "x.npz", images=np.array([Evil(os.system, f"touch '{p}/pwned'")],
+                                                                     dtype=object)), "cannot read"),
+    "corrupt png": (lambda p: put(p / "bad.png", b"\x89PNG\r\n\x1a\n garbage").parent, "cannot read image .*bad.png"),
+    "zero-byte png": (lambda p: put(p / "empty.png", b"").parent, "cannot read image .*empty.png"),
+    "negative num": (lambda p: saved(p / "x.npy", np.zeros((9, 8, 8, 3), np.uint8)), "--num must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", IMAGES_BAD)
+def test_bad_image_inputs_are_fid_errors(tmp_path, case):
+    make, pattern = IMAGES_BAD[case]
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "ok.png")
+    raises_one_line(fid.FIDError, pattern, fid.read_images, str(make(src)), opts(-3 if "num" in case else None))
+    assert not (src / "pwned").exists()
+
+
+def test_load_image_folder_on_a_file_is_a_fid_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    raises_one_line(fid.FIDError, "cannot list", fid.load_image_folder, tmp_path / "f")
+
+
+def test_fid_cli_rejects_non_positive_numbers(tmp_path, capsys):
+    ref = fid.save_stats(tmp_path / "ref.npz", *good_stats()) or tmp_path / "ref.npz"
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    for flag in ["--batch-size=0", "--k=-1", "--num=-2"]:
+        with pytest.raises(SystemExit) as e:
+            fid.main(["calc", str(tmp_path / "x.npy"), str(ref), flag, "--device=cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{flag.split('=')[0]} must be at least 1" in err and err.count("\n") == 1
+    raises_one_line(fid.FIDError, "batch size must be at least 1", fid.features, None, np.zeros((2, 8, 8, 3)), 0)
+
+
+def fake_zip_tail(path):
+    """Bytes that end in a zip end-of-central-directory record pointing at nothing: is_zipfile says yes."""
+    return put(path, b"junk" * 10 + b"PK\x05\x06" + struct.pack("<4H2IH", 0, 0, 1, 1, 46, 0, 0))
+
+
+WEIGHTS_BAD = {
+    "crafted pickle": lambda p: torch_save({"fc.weight": Evil(os.system, f"touch '{p.parent}/pwned'")}, p),
+    "zero bytes": lambda p: put(p, b""),
+    "garbage": lambda p: put(p, b"<html>rate limited</html>"),
+    "broken zip": fake_zip_tail,
+}
+
+
+def torch_save(obj, path):
+    import torch
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("case", WEIGHTS_BAD)
+def test_bad_inception_weights_are_fid_errors_and_run_nothing(tmp_path, case):
+    path = WEIGHTS_BAD[case](tmp_path / "w.pth")
+    raises_one_line(fid.FIDError, "cannot load FID Inception weights from .*w.pth", fid.load_inception, path)
+    assert not (tmp_path / "pwned").exists()
 
 
 # ---------------------------------------------------------------------------------------------
