@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.error
 import warnings
 from pathlib import Path
@@ -97,6 +96,26 @@ BAD_CONFIGS = [
     ({"sparsity": {"enabled": True}}, "set curriculum.enabled"),
     ({"train": {"batch_size": 10, "num_accum": 3}}, "multiple of train.num_accum"),
     ({"curriculum": {"enabled": True, "mode": "soft", "stages": [STAGE]}}, "needs 'alpha' and 'beta'"),
+    ({"train": {"epochs": 0}}, "train.epochs must be in [1,"),
+    ({"train": {"epochs": -3}}, "train.epochs must be in [1,"),
+    ({"train": {"grad_norm": -1.0}}, "train.grad_norm must be in"),
+    ({"train": {"ema_decay": 1.5}}, "train.ema_decay must be in [0.0, 1.0]"),
+    ({"train": {"lr": float("nan")}}, "train.lr: expected float, got nan"),
+    ({"train": {"lr": float("inf")}}, "train.lr: expected float, got inf"),
+    ({"train": {"beta1": 1.0}}, "train.beta1 must be in"),
+    ({"train": {"sample_steps": 2000}}, "train.sample_steps must be 0 (DDPM) or a DDIM step count"),
+    ({"train": {"num_samples": -1}}, "train.num_samples must be in"),
+    ({"model": {"hid_channels": 48}}, "multiple of 32"),
+    ({"model": {"hid_channels": 0}}, "model.hid_channels must be in [32,"),
+    ({"model": {"ch_multipliers": []}}, "model.ch_multipliers must be a non-empty list"),
+    ({"model": {"apply_attn": [True]}}, "one true/false per entry of model.ch_multipliers (3)"),
+    ({"model": {"drop_rate": 1.5}}, "model.drop_rate must be in"),
+    ({"resolution": -32}, "resolution must be in [0, 1024]"),
+    ({"data_limit": -1}, "data_limit must be in"),
+    ({"seed": -1}, "seed must be in [0,"),
+    ({"seed": 2 ** 64}, "seed must be in [0,"),
+    ({"diffusion": {"timesteps": 10 ** 9}}, "diffusion.timesteps must be in [2, 100000]"),
+    ({"curriculum": {"enabled": True, "stages": [dict(STAGE, t_min=float("nan"))]}}, "finite"),
 ]
 
 
@@ -105,6 +124,24 @@ def test_bad_config_gives_one_line_error_naming_the_key(user, message):
     with pytest.raises(D.ConfigError) as e:
         D.merge_config(user, "my.json")
     assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("my.json")
+
+
+def test_config_files_that_are_not_a_json_object_are_config_errors(tmp_path):
+    (tmp_path / "latin1.json").write_bytes(b'{"seed": "\xe9"}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "folder.json").mkdir()
+    for name, message in [("latin1.json", "not a UTF-8 text file"), ("list.json", "JSON object"),
+                          ("folder.json", "cannot read config")]:
+        with pytest.raises(D.ConfigError, match=message) as e:
+            D.load_config(str(tmp_path / name))
+        assert "\n" not in str(e.value)
+
+
+def test_sizes_that_cannot_fit_are_refused_with_the_estimate():
+    cfg = D.load_config(str(HERE / "configs" / "cifar10.json"), ["--model.hid_channels=4096", "--train.batch_size=4096"])
+    with pytest.raises(D.ConfigError, match=r"36542.8M params\) at 4096 images of 32x32 per step needs at least ~\d+ GiB"):
+        D.check_memory(cfg, torch.device("cpu"), 1)
+    D.check_memory(D.load_config(str(HERE / "configs" / "cifar10.json")), torch.device("cpu"), 1)   # the real one fits
 
 
 def test_bad_override_and_missing_file_are_config_errors():
@@ -296,6 +333,50 @@ def test_soft_curriculum_draws_follow_the_beta_distribution():
     assert stats.kstest(u.numpy(), stats.beta(5.0, 1.0).cdf).pvalue > 1e-3
     a = D.sample_t_soft(100, 2.0, 2.0, 1000, torch.Generator().manual_seed(7))
     assert torch.equal(a, D.sample_t_soft(100, 2.0, 2.0, 1000, torch.Generator().manual_seed(7)))
+
+
+def step_draws(seed, step, rank):
+    t_gen, noise_gen = D.step_generators(seed, step, rank, torch.device("cpu"))
+    return D.sample_t(256, 0, 1000, t_gen), torch.randn(256, generator=noise_gen)
+
+
+@pytest.mark.parametrize("other", [(0, 5, 1), (1, 5, 0), (0, 6, 0), (2 ** 33, 5, 0), (0, 5 + 2 ** 32, 0)])
+def test_step_streams_are_independent_across_ranks_seeds_and_steps(other):
+    t0, n0 = step_draws(0, 5, 0)
+    t1, n1 = step_draws(*other)
+    assert not torch.equal(t0, t1) and not torch.equal(n0, n1)
+    assert abs(np.corrcoef(n0.numpy(), n1.numpy())[0, 1]) < 0.25       # unrelated, not shifted copies
+    assert all(torch.equal(a, b) for a, b in zip((t0, n0), step_draws(0, 5, 0)))   # same key, same draws
+
+
+def test_key_seed_mixes_every_part_into_the_low_32_bits():
+    """torch's CPU generator keeps only the low 32 bits of a seed: parts above them must still matter."""
+    assert torch.equal(torch.randn(3, generator=torch.Generator().manual_seed(10)),
+                       torch.randn(3, generator=torch.Generator().manual_seed(10 + 2 ** 33)))   # the trap
+    seeds = {D.key_seed(D.NOISE, s, step, r) & 0xFFFFFFFF for s in (0, 1, 2 ** 40) for step in range(50) for r in range(4)}
+    assert len(seeds) == 3 * 50 * 4
+    assert D.key_seed(1, 2, 3) == D.key_seed(1, 2, 3) and D.key_seed(1, 2, 3) != D.key_seed(1, 3, 2)
+
+
+def test_ema_update_keeps_no_autograd_history_and_memory_does_not_grow(tmp_path):
+    import gc
+    cfg = tiny_cfg(tmp_path, "cs")
+    model, ema, opt, mask, _, score = D.new_state(cfg, torch.device("cpu"))
+    kw = dict(cfg=cfg, model=model, ddp=model, fwd=model, ema=ema, opt=opt, tab=D.tables_on(cfg, torch.device("cpu")),
+              amp=None, stats=D.StepStats(torch.device("cpu")), rank=0, world=1)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    live = lambda: sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
+    counts = []
+    for n in (3, 12):
+        for step in range(n):
+            D.train_step(x0, step, 0, 0.0, mask, score, **kw)
+        gc.collect()
+        counts.append(live())
+        assert all(p.grad_fn is None and not p.requires_grad for p in ema.parameters())
+    assert counts[0] == counts[1]
+    before = [p.clone() for p in ema.parameters()]
+    D.ema_update(ema, model, 0.5)
+    assert all(torch.allclose(e, (b + m.detach()) / 2) for e, b, m in zip(ema.parameters(), before, model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1421,29 +1502,52 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, mode, extra
     assert strip(records(full, "train")) == strip(records(resumed, "train"))
 
 
-def test_sigkill_at_any_moment_then_restart_is_bit_identical(tmp_path):
-    import signal
-    import time
+# A child trainer that kills itself at a known point, so the tests do not depend on the machine's speed.
+SELF_KILLING_TRAINER = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import diffcl, torch
+how, at = os.environ["KILL_HOW"], int(os.environ["KILL_AT"])
+real_step, real_save, saves = diffcl.train_step, torch.save, [0]
+def step(x0, step, *a, **k):
+    if how in ("sigkill", "sigint") and step == at:
+        os.kill(os.getpid(), signal.SIGKILL if how == "sigkill" else signal.SIGINT)
+    return real_step(x0, step, *a, **k)
+def save(obj, path):
+    saves[0] += 1
+    if how == "sigkill-in-save" and saves[0] == at:
+        open(path, "wb").write(b"PK half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path)
+diffcl.train_step, diffcl.torch.save = step, save
+sys.exit(diffcl.main(sys.argv[1:]))
+"""
+
+
+def self_killing_run(cmd_args, how, at):
+    env = dict(os.environ, KILL_HOW=how, KILL_AT=str(at))
+    return subprocess.run([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("how,at", [("sigkill", 6), ("sigkill-in-save", 5)])
+def test_sigkill_at_a_stage_boundary_or_mid_checkpoint_then_restart_is_bit_identical(tmp_path, how, at):
     cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1})
-    cfg["data_limit"] = 96
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
-    cmd = [sys.executable, str(HERE / "diffcl.py"), "train", str(path)]
-    full = subprocess.run(cmd + [f"--out_dir={tmp_path / 'full'}"], capture_output=True, text=True, cwd=HERE)
-    assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen(cmd + [f"--out_dir={tmp_path / 'killed'}"], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = [str(path), f"--out_dir={tmp_path / 'killed'}"]
+    r = self_killing_run(["train", *killed], how, at)
+    assert r.returncode == -9, r.stderr[-500:]
     ckpt = tmp_path / "killed" / "ckpt.pt"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     step_at_kill = torch.load(ckpt, weights_only=True)["step"]
-    assert 5 <= step_at_kill < 24, "the run should be killed mid-training"
-    again = subprocess.run(cmd + [f"--out_dir={tmp_path / 'killed'}"], capture_output=True, text=True, cwd=HERE)
-    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr
-    assert same_state(tmp_path / "full" / "ckpt.pt", ckpt)
+    assert step_at_kill == (6 if how == "sigkill" else 4)     # the 5th save was the one torn: step 5's
+    assert not (tmp_path / "killed" / "ckpt.pt.tmp").exists() or how == "sigkill-in-save"
+    again = run_cli("train", *killed)
+    assert again.returncode == 0 and f"resumed from {ckpt} at step {step_at_kill}" in again.stdout, again.stderr
+    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+    assert same_state(os.path.join(full, "ckpt.pt"), ckpt)
+    kinds = lambda d: [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]
+    assert kinds(tmp_path / "killed") == kinds(full)            # no duplicate or missing records
 
 
 def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
@@ -1494,6 +1598,28 @@ def test_ddp_gradients_and_cr_objective_do_not_depend_on_world_size(tmp_path):
     ddp_grads = torch.load(tmp_path / "g.pt", weights_only=True)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
+
+
+def _two_rank_train_worker(rank, world, init_file, cfg_json, result_dir):
+    """A real 2-rank `train` (gloo), recording the timesteps each rank draws."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    drawn, real = [], D.draw_timesteps
+    D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
+    D.train(json.loads(cfg_json))
+    torch.save(torch.stack(drawn), os.path.join(result_dir, f"t{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_train_on_different_timesteps(tmp_path):
+    import torch.multiprocessing as mp
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0})
+    mp.spawn(_two_rank_train_worker, args=(2, str(tmp_path / "rdzv"), json.dumps(cfg), str(tmp_path)), nprocs=2)
+    t0, t1 = (torch.load(tmp_path / f"t{r}.pt", weights_only=True) for r in (0, 1))
+    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
+    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
+    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1993,6 +2119,105 @@ def test_bad_inception_weights_are_fid_errors_and_run_nothing(tmp_path, case):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
+    import fcntl
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    os.makedirs(cfg["out_dir"])
+    with open(os.path.join(cfg["out_dir"], ".lock"), "w") as held:   # what a running trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(D.RunError, match=r"in use by another trainer \(pid 4242\)"):
+            D.train(cfg)
+        assert not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt"))
+    D.train(cfg)                                                # released: the folder is free again
+    D.train(dict(cfg, train={**cfg["train"], "epochs": 2}), force=True)   # and our own lock is released too
+
+
+@pytest.mark.parametrize("crash_call", [1, 7, 8])
+def test_resume_after_a_crash_before_at_or_after_a_stage_start_writes_each_record_once(tmp_path, crash_call,
+                                                                                         monkeypatch):
+    cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 2})
+    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+    real_step, calls = D.train_step, {"n": 0}
+
+    def crashing_step(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == crash_call:                         # 1: before any checkpoint; 7: first step of stage 2
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kw)
+    monkeypatch.setattr(D, "train_step", crashing_step)
+    with pytest.raises(RuntimeError):
+        D.train(cfg)
+    monkeypatch.setattr(D, "train_step", real_step)
+    D.train(cfg)
+    kinds = lambda d: [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]
+    assert kinds(cfg["out_dir"]) == kinds(full) and kinds(full).count(("stage", 6)) == 1
+
+
+def test_non_finite_parameters_never_reach_a_checkpoint_and_the_previous_one_is_kept(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1, "log_intv": 100})
+    real_step = D.train_step
+
+    def blowing_up(x0, step, *a, **kw):
+        real_step(x0, step, *a, **kw)
+        if step == 8:                                       # parameters explode, the loss was still finite
+            with torch.no_grad():
+                next(kw["model"].parameters()).fill_(float("inf"))
+    monkeypatch.setattr(D, "train_step", blowing_up)
+    with pytest.raises(D.RunError, match=r"non-finite before step 9; not saved. Last good checkpoint: .*ckpt.pt"):
+        D.train(cfg)
+    last = torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=True)
+    prev = torch.load(os.path.join(cfg["out_dir"], "ckpt_prev.pt"), weights_only=True)
+    assert (last["step"], prev["step"]) == (8, 7)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_disk_full_or_a_second_ctrl_c_during_a_checkpoint_write_leaves_no_tmp_and_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    D.save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4352 vs 4240")
+    monkeypatch.setattr(D.torch, "save", full_disk)
+    with pytest.raises(D.RunError, match=r"could not write checkpoint .*unexpected pos.*previous one is intact"):
+        D.save_checkpoint(path, {"step": 2}, keep_previous=True)
+
+    def ctrl_c(obj, f):
+        open(f, "wb").write(b"PK partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D.torch, "save", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_checkpoint(path, {"step": 3})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_failing_sample_grid_never_costs_the_epoch_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "save_every": 0})
+    monkeypatch.setattr(D, "sample_sharded", lambda *a, **k: (_ for _ in ()).throw(MemoryError("grid")))
+    with pytest.raises(MemoryError):
+        D.train(cfg)
+    assert torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=True)["step"] == 6   # epoch 1 saved
+
+
+def test_malformed_or_foreign_checkpoints_are_refused_in_one_line(tmp_path):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    out = D.train(cfg)
+    good = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    for name, state, message in [("cfg.pt", dict(good, config=[1]), "malformed .*config"),
+                                 ("noopt.pt", {k: v for k, v in good.items() if k != "opt"}, "malformed .*opt"),
+                                 ("shape.pt", dict(good, image_shape=[3]), "malformed .*image_shape")]:
+        torch.save(state, tmp_path / name)
+        with pytest.raises(D.RunError, match=message):
+            D.model_from_checkpoint(str(tmp_path / name), torch.device("cpu"))
+    wider = dict(cfg, model={**cfg["model"], "hid_channels": 64})
+    with pytest.raises(D.RunError, match="does not fit this model .*another model config") as e:
+        D.train(wider, force=True)
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # sample / eval / bench / demo / compare
 
@@ -2032,6 +2257,37 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     assert not torch.equal(net(x, t, mask), net(x, t))           # the mask matters, and sampling applies it
 
 
+def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_checkpoint, tmp_path):
+    out = tmp_path / "s"
+    D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=3, seed=0)
+    first = [read_png(out / f"{i:06d}.png") for i in range(3)]
+    made_by = json.load(open(out / "manifest.json"))
+    assert made_by["seed"] == 0 and made_by["sampler"] == "ddim3 eta0 uniform" and len(made_by["ckpt_sha256"]) == 64
+    with pytest.raises(D.RunError, match=r"already holds images made differently \(seed\)"):
+        D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=3, seed=7)
+    D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=3, seed=7, replace_stale=True)   # eval's own folder
+    assert json.load(open(out / "manifest.json"))["seed"] == 7
+    assert not any(np.array_equal(read_png(out / f"{i:06d}.png"), first[i]) for i in range(3))   # seeds matter
+    other = tmp_path / "other.pt"
+    state = torch.load(cs_checkpoint, weights_only=True)
+    torch.save(dict(state, step=state["step"] + 6), other)      # "the same run, trained further"
+    with pytest.raises(D.RunError, match=r"made differently \(ckpt_sha256, step\)"):
+        D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
+    r = run_cli("sample", "--ckpt", cs_checkpoint, "--out", tmp_path / "s" / "000000.png" / "x", "--num", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not writable" in r.stderr
+
+
+def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
+    for args in (["sample", "--ckpt", cs_checkpoint, "--num", "0"], ["sample", "--ckpt", cs_checkpoint, "--batch-size", "-1"],
+                 ["sample", "--ckpt", cs_checkpoint, "--seed", "-3"], ["sample", "--ckpt", cs_checkpoint, "--eta", "nan"],
+                 ["bench", "--steps", "0"], ["compare", "--seeds", "0"],
+                 ["train", str(HERE / "configs" / "shapes_c.json"), "--distributed", f"--out_dir={tmp_path / 'd'}"]):
+        assert D.main(args) == 2                                 # in-process: main returns, nothing escapes
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:"), (args, err)
+    assert "torchrun" in err and not (tmp_path / "d").exists()
+
+
 def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path):
     r = run_cli("sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", tmp_path / "ddpm", "--raw", "--npz")
     assert r.returncode == 0, r.stderr
@@ -2065,7 +2321,7 @@ def test_bench_runs_the_training_step_and_prints_json(capsys):
 
 
 def test_bf16_training_step_tracks_fp32(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "precision": "fp32"})
     fp32 = D.train(dict(cfg, out_dir=str(tmp_path / "fp32")))
     bf16 = D.train(dict(cfg, out_dir=str(tmp_path / "bf16"), train={**cfg["train"], "precision": "bf16"}))
     a, b = records(fp32, "train"), records(bf16, "train")
@@ -2129,23 +2385,14 @@ def test_compiled_training_step_matches_eager(tmp_path):
 
 
 def test_ctrl_c_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tmp_path):
-    import signal
     cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 0, "log_intv": 1, "save_every": 0})
-    cfg["data_limit"] = 96
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
-    cmd = [sys.executable, str(HERE / "diffcl.py"), "train", str(path), f"--out_dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted at step" in out and "Traceback" not in err, err
-    step = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]
-    assert 0 < step < 24 and f"interrupted at step {step};" in out
-    assert subprocess.run(cmd, cwd=HERE, capture_output=True).returncode == 0
+    args = ["train", str(path), f"--out_dir={tmp_path / 'run'}"]
+    r = self_killing_run(args, "sigint", 8)                  # Ctrl-C arrives during step 8 (0-based)
+    assert r.returncode == 130 and "interrupted at step 9;" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 9
+    assert run_cli(*args).returncode == 0
     full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
     assert same_state(os.path.join(full, "ckpt.pt"), tmp_path / "run" / "ckpt.pt")
 
