@@ -1,15 +1,17 @@
 """diffcl: DDPM with a timestep curriculum (C), bottleneck channel sparsity (CS) and Group-L1 (CR).
 
-    python diffcl.py train  --config-path configs/celeba32_cs.json [--train.lr=1e-4 ...]
-    python diffcl.py sample --ckpt out/celeba32_cs/ckpt.pt --num 64 --out samples/ [--ddim --steps 50]
-    python diffcl.py eval   --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num 10000
-    python diffcl.py bench  --config-path configs/celeba32.json [--precision bf16]
+    python diffcl.py train   --config-path configs/celeba32_cs.json [--train.lr=1e-4 ...]
     torchrun --standalone --nproc_per_node 4 diffcl.py train --config-path configs/celeba32_cs.json
+    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num 64 --out samples/ [--ddim --steps 50]
+    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num 10000
+    python diffcl.py bench   --config-path configs/celeba32.json [--precision bf16]
+    python diffcl.py compare --dataset fashion32 --seeds 3 --jobs 4      (demo: the same, one seed, no FID)
 
-Sections, in order: config -> diffusion maths -> curriculum -> sparsity / regularisation ->
-distributed helpers -> train -> sample / eval / bench -> main. Everything above `train` is a pure
-function of its arguments (randomness only through a passed-in generator) and is tested directly.
-Semantics follow ../shared/spec/decisions.md; the numbers in comments refer to its decisions.
+Read top-down. The method is the pure functions of the first sections -- config, diffusion maths, random
+streams, curriculum (every rule, in one place), sparsity / regularisation -- each tested directly. Then
+come distributed helpers, files (checkpoints, metrics.jsonl, images, the run lock), generation, and the
+training loop (`train_step`, `train`), then sample / eval / bench, compare / demo and the CLI.
+Where the description is ambiguous, README.md's "How we read the description" lists our readings.
 """
 import contextlib
 import copy
@@ -67,8 +69,8 @@ DEFAULTS = {
         "chkpt_intv": 1,            # epochs between checkpoints (one is always written at the end)
         "save_every": 0,            # also checkpoint every N optimizer steps (0 = off)
         "log_intv": 100,            # optimizer steps between progress lines / metrics records
-        "precision": "auto",        # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-        "channels_last": "auto",    # auto (on for CUDA) | on | off
+        "precision": "auto",        # auto (fp32, TF32 on CUDA: the fastest eager path on an H100) | fp32 | bf16
+        "channels_last": "auto",    # auto (off: its layout conversions cost more than it saved on an H100) | on | off
         "compile": False,           # torch.compile the UNet
         "snapshots": False,         # also keep ckpt_epochNNNN.pt at every checkpoint epoch
     },
@@ -160,7 +162,7 @@ def merge_config(user, source="config"):
 
 
 def validate_config(cfg, source="config"):
-    """Cross-key rules (decisions 1, 7, 12, 16). Raises ConfigError naming the key and what is allowed."""
+    """Cross-key rules and ranges. Raises ConfigError naming the key and what is allowed."""
     cur, tr = cfg["curriculum"], cfg["train"]
     for i, st in enumerate(cur["stages"]):
         where = f"{source}: curriculum.stages[{i}]"
@@ -446,9 +448,10 @@ def key_seed(*key):
     return int(low) | int(high) << 32
 
 
-def step_generators(seed, step, rank, device):
-    """(timestep generator on the CPU, noise generator on `device`) for one optimizer step of one rank."""
-    t_gen = torch.Generator().manual_seed(key_seed(TIMESTEPS, seed, step, rank))
+def step_generators(seed, step, rank, device, t_device="cpu"):
+    """(timestep generator on `t_device`, noise generator on `device`) for one optimizer step of one rank.
+    Drawing t where it is used saves a host->device copy per step (a CUDA graph cannot contain one)."""
+    t_gen = torch.Generator(device=t_device).manual_seed(key_seed(TIMESTEPS, seed, step, rank))
     return t_gen, torch.Generator(device=device).manual_seed(key_seed(NOISE, seed, step, rank))
 
 
@@ -491,8 +494,8 @@ def time_window(stages, i, T):
 
 
 def sample_t(n, lo, hi, generator):
-    """(n,) int64 timesteps uniform on [lo, hi) from an explicit generator (hard curriculum)."""
-    return torch.randint(lo, hi, (n,), generator=generator)
+    """(n,) int64 timesteps uniform on [lo, hi) from an explicit generator (hard curriculum), on its device."""
+    return torch.randint(lo, hi, (n,), generator=generator, device=generator.device)
 
 
 def sample_t_soft(n, alpha, beta, T, generator):
@@ -505,8 +508,8 @@ def sample_t_soft(n, alpha, beta, T, generator):
 
 
 def draw_timesteps(stages, i, n, T, soft, generator):
-    """(n,) CPU timesteps for stage i: U[0, T) without a curriculum (i is None), else U[window) (hard) or
-    floor(T Beta(alpha, beta)) (soft)."""
+    """(n,) timesteps for stage i on the generator's device: U[0, T) without a curriculum (i is None), else
+    U[window) (hard) or floor(T Beta(alpha, beta)) (soft; inverted by scipy, so it needs a CPU generator)."""
     if i is None:
         return sample_t(n, 0, T, generator)
     if soft:
@@ -589,7 +592,7 @@ def regrow(mask, birth, score, target_active, stage_index):
 
 
 def conv_layers(model):
-    """[(name, nn.Conv2d)] of every convolution in the model, in module order (decision 11)."""
+    """[(name, nn.Conv2d)] of every convolution in the model, in module order (CR penalises every convolution)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
 
 
@@ -600,7 +603,7 @@ def group_l1(model):
 
 def objective(mse, penalty, lam, global_batch):
     """loss = mean(mse) + lam P / B with B the GLOBAL batch, so it does not depend on the world size
-    (decision 13). Returns (loss, reg) where reg is the term actually added."""
+    (a choice: the description divides by the per-GPU batch). Returns (loss, reg) where reg is the term actually added."""
     reg = lam * penalty / global_batch
     return mse.mean() + reg, reg
 
@@ -626,6 +629,9 @@ def setup_dist():
     if want not in ("auto", "cpu", "cuda") or (want == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"DIFFCL_DEVICE={want}: use cpu, or cuda on a machine with a CUDA GPU")
     cuda = want != "cpu" and torch.cuda.is_available()
+    if cuda:                                                # fp32 ('auto') runs its matmuls and convs in TF32:
+        torch.backends.cuda.matmul.allow_tf32 = True        # fp32 NCHW was the fastest eager path measured on
+        torch.backends.cudnn.allow_tf32 = True              # an H100 (fid.py turns TF32 off for its features)
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -894,19 +900,21 @@ def tables_on(cfg, device):
 # Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP.
 
 def precision_dtype(cfg, device):
-    """bf16 autocast dtype or None (fp32). 'auto' = bf16 on CUDA, fp32 on CPU (exactly reproducible)."""
-    p = cfg["train"]["precision"]
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if p == "bf16" else None
+    """bf16 autocast dtype or None (fp32) on any device. 'auto' = fp32: on an H100, bf16 autocast's casts made
+    it slower than fp32 with TF32 (set in setup_dist) for the celeba32 model; see README "Speed on a GPU"."""
+    return torch.bfloat16 if cfg["train"]["precision"] == "bf16" else None
+
+
+def uses_channels_last(cfg):
+    """channels_last only when asked: 'auto' = off, as it was slower on an H100 in fp32 and in bf16."""
+    return cfg["train"]["channels_last"] == "on"
 
 
 def build_model(cfg, device):
-    """The UNet of the config, on `device` (channels_last when asked, or 'auto' on CUDA)."""
+    """The UNet of the config, on `device` (channels_last when train.channels_last is 'on')."""
     from unet import UNet
     model = UNet(**cfg["model"]).to(device)
-    cl = cfg["train"]["channels_last"]
-    if cl == "on" or (cl == "auto" and device.type == "cuda"):
+    if uses_channels_last(cfg):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -923,13 +931,15 @@ def train_step(x0, step, i, lam, mask, score, *, cfg, model, ddp, fwd, ema, opt,
     Statistics stay on the device (no host sync)."""
     tr, dif, stages = cfg["train"], cfg["diffusion"], cfg["curriculum"]["stages"]
     soft, T = cfg["curriculum"]["mode"] == "soft", dif["timesteps"]
-    t_gen, noise_gen = step_generators(cfg["seed"], step, rank, x0.device)
+    host_t = soft and i is not None                         # only the Beta inversion (scipy) needs the host
+    t_gen, noise_gen = step_generators(cfg["seed"], step, rank, x0.device, "cpu" if host_t else x0.device)
     if cfg["model"]["drop_rate"] > 0:
         torch.manual_seed(key_seed(DROPOUT, cfg["seed"], step, rank))
     micro = x0.chunk(tr["num_accum"])
     for k, xb in enumerate(micro):
         t = draw_timesteps(stages, i, len(xb), T, soft, t_gen)
-        t = (t.pin_memory() if xb.is_cuda else t).to(xb.device, non_blocking=True)
+        if t.device != xb.device:                           # soft curriculum on CUDA: one pinned async copy
+            t = t.pin_memory().to(xb.device, non_blocking=True)
         eps = torch.randn(xb.shape, generator=noise_gen, device=xb.device)
         xt = q_sample(xb, t, eps, tab)
         sync = ddp.no_sync() if world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
@@ -1360,22 +1370,20 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     """FID (and precision/recall on Inception features when `real` images are given) of a checkpoint's
     samples or of saved images. Prints one JSON line and appends it to eval.jsonl beside the images."""
     import time
-    from types import SimpleNamespace
     import fid
     rank, world, device = setup_dist()
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:
         images = sample(ckpt, num, images or os.path.join(os.path.dirname(ckpt), "eval_samples"),
                         batch_size=batch_size, replace_stale=not images, **sample_kw)   # our folder: refresh it
-    opts = SimpleNamespace(data_root=None, split=None, download=download, num=None, log=lambda *a: None)
-    fake = fid.read_images(images, opts)[:num]
+    fake = fid.read_images(images, download=download, log=lambda *a: None)[:num]
     weights = fid.find_weights(inception, download)
     model = fid.load_inception(weights, device=device)
     t0 = time.perf_counter()
     feats = sharded_features(model, fake, rank, world, device)
     result = {"fid": fid.frechet_distance(*fid.feature_stats(feats), *fid.load_stats(ref)), "n": len(fake)}
     if real:
-        real_feats = sharded_features(model, fid.read_images(real, opts)[:num], rank, world, device)
+        real_feats = sharded_features(model, fid.read_images(real, download=download, log=lambda *a: None)[:num], rank, world, device)
         result["precision"], result["recall"] = fid.precision_recall(real_feats, feats, k, device=device)
         result["pr_features"] = fid.PR_FEATURES
     result.update({"images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw if ckpt else None,
@@ -1443,6 +1451,23 @@ def soak_memory(x0, lam, mask, score, kw, n, first_step):
     return figures
 
 
+def kernels_per_step(x0, step, lam, mask, score, kw):
+    """Device kernels (CUDA) or outermost aten ops (CPU) launched by one warm training step: the launch count
+    that makes small-batch GPU training host-bound (the issue's H100 profile found 1,743 kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = x0.is_cuda
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        train_step(x0, step, None, lam, mask, score, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:                                                # kernels only: copies and memsets are named so
+        return sum(e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")) for e in events)
+    is_op = lambda e: e is not None and e.name.startswith("aten::")
+    return sum(is_op(e) and not is_op(e.cpu_parent) for e in events)
+
+
 def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False, soak=0):
     """Throughput of the real training step (`train_step`) on synthetic images, FLOPs, utilisation, memory."""
     import resource
@@ -1476,6 +1501,10 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
         sync()
         times.append((time.perf_counter() - t0) / steps)
     step_s = sorted(times)[len(times) // 2]
+    kernels = kernels_per_step(x0, 3 + windows * steps, lam, mask, score, kw)
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    path = (f"{'bf16' if kw['amp'] else 'fp32/tf32' if tf32 else 'fp32'} "
+            f"{'channels_last' if uses_channels_last(cfg) else 'NCHW'} {'compiled' if tr['compile'] else 'eager'}")
     with FlopCounterMode(display=False) as counter:
         xt, t = x0[:2], torch.zeros(2, dtype=torch.long, device=device)
         mse_per_sample(model(xt, t, mask), xt).mean().backward()
@@ -1483,16 +1512,16 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     gflop = counter.get_total_flops() / 2 / 1e9
     peak = matmul_rate(device, kw["amp"] or torch.float32)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-              "precision": "bf16" if kw["amp"] else "fp32", "compile": tr["compile"], "batch": B,
+              "precision": "bf16" if kw["amp"] else "fp32", "compile": tr["compile"], "path": path, "batch": B,
               "resolution": res, "params": sum(p.numel() for p in model.parameters()),
               "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2),
               "gflop_per_img": float(f"{gflop:.4g}"), "achieved_tflops": float(f"{B * gflop / step_s / 1e3:.4g}"),
               "matmul_tflops": float(f"{peak / 1e12:.4g}"), "utilisation": float(f"{B * gflop * 1e9 / step_s / peak:.4g}"),
-              "warmup_s": round(t_compile, 2),
+              "warmup_s": round(t_compile, 2), "kernels_per_step": kernels,
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if soak:
-        result.update(soak_memory(x0, lam, mask, score, kw, soak, first_step=3 + windows * steps))
+        result.update(soak_memory(x0, lam, mask, score, kw, soak, first_step=4 + windows * steps))
     if do_sample:
         net = (ema or model).eval()
         n = min(B, 64)
@@ -1514,7 +1543,7 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
 
 
 # ----------------------------------------------------------------------------------------------
-# demo / compare: the four modes side by side, with a held-out loss per timestep bucket and charts.
+# compare / demo: base, C, CS and CR at equal work, paired by seed, scored on held-out data.
 
 MODES = ("base", "c", "cs", "cr")
 
@@ -1522,6 +1551,15 @@ MODES = ("base", "c", "cs", "cr")
 def mode_config(dataset, mode):
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                         f"{dataset}.json" if mode == "base" else f"{dataset}_{mode}.json")
+
+
+def interval(values, level=0.95):
+    """(mean, std, half-width of the t-distribution confidence interval) of a sample; half-width is nan for n=1."""
+    from scipy import stats
+    v = np.asarray(values, dtype=np.float64)
+    std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * std / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), std, half
 
 
 @torch.no_grad()
@@ -1539,9 +1577,206 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
             xb, tb, eb = (v[a:a + batch].to(device) for v in (x0, t, eps))
             xt = q_sample(xb, tb, eb, tab)
             target = training_target(xb, xt, tb, eb, tab, cfg["diffusion"]["model_mean_type"])
-            out = net(xt, tb, mask)
-            sums[b] += mse_per_sample(out, target).sum().item()
+            sums[b] += mse_per_sample(net(xt, tb, mask), target).sum().item()
     return [v / len(x0) for v in sums]
+
+
+def train_flops_per_image(cfg, device):
+    """FLOPs of one training forward + backward per image (the masked CS channels are still computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(cfg, device)
+    res = cfg["resolution"] or (64 if cfg["dataset"].startswith("celeba64") else 32)
+    x = torch.zeros(2, cfg["model"]["in_channels"], res, res, device=device)
+    with FlopCounterMode(display=False) as counter:
+        mse_per_sample(model(x, torch.zeros(2, dtype=torch.long, device=device)), x).mean().backward()
+    return counter.get_total_flops() / 2
+
+
+def run_jobs(jobs, parallel, log_name):
+    """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses, `parallel` at a time: each on its
+    own GPU when there are enough, else sharing the device; CPU threads split between them. Returns
+    {label: seconds}; a failed job is reported with the end of its log after the others finish."""
+    import subprocess
+    import time
+    gpus = torch.cuda.device_count() if os.environ.get("DIFFCL_DEVICE") != "cpu" else 0
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    pending, running, seconds, failed = list(jobs), {}, {}, []
+    while pending or running:
+        while pending and len(running) < parallel:
+            label, argv, run_dir = pending.pop(0)
+            slot = min(set(range(parallel)) - {s for _, s, _, _ in running.values()})
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            os.makedirs(run_dir, exist_ok=True)
+            logf = open(os.path.join(run_dir, log_name), "a")
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
+                                    stderr=subprocess.STDOUT, env=env)
+            running[label] = (proc, slot, time.perf_counter(), logf)
+            print(f"  started {label} ({' '.join(argv[:1])}, log {os.path.join(run_dir, log_name)})", flush=True)
+        time.sleep(0.2)
+        for label, (proc, slot, t0, logf) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            logf.close()
+            del running[label]
+            seconds[label] = time.perf_counter() - t0
+            with open(logf.name) as f:
+                tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
+            print(f"  {'finished' if proc.returncode == 0 else 'FAILED'} {label} in {fmt_time(seconds[label])}: "
+                  f"{tail[0][:150]}", flush=True)
+            if proc.returncode:
+                failed.append(f"{label} (see {logf.name})")
+    if failed:
+        raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun compare to resume")
+    return seconds
+
+
+def held_out_images(cfg, n):
+    """The first n images of the dataset's held-out split (the test split), as uint8 (n, H, W, C)."""
+    import data
+    return data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
+                            root=cfg["data_root"] or None, log=lambda *a: None)[:n]
+
+
+def fid_reference(cfg, n, out, inception, device):
+    """(stats .npz of held-out images [0, n), FID floor): the floor is the FID of n other real images
+    (held-out [n, 2n), else the first n training images) against the same statistics, the best FID-n a
+    perfect model could expect. Both are cached in out/."""
+    import data
+    import fid
+    name = cfg["dataset"].replace(":", "_").replace("/", "_")
+    path, floor_path = (os.path.join(out, f"{p}_{name}_{n}.npz") for p in ("ref", "floor"))
+    held = held_out_images(cfg, 2 * n)
+    if not os.path.exists(path):
+        fid.save_stats(path, *fid.feature_stats(fid.features(inception, held[:n], device=device)))
+    if not os.path.exists(floor_path):
+        other = held[n:2 * n] if len(held) >= 2 * n else data.load_images(
+            cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None,
+            log=lambda *a: None)[:n]
+        fid.save_stats(floor_path, *fid.feature_stats(fid.features(inception, other, device=device)))
+    return path, fid.frechet_distance(*fid.load_stats(floor_path), *fid.load_stats(path))
+
+
+def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, held_out_n=256, jobs=1,
+            sample_steps=50):
+    """Train base, C, CS and CR for `seeds` paired seeds at equal work (same data, batch, optimizer steps; seed s
+    shares initialisation, data order and noise streams across modes), `jobs` runs at a time; score each final
+    checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are found);
+    write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
+    import fid
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "compare.json")
+    results = json.load(open(path))["runs"] if os.path.exists(path) else {}
+    epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
+    weights, note = None, ""
+    if fid_num:
+        try:
+            weights = fid.find_weights(inception)
+        except fid.FIDError as e:
+            note = f"FID skipped: {e}"
+            print(note, flush=True)
+    runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in MODES}
+    todo = {k: v for k, v in runs.items() if k not in results}
+
+    # Train every unfinished run (train itself resumes an interrupted one).
+    train_jobs = []
+    for key, (mode, seed, run_dir) in todo.items():
+        args = [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"] + ([f"--train.epochs={epochs}"] * (mode == "base"))
+        load_config(mode_config(dataset, mode), args)        # a bad override fails here, before any work
+        train_jobs.append((key, ["train", mode_config(dataset, mode), *args], run_dir))
+    print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
+          f"{jobs} at a time", flush=True)
+    train_seconds = run_jobs(train_jobs, jobs, "train.log")
+    if weights and todo:
+        sample_jobs = [(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim",
+                              "--steps", str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"],
+                        d) for key, (_, _, d) in todo.items()]
+        run_jobs(sample_jobs, jobs, "sample.log")
+
+    # Score: held-out loss per bucket, FID-n against held-out statistics, wall time and training FLOPs.
+    device = mask_device()
+    inception_model, ref, floor = None, None, None
+    if weights:
+        inception_model = fid.load_inception(weights, device=device)
+        ref, floor = fid_reference(load_config(mode_config(dataset, "base"), overrides), fid_num, out,
+                                   inception_model, device)
+    for key, (mode, seed, run_dir) in todo.items():
+        state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+        net, cfg, mask, _ = model_from_state(state, run_dir, device)
+        entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out_images(cfg, held_out_n), n=held_out_n),
+                 "steps": state["step"], "images_seen": state["step"] * cfg["train"]["batch_size"],
+                 "train_seconds": round(train_seconds.get(key, 0.0), 1),
+                 "train_tflops": round(state["step"] * cfg["train"]["batch_size"] *
+                                       train_flops_per_image(cfg, torch.device("cpu")) / 1e12, 2)}
+        if weights:
+            images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
+            entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
+        results[key] = entry
+        with open(path + ".tmp", "w") as f:
+            json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": fid_num if weights else 0,
+                       "fid_floor": floor, "sample_steps": sample_steps, "overrides": list(overrides),
+                       "runs": results}, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
+              + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
+    saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None}
+    return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
+                            sample_steps, note)
+
+
+def mask_device():
+    return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("DIFFCL_DEVICE") != "cpu" else "cpu")
+
+
+def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note=""):
+    """compare.md and compare.png: per mode mean +- std and 95% t-interval over seeds, and the paired
+    difference to base (mode minus base, seed by seed) with its interval: the number the question is about."""
+    metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
+    if fid_num:
+        metrics.append((f"FID-{fid_num}", lambda r: r["fid"], "%.2f"))
+    header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
+    lines = [f"# {dataset}: base vs C vs CS vs CR, {epochs} epochs each, {seeds} paired seed(s)", "",
+             "Held-out eps-MSE: mean over 10 t buckets of the test split"
+             + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
+                f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "."
+             + (f" {note}" if note else ""), "",
+             f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
+    means, spreads = {}, {}
+    for mode in MODES:
+        done = [s for s in range(seeds) if f"{mode}/seed{s}" in results]
+        if not done:
+            continue
+        runs = [results[f"{mode}/seed{s}"] for s in done]
+        cells = []
+        for name, value, fmt in metrics:
+            m, sd, half = interval([value(r) for r in runs])
+            cells.append(f"{fmt % m} ± {fmt % sd} [{fmt % (m - half)}, {fmt % (m + half)}]")
+            paired = [value(results[f"{mode}/seed{s}"]) - value(results[f"base/seed{s}"])
+                      for s in done if f"base/seed{s}" in results]
+            if mode == "base" or not paired:
+                cells.append("—")
+            else:
+                m, _, half = interval(paired)
+                cells.append(f"{fmt % m} [{fmt % (m - half)}, {fmt % (m + half)}]")
+        cells += [fmt_time(np.mean([r.get("train_seconds", 0) for r in runs])),
+                  "%.1f" % np.mean([r.get("train_tflops", 0) for r in runs])]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        b = np.array([r["bucket_mse"] for r in runs])
+        means[mode], spreads[mode] = b.mean(0).tolist(), (b.std(0, ddof=1) if len(b) > 1 else 0 * b[0]).tolist()
+    table = "\n".join(lines)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    if means:
+        bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket, mean +- std over seeds",
+                  spread=spreads)
+    if fid_num and means:
+        fids = {m: [interval([results[k]["fid"] for k in results if k.startswith(m + "/")])] for m in means}
+        bar_chart({m: [v[0][0]] for m, v in fids.items()}, os.path.join(out, "compare_fid.png"),
+                  f"FID-{fid_num} per mode, 95% interval (floor {floor:.2f})",
+                  spread={m: [0 if math.isnan(v[0][2]) else v[0][2]] for m, v in fids.items()})
+    print("\n" + table, flush=True)
+    return table
 
 
 def summarise(run_dirs, out, held_out):
@@ -1642,117 +1877,18 @@ def bar_chart(groups, path, title, spread=None):
     img.save(path)
 
 
-def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256):
-    """Train plain, C, CS and CR briefly on `dataset`, then print the summary table and draw the charts."""
+def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2):
+    """compare with one seed and no FID, then the detailed per-bucket summary and the two charts."""
     import time
-    import data
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    dirs = {}
-    for k, mode in enumerate(MODES):
-        print(f"\n=== demo {k + 1}/4: mode {mode} ({mode_config(dataset, mode)}) | "
-              f"elapsed {fmt_time(time.time() - t0)} ===", flush=True)
-        cfg = load_config(mode_config(dataset, mode), [f"--out_dir={os.path.join(out, mode)}", *overrides])
-        dirs[mode] = train(cfg, mode_config(dataset, mode))
-    held_out = data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
-                                log=lambda *a: None, num_images=held_out_n)[:held_out_n]
-    table, _ = summarise(dirs, out, held_out)
+    compare(out, dataset, 1, overrides, fid_num=0, held_out_n=held_out_n, jobs=jobs)
+    dirs = {mode: os.path.join(out, f"{mode}_seed0") for mode in MODES}
+    cfg = load_config(mode_config(dataset, "base"), overrides)
+    table, _ = summarise(dirs, out, held_out_images(cfg, held_out_n))
     print("\n" + table, flush=True)
-    print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>/samples/, charts "
+    print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, charts "
           f"{out}/loss_by_bucket.png and {out}/loss_over_steps.png, table {out}/summary.md", flush=True)
     return out
-
-
-def compare(out, dataset, seeds, overrides=(), fid_num=10000, ref=None, inception=None, held_out_n=256):
-    """Train base, C, CS and CR with the same data, optimizer steps and seeds; score every final checkpoint
-    (held-out loss per t bucket always; FID-n with DDIM-50 when Inception weights are found); write
-    compare.md, compare.json and compare.png (mean +- std over seeds). A rerun resumes where it stopped."""
-    import data
-    import fid
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "compare.json")
-    results = json.load(open(path))["runs"] if os.path.exists(path) else {}
-    epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
-    try:
-        weights, note = fid.find_weights(inception), ""
-    except fid.FIDError as e:
-        weights, note = None, f"FID skipped: {e}"
-        print(note, flush=True)
-    held_out, inception_model = None, None
-    for seed in range(seeds):
-        for mode in MODES:
-            key, run_dir = f"{mode}/seed{seed}", os.path.join(out, f"{mode}_seed{seed}")
-            if key in results:
-                continue
-            print(f"\n=== compare {dataset}: {key} ({epochs} epochs each) ===", flush=True)
-            cfg = load_config(mode_config(dataset, mode), [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
-                              + ([f"--train.epochs={epochs}"] if mode == "base" else []))
-            train(cfg, mode_config(dataset, mode))
-            net, cfg, mask, shape = model_from_checkpoint(os.path.join(run_dir, "ckpt.pt"), mask_device())
-            if held_out is None:
-                held_out = data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
-                                            log=lambda *a: None, root=cfg["data_root"] or None)[:held_out_n]
-            entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out, n=held_out_n)}
-            if weights:
-                inception = inception_model or fid.load_inception(weights, device=mask_device())
-                inception_model = inception
-                ref = ref or reference_stats(cfg, fid_num, out, inception)
-                images = sample(os.path.join(run_dir, "ckpt.pt"), fid_num, os.path.join(run_dir, "fid_samples"),
-                                ddim=True, steps=50, replace_stale=True)
-                entry["fid"] = fid.score(fid.load_image_folder(images)[:fid_num], ref, inception,
-                                         device=mask_device())["fid"]
-            results[key] = entry
-            with open(path + ".tmp", "w") as f:
-                json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": fid_num if weights else 0,
-                           "runs": results}, f, indent=1)
-            os.replace(path + ".tmp", path)
-    return write_comparison(out, dataset, seeds, epochs, results, fid_num if weights else 0, note)
-
-
-def mask_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def reference_stats(cfg, num, out, model):
-    """FID statistics of the first `num` training images (same preprocessing as training), cached in out/."""
-    import data
-    import fid
-    path = os.path.join(out, f"ref_{cfg['dataset'].replace(':', '_').replace('/', '_')}_{num}.npz")
-    if not os.path.exists(path):
-        real = data.load_images(cfg["dataset"], resolution=cfg["resolution"] or None,
-                                root=cfg["data_root"] or None)[:num]
-        fid.save_stats(path, *fid.feature_stats(fid.features(model, real, device=mask_device())))
-    return path
-
-
-def write_comparison(out, dataset, seeds, epochs, results, fid_num, note):
-    """Aggregate per-mode mean +- std over seeds into compare.md and compare.png."""
-    stat = lambda v: (float(np.mean(v)), float(np.std(v)))
-    lines = [f"# {dataset}: base vs C vs CS vs CR, {epochs} epochs each, {seeds} seed(s)", "",
-             f"Held-out eps-MSE (mean over 10 t buckets){' and FID-%d (DDIM-50)' % fid_num if fid_num else ''}; "
-             "mean +- std over seeds." + (f" {note}" if note else ""), "",
-             "| mode | held-out mse | " + ("FID | " if fid_num else "") + "mse b0 (t<T/10) | mse b9 |", "|---" * (5 if fid_num else 4) + "|"]
-    means, spreads = {}, {}
-    for mode in MODES:
-        runs = [results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results]
-        if not runs:
-            continue
-        b = np.array([r["bucket_mse"] for r in runs])
-        means[mode], spreads[mode] = b.mean(0).tolist(), b.std(0).tolist()
-        m, sd = stat(b.mean(1))
-        cells = [f"{m:.4f} +- {sd:.4f}"]
-        if fid_num:
-            cells.append("%.2f +- %.2f" % stat([r["fid"] for r in runs]))
-        cells += ["%.4f +- %.4f" % stat(b[:, 0]), "%.4f +- %.4f" % stat(b[:, 9])]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(table + "\n")
-    if means:
-        bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket, mean +- std over seeds",
-                  spread=spreads)
-    print("\n" + table, flush=True)
-    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1825,6 +1961,8 @@ def parse_cli(argv):
         p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
         p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 images)")
+        p.add_argument("--replace-stale", action="store_true",
+                       help="delete images in --out that another checkpoint or setting made (default: refuse)")
     if cmd == "eval":
         p.add_argument("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
         p.add_argument("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
@@ -1842,10 +1980,13 @@ def parse_cli(argv):
     if cmd in ("demo", "compare"):
         p.add_argument("--out", default=f"runs/{cmd}")
         p.add_argument("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
+    if cmd in ("demo", "compare"):
+        p.add_argument("--jobs", type=count, default=2 if cmd == "demo" else 1,
+                       help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
     if cmd == "compare":
         p.add_argument("--seeds", type=count, default=3)
-        p.add_argument("--fid-num", type=count, default=10000, help="images per FID (needs Inception weights)")
-        p.add_argument("--ref", help="reference statistics .npz (default: computed from the dataset's test split)")
+        p.add_argument("--fid-num", type=int, default=2000, help="FID-n images per run; 0 = no FID")
+        p.add_argument("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
         p.add_argument("--inception")
     if cmd not in ("train", "sample", "eval", "bench", "demo", "compare"):
         raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (see README.md)")
@@ -1881,17 +2022,21 @@ def main(argv):
                       soak=args.soak)
             return 0
         if cmd == "demo":
-            demo(args.out, args.dataset, rest)
+            demo(args.out, args.dataset, rest, jobs=args.jobs)
             return 0
         if cmd == "compare":
-            compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.ref, args.inception)
+            if args.fid_num < 0:
+                raise ConfigError("--fid-num must be >= 0 (0 = no FID)")
+            compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.inception, jobs=args.jobs,
+                    sample_steps=args.sample_steps)
             return 0
         if rest:
             raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
         kw = dict(ddim=args.ddim, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed, raw=args.raw)
         if cmd == "sample":
             out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + ("ddim%d" % args.steps if args.ddim else "ddpm"))
-            sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz, **kw)
+            sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz, replace_stale=args.replace_stale,
+                   **kw)
         else:
             if not args.ckpt and not args.images:
                 raise ConfigError("eval needs --ckpt CKPT (sample then score) or --images FOLDER|NPZ")

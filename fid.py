@@ -1,4 +1,4 @@
-"""FID and precision/recall for diffcl, computed the way pytorch-fid does (spec decision 20).
+"""FID and precision/recall for diffcl, computed the way pytorch-fid does.
 
     python fid.py ref  cifar10 --split=train --out=stats/cifar10_train.npz   # reference statistics
     python fid.py ref  samples/ --out=stats/samples.npz                     # folder of PNG/JPEG, or images.npy
@@ -537,8 +537,9 @@ def load_image_folder(path):
     return np.stack(images)
 
 
-def read_images(src, args):
-    """uint8 (N, H, W, C) from a folder, an .npy, an .npz holding one array, or a dataset name (data.py)."""
+def read_images(src, num=None, data_root=None, split=None, download=False, log=print):
+    """uint8 (N, H, W, C) from a folder, an .npy, an .npz holding one array, or a dataset name (data.py);
+    the first `num` of them when num is given."""
     p = Path(src)
     if p.is_dir():
         images = load_image_folder(p)
@@ -557,18 +558,17 @@ def read_images(src, args):
     else:
         import data  # only here, so fid.py stays importable without data.py
         try:
-            images = data.load_images(src, root=args.data_root, split=args.split, download=args.download,
-                                      log=args.log)
+            images = data.load_images(src, root=data_root, split=split, download=download, log=log)
         except data.DataError as e:
             raise FIDError(str(e)) from None
     images = images[..., None] if images.ndim == 3 else images
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise FIDError(f"{src}: expected uint8 images (N, H, W, 1|3), got {images.dtype} {images.shape}")
-    if args.num is not None and args.num < 1:
-        raise FIDError(f"--num must be at least 1, got {args.num}")
-    if args.num and len(images) < args.num:
-        raise FIDError(f"{src} has {len(images)} images, fewer than --num={args.num}")
-    return images[:args.num] if args.num else images
+    if num is not None and num < 1:
+        raise FIDError(f"--num must be at least 1, got {num}")
+    if num and len(images) < num:
+        raise FIDError(f"{src} has {len(images)} images, fewer than --num={num}")
+    return images[:num] if num else images
 
 
 def cmd_ref(args):
@@ -583,7 +583,7 @@ def cmd_ref(args):
         if all(old.get(k) == v for k, v in key.items()):
             print(f"{args.out} is up to date (n {old.get('n', '?')}); --force recomputes it")
             return
-    images = read_images(args.data, args)
+    images = read_images(args.data, args.num, args.data_root, args.split, args.download, args.log)
     model = load_inception(weights, device=args.device)
     feats = features(model, images, args.batch_size, args.device, args.log)
     save_stats(args.out, *feature_stats(feats), meta={**key, "n": len(feats)})
@@ -602,7 +602,7 @@ def cmd_calc(args):
         fid = frechet_distance(*load_stats(args.data), *ref)
         print(f"FID {fid:.4f} | n {stats_meta(args.data).get('n', '?')} | ref {args.ref} | from statistics")
         return
-    images = read_images(args.data, args)
+    images = read_images(args.data, args.num, args.data_root, args.split, args.download, args.log)
     weights = find_weights(args.inception, args.download)
     model = load_inception(weights, device=args.device)
     feats = features(model, images, args.batch_size, args.device, args.log)
@@ -610,7 +610,7 @@ def cmd_calc(args):
     print(f"FID {fid:.4f} | n {len(feats)} | ref {args.ref} | weights sha256:{weights_sha256(weights)}")
     if not args.real:
         return
-    real = read_images(args.real, args)
+    real = read_images(args.real, args.num, args.data_root, args.split, args.download, args.log)
     if args.vgg:
         real_feats, feats = (vgg16_features(args.vgg, x, args.batch_size, args.device) for x in (real, images))
         label = "VGG-16 fc2 features (as the paper)"

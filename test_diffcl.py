@@ -21,7 +21,6 @@ import tarfile
 import urllib.error
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -2045,8 +2044,6 @@ def test_save_stats_to_unwritable_place_is_a_fid_error(tmp_path):
     assert blocker.read_text() == "mine"
 
 
-def opts(num=None):
-    return SimpleNamespace(data_root=None, split=None, download=False, num=num, log=lambda s: None)
 
 
 def truncated_npy(path):
@@ -2073,7 +2070,7 @@ def test_bad_image_inputs_are_fid_errors(tmp_path, case):
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "ok.png")
-    raises_one_line(fid.FIDError, pattern, fid.read_images, str(make(src)), opts(-3 if "num" in case else None))
+    raises_one_line(fid.FIDError, pattern, fid.read_images, str(make(src)), -3 if "num" in case else None)
     assert not (src / "pwned").exists()
 
 
@@ -2219,6 +2216,227 @@ def test_malformed_or_foreign_checkpoints_are_refused_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# The GPU path: device-side timestep draws, bench's kernel count and path, the measured defaults, and
+# compiled == eager on CUDA. The CUDA tests are skipped without a GPU.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_TRAIN = {**TINY_RUN["train"], "log_intv": 1, "image_intv": 0, "save_every": 0}
+WINDOWS = [(10, 20), (0, 20)]                             # the two stages' [lo, hi) at T = 20
+
+
+def gpu_tiny_cfg(tmp_path, mode="cs", **sections):
+    return tiny_cfg(tmp_path, mode, **{"train": GPU_TRAIN, **sections})
+
+
+def gpu_spy_draws(monkeypatch):
+    """Record every timestep vector train_step draws (called positionally, as train_step does)."""
+    drawn, real = [], D.draw_timesteps
+    monkeypatch.setattr(D, "draw_timesteps", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    return drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side timestep draws (CPU part)
+
+def test_gpu_timesteps_are_drawn_on_the_generators_device_keyed_and_in_the_window():
+    stages = TINY_RUN["curriculum"]["stages"]
+    t_gen, _ = D.step_generators(3, 7, 1, torch.device("cpu"), torch.device("cpu"))
+    t = D.draw_timesteps(stages, 0, 4096, 20, False, t_gen)
+    assert t.device.type == "cpu" and t.dtype == torch.int64 and t.min() == 10 and t.max() == 19
+    again = D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, 7, 1, "cpu", "cpu")[0])
+    other = D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, 8, 1, "cpu", "cpu")[0])
+    assert torch.equal(t, again) and not torch.equal(t, other)
+    # On the CPU the draws are bit-for-bit what they were before t moved to the generator's device.
+    old = torch.randint(10, 20, (4096,), generator=torch.Generator().manual_seed(D.key_seed(D.TIMESTEPS, 3, 7, 1)))
+    assert torch.equal(t, old)
+
+
+def test_gpu_train_step_draws_hard_timesteps_where_x0_lives_and_soft_ones_on_the_host(tmp_path, monkeypatch):
+    where, real = [], D.step_generators
+    monkeypatch.setattr(D, "step_generators", lambda *a: where.append(a[4]) or real(*a))
+    soft = {"mode": "soft", "stages": [{**s, "alpha": 2.0, "beta": 1.0} for s in TINY_RUN["curriculum"]["stages"]]}
+    for mode, extra in (("c", {}), ("base", {}), ("c", {"curriculum": {**TINY_RUN["curriculum"], **soft}})):
+        where.clear()
+        cfg = gpu_tiny_cfg(tmp_path, mode, out_dir=str(tmp_path / f"{mode}{len(extra)}"), **extra)
+        D.train(cfg)
+        want = "cpu" if extra else torch.device("cpu")    # hard/plain: x0.device; soft: the host, always
+        assert len(where) == 12 and all(w == want and type(w) is type(want) for w in where)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench: kernels per step and the path label
+
+def test_gpu_bench_reports_kernels_per_step_warmup_and_path(capsys):
+    cfg = D.merge_config({k: v for k, v in TINY_RUN.items() if k != "curriculum"}, "tiny")
+    result = D.bench(cfg, batch_size=4, steps=2, windows=1)
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == result
+    assert isinstance(result["kernels_per_step"], int) and result["kernels_per_step"] > 10
+    assert result["warmup_s"] >= 0 and result["path"] == "fp32 NCHW eager"
+    assert "kernels_per_step" in out and "path  fp32 NCHW eager" in out   # also in the printed table
+
+
+def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
+    cfg = D.merge_config({k: v for k, v in TINY_RUN.items() if k != "curriculum"}, "tiny")
+    device = torch.device("cpu")
+    model, ema, opt, mask, _, score = D.new_state(cfg, device)
+    kw = dict(cfg=cfg, model=model, ddp=model, fwd=model, ema=ema, opt=opt, tab=D.tables_on(cfg, device),
+              amp=None, stats=D.StepStats(device), rank=0, world=1)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    D.train_step(x0, 0, None, 0.0, mask, score, **kw)    # warm-up
+    a, b = (D.kernels_per_step(x0, s, 0.0, mask, score, kw) for s in (1, 2))
+    assert a == b > 10                                     # the same step shape launches the same ops
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults chosen by measurement: 'auto' = fp32 (TF32 on CUDA) in NCHW
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_gpu_auto_means_fp32_nchw_on_every_device(device):
+    cfg = D.merge_config({}, "defaults")
+    assert cfg["train"]["precision"] == "auto" and cfg["train"]["channels_last"] == "auto"
+    assert D.precision_dtype(cfg, torch.device(device)) is None and not D.uses_channels_last(cfg)
+    bf16 = D.merge_config({"train": {"precision": "bf16", "channels_last": "on"}}, "asked")
+    assert D.precision_dtype(bf16, torch.device(device)) is torch.bfloat16 and D.uses_channels_last(bf16)
+
+
+def test_gpu_build_model_uses_channels_last_only_when_asked():
+    small = {"model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1], "num_res_blocks": 1,
+                       "apply_attn": False}}
+    first_conv = lambda m: next(c for _, c in D.conv_layers(m) if c.kernel_size == (3, 3)).weight
+    auto = D.build_model(D.merge_config(small, "auto"), torch.device("cpu"))
+    on = D.build_model(D.merge_config({**small, "train": {"channels_last": "on"}}, "on"), torch.device("cpu"))
+    assert first_conv(auto).is_contiguous() and not first_conv(auto).is_contiguous(memory_format=torch.channels_last)
+    assert first_conv(on).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gpu_choosing_cuda_allows_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv("DIFFCL_DEVICE", "cpu")
+    assert D.setup_dist()[2].type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # setup_dist only asks this
+    monkeypatch.setenv("DIFFCL_DEVICE", "auto")
+    monkeypatch.delenv("RANK", raising=False)
+    assert D.setup_dist()[2].type == "cuda"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+
+@needs_cuda
+def test_gpu_cuda_timesteps_are_drawn_on_the_device_keyed_and_in_the_window():
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    stages = TINY_RUN["curriculum"]["stages"]
+    draw = lambda step: D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, step, 0, cuda, cuda)[0])
+    t = draw(7)
+    assert t.device == cuda and t.min() == 10 and t.max() == 19
+    assert torch.equal(t, draw(7)) and not torch.equal(t, draw(8))
+    with pytest.raises(RuntimeError):                      # soft draws need the host generator: loud, not silent
+        D.draw_timesteps([{**stages[0], "alpha": 2.0, "beta": 1.0}], 0, 8, 20, True,
+                         D.step_generators(3, 7, 0, cuda, cuda)[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("curriculum", ["hard", "soft"])
+def test_gpu_cuda_run_is_reproducible_and_its_timesteps_stay_in_the_stage_window(tmp_path, monkeypatch, curriculum):
+    monkeypatch.setenv("DIFFCL_DEVICE", "cuda")
+    cur = {**TINY_RUN["curriculum"], "mode": curriculum}
+    if curriculum == "soft":
+        cur["stages"] = [{**s, "alpha": 2.0, "beta": 1.0} for s in cur["stages"]]
+    cfg = gpu_tiny_cfg(tmp_path, "c", curriculum=cur)
+    runs = []
+    for name in ("a", "b"):
+        drawn = gpu_spy_draws(monkeypatch)
+        out = D.train(dict(cfg, out_dir=str(tmp_path / name)))
+        runs.append((torch.stack([t.cpu() for t in drawn]), records(out, "train")))
+    (ta, ra), (tb, rb) = runs
+    assert torch.equal(ta, tb) and ta.shape == (12, 8)      # 2 epochs x 6 steps of 8 images
+    if curriculum == "hard":
+        assert ta[:6].min() >= 10 and ta.max() <= 19 and ta[6:].min() < 10   # stage 1 in [10, 20), then [0, 20)
+    # cuDNN's backward kernels are not bitwise deterministic, so the losses match to a tolerance.
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert all(x["loss"] == pytest.approx(y["loss"], rel=1e-3) for x, y in zip(ra, rb))
+
+
+def gpu_update_gap(cfg, eager, compiled):
+    """||update_compiled - update_eager|| / ||update_eager|| over all parameters (both from the same init)."""
+    p0 = D.new_state(cfg, torch.device("cpu"))[0].state_dict()   # train's init: seeded, built on the CPU, moved
+    pa = torch.load(os.path.join(eager, "ckpt.pt"), weights_only=True)["model"]
+    pb = torch.load(os.path.join(compiled, "ckpt.pt"), weights_only=True)["model"]
+    assert pa.keys() == pb.keys() == p0.keys()              # no `_orig_mod.` prefix in checkpoints
+    gap = math.sqrt(sum((pb[k].double() - pa[k].double()).norm() ** 2 for k in pa))
+    moved = math.sqrt(sum((pa[k].double() - p0[k].double()).norm() ** 2 for k in pa))
+    return gap / moved
+
+
+# Tolerances: fp32 runs in TF32 on CUDA (~1e-3 relative per conv), and inductor picks other kernels than
+# eager, so losses match to 1 % and the parameter update to 5 % of its own size. Adam's update is ~lr per
+# element whatever the gradient's size, so near-zero gradients may flip sign: an element-wise atol would
+# test noise, the update's norm does not.
+LOSS_REL, UPDATE_REL = 1e-2, 5e-2
+
+
+@needs_cuda
+def test_gpu_compiled_training_matches_eager_on_cuda(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFCL_DEVICE", "cuda")
+    small = {"model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1], "num_res_blocks": 1,
+                       "apply_attn": False}}
+    cfg = gpu_tiny_cfg(tmp_path, "base", train={**GPU_TRAIN, "epochs": 1, "warmup": 1}, **small)
+    eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
+    compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
+    a, b = records(eager, "train"), records(compiled, "train")
+    assert len(a) == len(b) == 6
+    assert all(math.isfinite(x["loss"]) and x["loss"] == pytest.approx(y["loss"], rel=LOSS_REL) for x, y in zip(a, b))
+    assert gpu_update_gap(cfg, eager, compiled) < UPDATE_REL
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["cs", "cr"])
+def test_gpu_compiled_path_sees_mask_and_lambda_changes_at_the_stage_boundary(tmp_path, monkeypatch, mode):
+    """CS regrows 32 -> 48 of 64 channels (by gradient score) and CR's lambda drops 0.05 -> 0 after step 6:
+    a graph that had captured the old mask or lambda would give other losses from step 7 on."""
+    monkeypatch.setenv("DIFFCL_DEVICE", "cuda")
+    stages = TINY_RUN["curriculum"]["stages"]
+    cur = {**TINY_RUN["curriculum"], "stages": [stages[0], {**stages[1], "sparsity": 0.25}]}
+    cfg = gpu_tiny_cfg(tmp_path, mode, train={**GPU_TRAIN, "warmup": 1},
+                       **({"curriculum": cur} if mode == "cs" else {}))
+    eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
+    compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
+    a, b = records(eager, "train"), records(compiled, "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
+    for x, y in zip(a, b):
+        assert (x["stage"], x["lambda"], x["active"]) == (y["stage"], y["lambda"], y["active"])
+        for k in ("loss", "mse", "reg"):
+            assert y[k] == pytest.approx(x[k], rel=LOSS_REL, abs=1e-7), (x["step"], k)
+    sa, sb = records(eager, "stage"), records(compiled, "stage")
+    same = lambda s: (s["active"], s["window"], s["lambda"], s["regrown"], s["birth_stage"])
+    assert [same(s) for s in sa] == [same(s) for s in sb]
+    if mode == "cs":                                       # regrowth picks by score: TF32 noise could flip a
+        assert [s["active"] for s in sa] == [32, 48]       # near-tie here (rare); then the masks differ
+    else:
+        assert [r["lambda"] for r in a] == [0.05] * 6 + [0.0] * 6 and b[-1]["reg"] == 0
+    ma, mb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["mask"] for d in (eager, compiled))
+    assert torch.equal(ma, mb)
+    assert gpu_update_gap(cfg, eager, compiled) < UPDATE_REL
+
+
+@needs_cuda
+def test_gpu_compiled_forward_follows_a_new_mask_without_a_stale_graph():
+    cfg = D.merge_config({k: v for k, v in TINY_RUN.items() if k != "curriculum"}, "tiny")
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = D.build_model(cfg, cuda).eval()
+    fwd = torch.compile(model)
+    x, t = torch.randn(4, 3, 16, 16, device=cuda), torch.tensor([1, 5, 10, 19], device=cuda)
+    C = model.bottleneck_channels
+    with torch.no_grad():
+        for mask in (torch.ones(C, device=cuda), (torch.arange(C, device=cuda) % 2).float(), torch.ones(C, device=cuda)):
+            torch.testing.assert_close(fwd(x, t, mask), model(x, t, mask), atol=5e-3, rtol=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # sample / eval / bench / demo / compare
 
 @pytest.fixture(scope="module")
@@ -2343,8 +2561,8 @@ def test_demo_writes_every_artefact_and_a_summary_of_all_four_modes(tmp_path, ca
     out = D.demo(str(tmp_path / "demo"), "shapes", DEMO_OVERRIDES, held_out_n=16)
     text = capsys.readouterr().out
     for mode in D.MODES:
-        assert os.path.exists(os.path.join(out, mode, "metrics.jsonl"))
-        assert len(os.listdir(os.path.join(out, mode, "samples"))) == 2
+        assert os.path.exists(os.path.join(out, f"{mode}_seed0", "metrics.jsonl"))
+        assert len(os.listdir(os.path.join(out, f"{mode}_seed0", "samples"))) == 2
         assert f"| {mode} | " in text
     assert "active per stage 13/26/38/51/64" in text and "channels born in stage 1: 13, 2: 13" in text
     assert "channels with norm<1e-3 per stage" in text
@@ -2352,20 +2570,33 @@ def test_demo_writes_every_artefact_and_a_summary_of_all_four_modes(tmp_path, ca
         assert Image.open(os.path.join(out, chart)).size == (720, 420)
 
 
-def test_compare_two_seeds_writes_its_table_and_resumes(tmp_path, capsys):
+def test_compare_pairs_seeds_runs_jobs_in_parallel_and_resumes(tmp_path, capsys):
     stages = json.dumps([{"t_min": 0.5, "t_max": 1.0, "epochs": 1}, {"t_min": 0.0, "t_max": 1.0, "epochs": 1}])
-    args = (str(tmp_path / "cmp"), "shapes", 2, [*DEMO_OVERRIDES, f"--curriculum.stages={stages}"], 6, None, None, 16)
+    args = (str(tmp_path / "cmp"), "shapes", 2, [*DEMO_OVERRIDES, f"--curriculum.stages={stages}"], 4, None, 16, 2, 2)
     D.compare(*args)
     saved = json.load(open(tmp_path / "cmp" / "compare.json"))
     assert sorted(saved["runs"]) == sorted(f"{m}/seed{s}" for m in D.MODES for s in (0, 1))
     assert saved["epochs"] == 2 and records(str(tmp_path / "cmp" / "base_seed1"), "train")[-1]["step"] == 4
+    assert {r["images_seen"] for r in saved["runs"].values()} == {64}          # equal work: 4 steps x 16
+    assert len({r["train_tflops"] for r in saved["runs"].values()}) == 1 and saved["runs"]["cs/seed0"]["train_tflops"] > 0
+    init = [torch.load(tmp_path / "cmp" / f"{m}_seed{s}" / "ckpt.pt", weights_only=True)["config"]["seed"]
+            for m in D.MODES for s in (0, 1)]
+    assert init == [0, 1] * 4                                   # seed s of every mode is the same seed
     table = open(tmp_path / "cmp" / "compare.md").read()
-    assert all(f"| {m} | " in table for m in D.MODES) and "+-" in table
-    assert ("| FID |" in table) == bool(os.environ.get("DIFFCL_INCEPTION"))
+    assert all(f"| {m} | " in table for m in D.MODES) and "paired [95% CI]" in table and " ± " in table
+    assert ("FID-4" in table and "floor, real vs real" in table) == bool(os.environ.get("DIFFCL_INCEPTION"))
     assert Image.open(tmp_path / "cmp" / "compare.png").size == (720, 420)
     capsys.readouterr()
     D.compare(*args)                                            # a rerun trains nothing
-    assert "=== compare" not in capsys.readouterr().out
+    assert "0 of 8 runs to train" in capsys.readouterr().out
+
+
+def test_interval_and_paired_difference_match_scipy():
+    from scipy import stats
+    m, sd, half = D.interval([1.0, 2.0, 4.0])
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean([1, 2, 4]), scale=stats.sem([1, 2, 4]))
+    assert (m, sd) == pytest.approx((7 / 3, np.std([1, 2, 4], ddof=1))) and (m - half, m + half) == pytest.approx((lo, hi))
+    assert math.isnan(D.interval([3.0])[2])
 
 
 def test_compiled_training_step_matches_eager(tmp_path):

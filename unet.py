@@ -178,7 +178,7 @@ class UNet(nn.Module):
 
         h = self.middle(hs[-1], t_emb)
         if mask is not None:
-            # CS (decision 6): switched-off channels carry nothing into the up path.
+            # CS: switched-off channels carry nothing into the up path.
             assert mask.shape == (self.bottleneck_channels,), mask.shape
             h = h * mask.to(h.dtype)[None, :, None, None]
 
