@@ -100,8 +100,9 @@ CHOICES = {
     "regrowth_method": ("gradient", "taylor", "random"),
 }
 # Allowed ranges, checked at start-up so a bad value never costs an epoch (upper bounds stop sizes that
-# could only exhaust memory). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
-RANGES = [("seed", 0, 2 ** 63 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
+# could only exhaust memory; the seed fits the 32 bits torch.manual_seed keeps on the CPU, so two seeds never
+# share initial weights). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
+RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
           ("diffusion.timesteps", 2, 100_000), ("diffusion.beta_start", 1e-9, 1 - 1e-9),
           ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
           ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
@@ -1105,6 +1106,33 @@ def new_state(cfg, device):
     return model, ema, opt, mask, torch.where(mask > 0, 0, -1), torch.zeros(C)
 
 
+def wrap_ddp(model, device, world):
+    """The DDP wrapper for the training forward (the model itself on one process)."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def checkpoint_run(ckpt_path, snapshot_path, stats, rank, **state):
+    """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
+    ckpt_prev.pt, and an optional snapshot. `state` holds model, ema, opt, mask, ... as the checkpoint stores them."""
+    model, ema, opt, world = state["model"], state["ema"], state["opt"], state["world"]
+    if not run_is_finite(model, stats, world):
+        raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
+                       f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
+                       "before it: ckpt_prev.pt. Lower train.lr or raise train.warmup, then rerun to resume")
+    assert_ranks_agree(model, state["mask"].detach(), world)
+    if rank == 0:
+        state.update(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                     opt=opt.state_dict(), mask=state["mask"].detach().cpu(), score=state["score"].cpu(),
+                     torch=str(torch.__version__))
+        save_checkpoint(ckpt_path, state, keep_previous=True)
+        if snapshot_path:
+            save_checkpoint(snapshot_path, state)
+    barrier(world)
+
+
 def train(cfg, config_path=None, resume=None, force=False, download=False):
     """Train plain DDPM / C / CS / CR as the config says; resumes from <out_dir>/ckpt.pt. Returns out_dir."""
     import signal
@@ -1144,33 +1172,18 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 json.dump(cfg, f, indent=2)
         taylor = mode == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
         mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
-        ddp = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        kw = dict(cfg=cfg, model=model, ddp=ddp, fwd=torch.compile(ddp) if tr["compile"] else ddp, ema=ema,
-                  opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=StepStats(device),
-                  rank=rank, world=world)
+        ddp, stats = wrap_ddp(model, device, world), StepStats(device)
+        kw = dict(cfg=cfg, model=model, ddp=ddp, fwd=torch.compile(ddp) if tr["compile"] else ddp, ema=ema, opt=opt,
+                  tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=stats, rank=rank, world=world)
         note = " (curriculum: stage epochs override train.epochs)" if stages else ""
         log(f"diffcl train | mode {mode} | {len(images)} images {shape} | world {world} x "
             f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {num_epochs} epochs{note} | "
             f"{sum(p.numel() for p in model.parameters()):,} params | {device} "
             f"{'bf16' if kw['amp'] else 'fp32'} | out {out_dir}")
-
-        def checkpoint(epoch_end):
-            if not run_is_finite(model, kw["stats"], world):
-                raise RunError(f"loss or parameters became non-finite before step {step}; not saved. Last good "
-                               f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact)")
-            assert_ranks_agree(model, mask.detach(), world)
-            if is_main:
-                state = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                         "opt": opt.state_dict(), "mask": mask.detach().cpu(), "birth": birth,
-                         "score": score.cpu(), "step": step, "epoch": step / steps_per_epoch, "config": cfg,
-                         "image_shape": list(shape), "world": world, "torch": str(torch.__version__)}
-                save_checkpoint(ckpt_path, state, keep_previous=True)
-                if epoch_end and tr["snapshots"]:
-                    save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"), state)
-            barrier(world)
+        checkpoint = lambda snapshot: checkpoint_run(
+            ckpt_path, snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"),
+            stats, rank, model=model, ema=ema, opt=opt, mask=mask, birth=birth, score=score, step=step,
+            epoch=step / steps_per_epoch, config=cfg, image_shape=list(shape), world=world)
 
         def ask_stop(*_):
             stop.set()
@@ -1202,8 +1215,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
 
             # Log: one all-reduce of the running sums, every log_intv steps.
             if step % tr["log_intv"] == 0 or step == total_steps:
-                kw["stats"].v[24] = float(stop.is_set())
-                s = kw["stats"].reduce(world)
+                stats.v[24] = float(stop.is_set())
+                s = stats.reduce(world)
                 epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
                 if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
                     raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
@@ -1392,7 +1405,10 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     if rank == 0:
         print(json.dumps(result), flush=True)
         folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
-        append_jsonl(os.path.join(folder, "eval.jsonl"), result)
+        try:
+            append_jsonl(os.path.join(folder, "eval.jsonl"), result)
+        except OSError as e:
+            raise RunError(f"could not append to {folder}/eval.jsonl ({e.strerror}); the result is the line above")
     return result
 
 
@@ -1665,7 +1681,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are found);
     write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
     import fid
-    os.makedirs(out, exist_ok=True)
+    prepare_out_dir(out)
     path = os.path.join(out, "compare.json")
     results = json.load(open(path))["runs"] if os.path.exists(path) else {}
     epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
@@ -1910,10 +1926,10 @@ def count(text):
 
 
 def seed_arg(text):
-    """argparse type: a seed in [0, 2^63)."""
+    """argparse type: a seed in [0, 2^32) (torch.manual_seed on the CPU keeps 32 bits)."""
     import argparse
-    if not text.isdigit() or int(text) >= 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2^63), got {text!r}")
+    if not text.isdigit() or int(text) >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2^32), got {text!r}")
     return int(text)
 
 
