@@ -1642,21 +1642,22 @@ def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypa
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     cfg_path = tmp_path / "bad.json"
     cfg_path.write_text('{"train": {"lrr": 1}}')
-    r = run_cli("train", "--config-path", cfg_path)
+    r = run_cli("train", "--config-path", cfg_path)                # the real command line, once
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in r.stderr
-    r = run_cli("train", "--config-path", HERE / "configs" / "celeba32_cs.json", "--num-gpus", "6")
-    assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr
     bad_ckpt = tmp_path / "ckpt.pt"
     bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
-    r = run_cli("sample", "--ckpt", bad_ckpt, "--num", "2")
-    assert r.returncode == 2 and "truncated or corrupt" in r.stderr and "Traceback" not in r.stderr
+    for args, message in [
+            (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
+            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
+            (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
+              f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
+        assert D.main(args) == 2                                 # in-process: nothing escapes main
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
     assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
-    r = run_cli("train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
-                f"--out_dir={tmp_path / 'x'}")
-    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path):
@@ -2506,13 +2507,13 @@ def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
     assert "torchrun" in err and not (tmp_path / "d").exists()
 
 
-def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path):
+def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path, capsys):
     r = run_cli("sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", tmp_path / "ddpm", "--raw", "--npz")
     assert r.returncode == 0, r.stderr
     assert "DDPM 20 steps" in r.stdout and "raw weights" in r.stdout
     assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 16, 16, 3)
-    r = run_cli("sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", tmp_path / "x", "--ddim", "--steps", "21")
-    assert r.returncode == 2 and "DDIM needs between 1 and T = 20 steps" in r.stderr and "Traceback" not in r.stderr
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
+    assert "DDIM needs between 1 and T = 20 steps" in capsys.readouterr().err
 
 
 def test_eval_needs_real_weights_or_says_how_to_get_them(cs_checkpoint, tmp_path, monkeypatch):
@@ -2557,38 +2558,34 @@ DEMO_OVERRIDES = ["--data_limit=32", "--train.batch_size=16", "--train.log_intv=
                   "--diffusion.timesteps=50"]
 
 
-def test_demo_writes_every_artefact_and_a_summary_of_all_four_modes(tmp_path, capsys):
-    out = D.demo(str(tmp_path / "demo"), "shapes", DEMO_OVERRIDES, held_out_n=16)
+def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_runs(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    D.compare(out, "shapes", 2, DEMO_OVERRIDES, fid_num=4, held_out_n=16, jobs=2, sample_steps=2)
+    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
+    assert sorted(saved["runs"]) == sorted(f"{m}/seed{s}" for m in D.MODES for s in (0, 1))
+    assert saved["epochs"] == 10 and records(str(tmp_path / "cmp" / "base_seed1"), "train")[-1]["step"] == 20
+    assert {r["images_seen"] for r in saved["runs"].values()} == {320}         # equal work: 20 steps x 16
+    assert len({r["train_tflops"] for r in saved["runs"].values()}) == 1 and saved["runs"]["cs/seed0"]["train_tflops"] > 0
+    seeds = [torch.load(tmp_path / "cmp" / f"{m}_seed{s}" / "ckpt.pt", weights_only=True)["config"]["seed"]
+             for m in D.MODES for s in (0, 1)]
+    assert seeds == [0, 1] * 4                                  # seed s of every mode is the same seed
+    table = open(tmp_path / "cmp" / "compare.md").read()
+    assert all(f"| {m} | " in table for m in D.MODES) and "paired [95% CI]" in table and " ± " in table
+    assert ("FID-4" in table and "floor, real vs real" in table) == bool(os.environ.get("DIFFCL_INCEPTION"))
+    assert Image.open(tmp_path / "cmp" / "compare.png").size == (720, 420)
+    capsys.readouterr()
+
+    # demo = compare with one seed and no FID: here seed 0 is already trained and scored, so nothing reruns.
+    D.demo(out, "shapes", DEMO_OVERRIDES, held_out_n=16)
     text = capsys.readouterr().out
+    assert "0 of 4 runs to train" in text
     for mode in D.MODES:
-        assert os.path.exists(os.path.join(out, f"{mode}_seed0", "metrics.jsonl"))
         assert len(os.listdir(os.path.join(out, f"{mode}_seed0", "samples"))) == 2
         assert f"| {mode} | " in text
     assert "active per stage 13/26/38/51/64" in text and "channels born in stage 1: 13, 2: 13" in text
     assert "channels with norm<1e-3 per stage" in text
     for chart in ("loss_by_bucket.png", "loss_over_steps.png"):
         assert Image.open(os.path.join(out, chart)).size == (720, 420)
-
-
-def test_compare_pairs_seeds_runs_jobs_in_parallel_and_resumes(tmp_path, capsys):
-    stages = json.dumps([{"t_min": 0.5, "t_max": 1.0, "epochs": 1}, {"t_min": 0.0, "t_max": 1.0, "epochs": 1}])
-    args = (str(tmp_path / "cmp"), "shapes", 2, [*DEMO_OVERRIDES, f"--curriculum.stages={stages}"], 4, None, 16, 2, 2)
-    D.compare(*args)
-    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
-    assert sorted(saved["runs"]) == sorted(f"{m}/seed{s}" for m in D.MODES for s in (0, 1))
-    assert saved["epochs"] == 2 and records(str(tmp_path / "cmp" / "base_seed1"), "train")[-1]["step"] == 4
-    assert {r["images_seen"] for r in saved["runs"].values()} == {64}          # equal work: 4 steps x 16
-    assert len({r["train_tflops"] for r in saved["runs"].values()}) == 1 and saved["runs"]["cs/seed0"]["train_tflops"] > 0
-    init = [torch.load(tmp_path / "cmp" / f"{m}_seed{s}" / "ckpt.pt", weights_only=True)["config"]["seed"]
-            for m in D.MODES for s in (0, 1)]
-    assert init == [0, 1] * 4                                   # seed s of every mode is the same seed
-    table = open(tmp_path / "cmp" / "compare.md").read()
-    assert all(f"| {m} | " in table for m in D.MODES) and "paired [95% CI]" in table and " ± " in table
-    assert ("FID-4" in table and "floor, real vs real" in table) == bool(os.environ.get("DIFFCL_INCEPTION"))
-    assert Image.open(tmp_path / "cmp" / "compare.png").size == (720, 420)
-    capsys.readouterr()
-    D.compare(*args)                                            # a rerun trains nothing
-    assert "0 of 8 runs to train" in capsys.readouterr().out
 
 
 def test_interval_and_paired_difference_match_scipy():
