@@ -1584,7 +1584,7 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
     model, so modes trained on different windows are compared on the same task."""
     device, T = mask.device, cfg["diffusion"]["timesteps"]
     tab, g = tables_on(cfg, device), torch.Generator().manual_seed(seed)
-    x0 = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = torch.from_numpy(np.array(images[:n])).permute(0, 3, 1, 2).float() / 127.5 - 1   # a copy: caches are read-only
     sums = [0.0] * 10
     for b in range(10):
         t = torch.randint(b * T // 10, (b + 1) * T // 10, (len(x0),), generator=g)
