@@ -1683,7 +1683,6 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     import fid
     prepare_out_dir(out)
     path = os.path.join(out, "compare.json")
-    results = json.load(open(path))["runs"] if os.path.exists(path) else {}
     epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
     weights, note = None, ""
     if fid_num:
@@ -1692,8 +1691,18 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         except fid.FIDError as e:
             note = f"FID skipped: {e}"
             print(note, flush=True)
+    settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
+                "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
     runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in MODES}
+    saved = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "settings": settings}
+    results = saved["runs"]
     todo = {k: v for k, v in runs.items() if k not in results}
+    # Scores made with other settings must never be mixed in; a request without FID may reuse scores with FID.
+    differ = [k for k in settings if results and saved.get("settings", {}).get(k) != settings[k]
+              and not (not todo and k in ("fid_num", "sample_steps") and not settings["fid_num"])]
+    if differ:
+        raise RunError(f"{path} holds results made with other settings ({', '.join(differ)}); "
+                       "use another --out, or delete that folder to start over")
 
     # Train every unfinished run (train itself resumes an interrupted one).
     train_jobs = []
@@ -1730,15 +1739,14 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
         results[key] = entry
         with open(path + ".tmp", "w") as f:
-            json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": fid_num if weights else 0,
-                       "fid_floor": floor, "sample_steps": sample_steps, "overrides": list(overrides),
-                       "runs": results}, f, indent=1)
+            json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": settings["fid_num"],
+                       "fid_floor": floor, "settings": settings, "runs": results}, f, indent=1)
         os.replace(path + ".tmp", path)
         print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
               + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
-    saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None}
+    saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None, "settings": settings}
     return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
-                            sample_steps, note)
+                            saved.get("settings", settings)["sample_steps"], note)
 
 
 def mask_device():

@@ -2586,6 +2586,8 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
     assert "channels with norm<1e-3 per stage" in text
     for chart in ("loss_by_bucket.png", "loss_over_steps.png"):
         assert Image.open(os.path.join(out, chart)).size == (720, 420)
+    with pytest.raises(D.RunError, match=r"results made with other settings \(overrides\)"):
+        D.compare(out, "shapes", 2, [*DEMO_OVERRIDES, "--train.lr=0.001"], fid_num=4, held_out_n=16, sample_steps=2)
 
 
 def test_interval_and_paired_difference_match_scipy():
