@@ -1775,14 +1775,15 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         cells = []
         for name, value, fmt in metrics:
             m, sd, half = interval([value(r) for r in runs])
-            cells.append(f"{fmt % m} ± {fmt % sd} [{fmt % (m - half)}, {fmt % (m + half)}]")
+            spread = lambda m, half: "" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"
+            cells.append(fmt % m + ("" if math.isnan(sd) else f" ± {fmt % sd}") + spread(m, half))
             paired = [value(results[f"{mode}/seed{s}"]) - value(results[f"base/seed{s}"])
                       for s in done if f"base/seed{s}" in results]
             if mode == "base" or not paired:
                 cells.append("—")
             else:
                 m, _, half = interval(paired)
-                cells.append(f"{fmt % m} [{fmt % (m - half)}, {fmt % (m + half)}]")
+                cells.append(fmt % m + spread(m, half))
         cells += [fmt_time(np.mean([r.get("train_seconds", 0) for r in runs])),
                   "%.1f" % np.mean([r.get("train_tflops", 0) for r in runs])]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
