@@ -59,7 +59,7 @@ def test_description_cs_config_is_the_full_example():
     assert [s["t_min"] for s in cfg["curriculum"]["stages"]] == [0.8, 0.6, 0.4, 0.2, 0.0]
     assert [s["epochs"] for s in cfg["curriculum"]["stages"]] == [1, 1, 1, 2, 5]
     assert cfg["train"]["batch_size"] == 256 and cfg["sparsity"]["initial_sparsity"] == 0.8
-    assert D.total_epochs(cfg) == 10            # stage epochs override train.epochs (decision 3)
+    assert D.total_epochs(cfg) == 10            # stage epochs override train.epochs
 
 
 def test_overrides_beat_file_beat_defaults(tmp_path):
@@ -486,7 +486,7 @@ def inputs(seed=1, channels=3, size=16, batch=2):
     return torch.randn(batch, channels, size, size, generator=g), torch.tensor([3, 999])[:batch]
 
 
-# Counts (decision 15 and the reference's table).
+# Counts (the description's and the reference's parameter tables).
 
 @pytest.mark.parametrize("cfg, params, convs, conv_out, bottleneck", [
     (CELEBA32, 6_140_675, 52, 5_827, 128),
@@ -566,7 +566,7 @@ def test_init_like_tf():
             assert (m.num_groups, m.eps) == (32, 1e-6)
 
 
-# Masked forward (decision 6).
+# Masked forward: the CS mask multiplies the middle block's output channels.
 
 def test_mask_of_ones_is_unmasked():
     model = tiny()
@@ -988,7 +988,9 @@ def test_data_throughput_reports_a_rate():
 # ---------------------------------------------------------------------------------------------
 # FID, precision and recall (fid.py)
 
-TSV = Path(__file__).resolve().parent.parent / "shared" / "reference" / "fid-inception-state-dict-keys.tsv"
+# sha256 of the sorted "key [shape]" lines of pytorch-fid's FID Inception state_dict (472 tensors, torchvision
+# Inception3 names, num_batches_tracked left out), so the layout is pinned without shipping the list.
+INCEPTION_LAYOUT_SHA256 = "bd04e829988dd22dd0bbf9e499a87af311ed57c1b4309a9d20a907d8ed4123d4"
 
 
 @pytest.fixture(scope="module")
@@ -1143,13 +1145,10 @@ def test_knn_radius_excludes_self_and_keeps_ties():
 # ----------------------------------------------------------------------------
 # Network layout and weights
 
-def test_state_dict_matches_reference_tsv(model):
-    if not TSV.exists():
-        pytest.skip(f"{TSV} not found (needs ../shared beside the clone)")
-    rows = [line.split("\t") for line in TSV.read_text().splitlines() if line and not line.startswith("#")]
-    want = {key: json.loads(shape) for key, shape, _ in rows}
+def test_state_dict_matches_pytorch_fid_layout(model):
     got = {k: list(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert len(want) == 472 and got == want
+    text = "\n".join(f"{k} {shape}" for k, shape in sorted(got.items()))
+    assert len(got) == 472 and hashlib.sha256(text.encode()).hexdigest() == INCEPTION_LAYOUT_SHA256
 
 
 @pytest.mark.parametrize("keep_nbt", [True, False])
@@ -1386,7 +1385,7 @@ def test_cli_ref_cache_and_calc(model, tmp_path, capsys):
 def test_real_weights_match_torchscript():
     path = os.environ.get(fid.WEIGHTS_ENV)
     if not path:
-        pytest.skip(f"set {fid.WEIGHTS_ENV} (e.g. $(../shared/tools/get-fid-weights)) to compare with real weights")
+        pytest.skip(f"set {fid.WEIGHTS_ENV} to the FID Inception weights (README: Getting the Inception weights)")
     if not fid.is_torchscript(path):
         pytest.skip(f"{path} is a state dict; the comparison needs NVIDIA's TorchScript file")
     net = fid.load_inception(path)
