@@ -621,15 +621,19 @@ def small_norm_channels(model, threshold=1e-3):
 # ----------------------------------------------------------------------------------------------
 # Distributed helpers. DDP is on iff torchrun set RANK; every collective is called by every rank.
 
-def setup_dist():
-    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE.
-    DIFFCL_DEVICE=cpu|cuda pins the device (default: CUDA when there is one)."""
-    import datetime
-    import torch.distributed as dist
+def device_kind():
+    """'cuda' or 'cpu': CUDA when there is one, unless DIFFCL_DEVICE=cpu pins the CPU (=cuda insists on CUDA)."""
     want = os.environ.get("DIFFCL_DEVICE", "auto")
     if want not in ("auto", "cpu", "cuda") or (want == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"DIFFCL_DEVICE={want}: use cpu, or cuda on a machine with a CUDA GPU")
-    cuda = want != "cpu" and torch.cuda.is_available()
+    return "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def setup_dist():
+    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    import datetime
+    import torch.distributed as dist
+    cuda = device_kind() == "cuda"
     if cuda:                                                # fp32 ('auto') runs its matmuls and convs in TF32:
         torch.backends.cuda.matmul.allow_tf32 = True        # fp32 NCHW was the fastest eager path measured on
         torch.backends.cudnn.allow_tf32 = True              # an H100 (fid.py turns TF32 off for its features)
@@ -1133,6 +1137,12 @@ def checkpoint_run(ckpt_path, snapshot_path, stats, rank, **state):
     barrier(world)
 
 
+def place_mask_and_score(cfg, mask, score, device):
+    """The mask and CS scores on the training device; the mask tracks gradients only for Taylor regrowth."""
+    taylor = run_mode(cfg) == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
+    return mask.to(device).requires_grad_(taylor), score.to(device)
+
+
 def train(cfg, config_path=None, resume=None, force=False, download=False):
     """Train plain DDPM / C / CS / CR as the config says; resumes from <out_dir>/ckpt.pt. Returns out_dir."""
     import signal
@@ -1170,8 +1180,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
             with open(os.path.join(out_dir, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)
-        taylor = mode == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
-        mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
+        mask, score = place_mask_and_score(cfg, mask, score, device)
         ddp, stats = wrap_ddp(model, device, world), StepStats(device)
         kw = dict(cfg=cfg, model=model, ddp=ddp, fwd=torch.compile(ddp) if tr["compile"] else ddp, ema=ema, opt=opt,
                   tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=stats, rank=rank, world=world)
@@ -1495,8 +1504,7 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     cfg = merge_config({**cfg, "train": {**tr, "batch_size": B, "num_accum": 1}}, "bench")
     res = cfg["resolution"] or 32
     model, ema, opt, mask, _, score = new_state(cfg, device)
-    taylor = run_mode(cfg) == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
-    mask, score = mask.to(device).requires_grad_(taylor), score.to(device)
+    mask, score = place_mask_and_score(cfg, mask, score, device)
     lam = 1e-5 if run_mode(cfg) == "cr" else 0.0            # time the penalty too
     kw = dict(cfg=cfg, model=model, ddp=model, fwd=torch.compile(model) if tr["compile"] else model, ema=ema,
               opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=StepStats(device),
@@ -1614,7 +1622,7 @@ def run_jobs(jobs, parallel, log_name):
     {label: seconds}; a failed job is reported with the end of its log after the others finish."""
     import subprocess
     import time
-    gpus = torch.cuda.device_count() if os.environ.get("DIFFCL_DEVICE") != "cpu" else 0
+    gpus = torch.cuda.device_count() if device_kind() == "cuda" else 0
     threads = max(1, (os.cpu_count() or 1) // parallel)
     pending, running, seconds, failed = list(jobs), {}, {}, []
     while pending or running:
@@ -1720,7 +1728,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         run_jobs(sample_jobs, jobs, "sample.log")
 
     # Score: held-out loss per bucket, FID-n against held-out statistics, wall time and training FLOPs.
-    device = mask_device()
+    device = torch.device(device_kind())
     inception_model, ref, floor = None, None, None
     if weights:
         inception_model = fid.load_inception(weights, device=device)
@@ -1747,10 +1755,6 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None, "settings": settings}
     return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
                             saved.get("settings", settings)["sample_steps"], note)
-
-
-def mask_device():
-    return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("DIFFCL_DEVICE") != "cpu" else "cpu")
 
 
 def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note=""):
