@@ -69,6 +69,24 @@ def one_line(e):
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
+def atomic_write(path, content):
+    """Write a file that is either whole or absent: `content` (str, bytes, or a function that writes a given file
+    name) goes to a temporary name beside `path`, which then replaces `path`. On any failure, Ctrl-C included,
+    the temporary file is removed and `path` is untouched. Readers never see the temporary names (*.tmp)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "w" if isinstance(content, str) else "wb") as f:
+                f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 # ---------------------------------------------------------------------------- load_images
 def load_images(name, root=None, split=None, resolution=None, cache_dir=None, download=False, strict=False,
                 log=print, num_images=None):
@@ -335,19 +353,15 @@ def read_cache(path, source):
 
 
 def write_cache(path, images, meta):
-    """Write the .npy and then its sidecar, each atomically (temporary file + os.replace)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Write the .npy and then its sidecar, each atomically."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(images))
-        os.replace(tmp, path)
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, path[:-4] + ".json")
+        def save(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
+                np.save(f, np.ascontiguousarray(images))
+        atomic_write(path, save)
+        atomic_write(path[:-4] + ".json", json.dumps(meta, indent=1))
     except OSError as e:  # unwritable or full disk, or cache_dir is a file: only our temporary file is removed
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise DataError(f"cannot write the image cache {path} ({one_line(e)}): free disk space or pass a writable "
                         f"cache_dir") from None
 
@@ -417,6 +431,19 @@ def epoch_batches(images, global_batch, rank, world, seed, epoch, device, start=
         xs[f] = xs[f, :, :, ::-1]
         # In-place div_/sub_: fresh 1.5 MB float buffers per op cost more than the arithmetic on CPU.
         yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
+
+
+def held_out_images(name, n, resolution=None, root=None):
+    """The first n images of a dataset's held-out split (test), uint8 (n, H, W, C)."""
+    return load_images(name, split="test", resolution=resolution, root=root, log=lambda *a: None)[:n]
+
+
+def batches_from(images, global_batch, rank, world, seed, step, steps_per_epoch, device):
+    """This rank's batches from optimizer `step` on, across epochs (so a resume needs no special case)."""
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:
+        yield from epoch_batches(images, global_batch, rank, world, seed, epoch, device, start=skip)
+        epoch, skip = epoch + 1, 0
 
 
 def data_throughput(images, global_batch, device, seconds=2.0):

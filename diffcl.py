@@ -7,21 +7,40 @@
     python diffcl.py bench   --config-path configs/celeba32.json [--precision bf16]
     python diffcl.py compare --dataset fashion32 --seeds 3 --jobs 4      (demo: the same, one seed, no FID)
 
-Read top-down. The method is the pure functions of the first sections -- config, diffusion maths, random
-streams, curriculum (every rule, in one place), sparsity / regularisation -- each tested directly. Then
-come distributed helpers, files (checkpoints, metrics.jsonl, images, the run lock), generation, and the
+Read top-down. The method comes first, as pure functions tested directly: config, diffusion maths, random
+streams, the curriculum (every rule of the method, in one place), sparsity / regularisation. Then the
 training loop (`train_step`, `train`), then sample / eval / bench, compare / demo and the CLI.
-Where the description is ambiguous, README.md's "How we read the description" lists our readings.
+Plain DDPM is a one-stage curriculum on [0, 1), so one loop serves every mode.
 """
+import argparse
 import contextlib
 import copy
+import dataclasses
+import datetime
+import fcntl
+import gc
 import json
 import math
 import os
+import re
+import resource
+import signal
+import subprocess
 import sys
+import threading
+import time
+from fractions import Fraction
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from scipy import stats as scipy_stats
+from scipy.special import betaincinv
+
+import data
+import fid
+from unet import UNet
 
 # ----------------------------------------------------------------------------------------------
 # Config: the description's nested JSON. Every key has a default here; unknown keys are errors.
@@ -30,7 +49,7 @@ DEFAULTS = {
     "dataset": "shapes",            # celeba32 | celeba64 (= celeba) | cifar10 | fashion32 | shapes | folder:PATH
     "data_root": "",                # "" = the dataset's default location (see data.py)
     "data_split": "",               # "" = the dataset's default split
-    "resolution": 0,                # 0 = the dataset's default (32, or 64 for celeba64)
+    "resolution": 0,                # 0 = the dataset's default (data.py: 32, or 64 for celeba64)
     "data_limit": 0,                # use only the first N images (0 = all); for quick experiments
     "out_dir": "",                  # "" = out/<config file stem>
     "seed": 0,
@@ -59,7 +78,8 @@ DEFAULTS = {
         "batch_size": 128,          # GLOBAL batch per optimizer step (all ranks, all micro-steps)
         "num_accum": 1,             # micro-steps per optimizer step (gradient accumulation)
         "grad_norm": 1.0,           # global-norm clipping
-        "epochs": 100,              # ignored when the curriculum is on: its stage epochs sum instead
+        "epochs": 100,              # plain DDPM's length; with the curriculum on, the stage epochs sum instead
+        "length_scale": 1.0,        # multiplies the run's length and every stage's (0.2 = a fifth of the schedule)
         "warmup": 5000,             # linear LR warm-up, optimizer steps
         "use_ema": True,
         "ema_decay": 0.9999,
@@ -108,9 +128,9 @@ RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 1
           ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
           ("train.beta1", 0.0, 1 - 1e-9), ("train.beta2", 0.0, 1 - 1e-9), ("train.batch_size", 1, 1 << 20),
           ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
-          ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0), ("train.num_samples", 0, 10_000),
-          ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7), ("train.save_every", 0, 10 ** 9),
-          ("train.log_intv", 1, 10 ** 9)]
+          ("train.length_scale", 1e-6, 1e6), ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0),
+          ("train.num_samples", 0, 10_000), ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7),
+          ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9)]
 STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": int, "name": str,
               "sparsity": float, "lambda": float, "alpha": float, "beta": float}
 
@@ -146,69 +166,74 @@ def merge_config(user, source="config"):
             continue
         if key not in DEFAULTS:
             raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(DEFAULTS)})")
-        if isinstance(DEFAULTS[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: '{key}' must be an object")
-            for sub, v in value.items():
-                if sub.startswith("_"):
-                    continue
-                if sub not in DEFAULTS[key]:
-                    raise ConfigError(f"{source}: unknown key '{key}.{sub}' "
-                                      f"(allowed: {', '.join(DEFAULTS[key])})")
-                cfg[key][sub] = _check_value(f"{source}: {key}.{sub}", v, DEFAULTS[key][sub])
-        else:
+        if not isinstance(DEFAULTS[key], dict):
             cfg[key] = _check_value(f"{source}: {key}", value, DEFAULTS[key])
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be an object")
+        for sub, v in value.items():
+            if sub.startswith("_"):
+                continue
+            if sub not in DEFAULTS[key]:
+                raise ConfigError(f"{source}: unknown key '{key}.{sub}' (allowed: {', '.join(DEFAULTS[key])})")
+            cfg[key][sub] = _check_value(f"{source}: {key}.{sub}", v, DEFAULTS[key][sub])
     validate_config(cfg, source)
     return cfg
 
 
+def validate_stage(st, where, soft):
+    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs >= 1."""
+    if not isinstance(st, dict):
+        raise ConfigError(f"{where}: must be an object with t_min, t_max, epochs")
+    for k in ("epochs",) if soft else ("t_min", "t_max", "epochs"):
+        if k not in st:
+            raise ConfigError(f"{where}: missing '{k}'")
+    for k, v in st.items():
+        if k not in STAGE_KEYS:
+            raise ConfigError(f"{where}: unknown key '{k}' (allowed: {', '.join(STAGE_KEYS)})")
+        ok = isinstance(v, STAGE_KEYS[k]) or (STAGE_KEYS[k] is float and isinstance(v, int))
+        if isinstance(v, bool) or not ok:
+            raise ConfigError(f"{where}.{k}: expected {STAGE_KEYS[k].__name__}, got {v!r}")
+    if not all(math.isfinite(v) for v in st.values() if isinstance(v, float)):
+        raise ConfigError(f"{where}: values must be finite numbers")
+    if not soft and not 0 <= st["t_min"] < st["t_max"] <= 1:
+        raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
+    if st["epochs"] < 1:
+        raise ConfigError(f"{where}.epochs: must be >= 1")
+    if not 0 <= st.get("sparsity", 0) < 1:
+        raise ConfigError(f"{where}.sparsity: must be in [0, 1)")
+    if st.get("lambda", 0) < 0 or st.get("alpha", 1) <= 0 or st.get("beta", 1) <= 0:
+        raise ConfigError(f"{where}: lambda must be >= 0 and alpha, beta > 0")
+    if not re.fullmatch(r"[\w.+-]{1,64}", st.get("name", "x")):
+        raise ConfigError(f"{where}.name: {st['name']!r} must be 1-64 letters, digits or . _ + - (it names files)")
+
+
 def validate_config(cfg, source="config"):
     """Cross-key rules and ranges. Raises ConfigError naming the key and what is allowed."""
-    cur, tr = cfg["curriculum"], cfg["train"]
+    cur, tr, model = cfg["curriculum"], cfg["train"], cfg["model"]
+    soft = cur["mode"] == "soft"
     for i, st in enumerate(cur["stages"]):
-        where = f"{source}: curriculum.stages[{i}]"
-        if not isinstance(st, dict):
-            raise ConfigError(f"{where}: must be an object with t_min, t_max, epochs")
-        for k in ("t_min", "t_max", "epochs"):
-            if k not in st:
-                raise ConfigError(f"{where}: missing '{k}'")
-        for k, v in st.items():
-            if k not in STAGE_KEYS:
-                raise ConfigError(f"{where}: unknown key '{k}' (allowed: {', '.join(STAGE_KEYS)})")
-            ok = isinstance(v, STAGE_KEYS[k]) or (STAGE_KEYS[k] is float and isinstance(v, int))
-            if isinstance(v, bool) or not ok:
-                raise ConfigError(f"{where}.{k}: expected {STAGE_KEYS[k].__name__}, got {v!r}")
-        if not all(math.isfinite(v) for v in st.values() if isinstance(v, float)):
-            raise ConfigError(f"{where}: values must be finite numbers")
-        if not 0 <= st["t_min"] < st["t_max"] <= 1:
-            raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
-        if st["epochs"] < 1:
-            raise ConfigError(f"{where}.epochs: must be >= 1")
-        if not 0 <= st.get("sparsity", 0) < 1:
-            raise ConfigError(f"{where}.sparsity: must be in [0, 1)")
-        if st.get("lambda", 0) < 0 or st.get("alpha", 1) <= 0 or st.get("beta", 1) <= 0:
-            raise ConfigError(f"{where}: lambda must be >= 0 and alpha, beta > 0")
-    if cur["enabled"] and not cur["stages"]:
-        raise ConfigError(f"{source}: curriculum.enabled needs a non-empty curriculum.stages list")
-    if cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"]:
-        raise ConfigError(f"{source}: sparsity.enabled and regularization.enabled are both true; "
-                          "choose one mode (CS or CR)")
-    if (cfg["sparsity"]["enabled"] or cfg["regularization"]["enabled"]) and not cur["enabled"]:
-        raise ConfigError(f"{source}: sparsity/regularization schedules are per curriculum stage; "
-                          "set curriculum.enabled to true")
-    if not 0 <= cfg["sparsity"]["initial_sparsity"] < 1:
-        raise ConfigError(f"{source}: sparsity.initial_sparsity must be in [0, 1)")
-    if cfg["regularization"]["lambda_max"] < 0:
-        raise ConfigError(f"{source}: regularization.lambda_max must be >= 0")
-    if tr["batch_size"] < 1 or tr["num_accum"] < 1 or tr["batch_size"] % tr["num_accum"]:
-        raise ConfigError(f"{source}: train.batch_size ({tr['batch_size']}) must be a positive "
-                          f"multiple of train.num_accum ({tr['num_accum']})")
+        validate_stage(st, f"{source}: curriculum.stages[{i}]", soft)
+    if soft and any("alpha" not in s or "beta" not in s for s in cur["stages"]):
+        raise ConfigError(f"{source}: curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage")
+    rules = [
+        (cur["enabled"] and not cur["stages"], "curriculum.enabled needs a non-empty curriculum.stages list"),
+        (cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"],
+         "sparsity.enabled and regularization.enabled are both true; choose one mode (CS or CR)"),
+        ((cfg["sparsity"]["enabled"] or cfg["regularization"]["enabled"]) and not cur["enabled"],
+         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true"),
+        (not 0 <= cfg["sparsity"]["initial_sparsity"] < 1, "sparsity.initial_sparsity must be in [0, 1)"),
+        (cfg["regularization"]["lambda_max"] < 0, "regularization.lambda_max must be >= 0"),
+        (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
+                                            f"multiple of train.num_accum ({tr['num_accum']})")]
+    for bad, message in rules:
+        if bad:
+            raise ConfigError(f"{source}: {message}")
     for key, lo, hi in RANGES:
         section, _, sub = key.rpartition(".")
         value = cfg[section][sub] if section else cfg[sub]
         if not lo <= value <= hi:
             raise ConfigError(f"{source}: {key} must be in [{lo}, {hi}], got {value!r}")
-    model = cfg["model"]
     if model["hid_channels"] % 32:
         raise ConfigError(f"{source}: model.hid_channels must be a multiple of 32 (GroupNorm uses 32 groups), "
                           f"got {model['hid_channels']}")
@@ -222,8 +247,6 @@ def validate_config(cfg, source="config"):
     if not 0 <= tr["sample_steps"] <= cfg["diffusion"]["timesteps"]:
         raise ConfigError(f"{source}: train.sample_steps must be 0 (DDPM) or a DDIM step count in "
                           f"[1, diffusion.timesteps = {cfg['diffusion']['timesteps']}]")
-    if cur["mode"] == "soft" and any("alpha" not in s or "beta" not in s for s in cur["stages"]):
-        raise ConfigError(f"{source}: curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage")
 
 
 def parse_overrides(args):
@@ -250,41 +273,52 @@ def parse_overrides(args):
     return out
 
 
+def read_json_file(path):
+    """A config file's JSON object, or a one-line ConfigError saying what is wrong with the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            user = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (see configs/ for the shipped ones)")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); JSON has no comments: use a '_comment' key")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; a config is a JSON object (see configs/)")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e} (pass a JSON file, see configs/)")
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: a config is a JSON object {{...}}, not a {type(user).__name__}")
+    return user
+
+
 def load_config(path=None, overrides=(), base=None):
     """Defaults < JSON file (or `base`, e.g. a checkpoint's stored config) < --key=value overrides."""
-    user = copy.deepcopy(base) if base is not None else {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                user = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path} (see configs/ for the shipped ones)")
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); JSON has no comments: use a '_comment' key")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a UTF-8 text file; a config is a JSON object (see configs/)")
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e} (pass a JSON file, see configs/)")
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path}: a config is a JSON object {{...}}, not a {type(user).__name__}")
-    for section, value in parse_overrides(overrides).items():
+    user = read_json_file(path) if path else copy.deepcopy(base) if base is not None else {}
+    over = parse_overrides(overrides)
+    for section, value in over.items():
         if isinstance(value, dict) and isinstance(user.get(section), dict):
             user[section] = {**user[section], **value}
-        elif isinstance(value, dict):
-            user[section] = value
         else:
             user[section] = value
-    return merge_config(user, path or "config")
+    cfg = merge_config(user, path or "config")
+    if cfg["curriculum"]["enabled"] and "epochs" in over.get("train", {}):
+        raise ConfigError("--train.epochs has no effect with the curriculum on (the stage epochs set the length); "
+                          "use --train.length_scale=F to scale every stage, e.g. 0.2 for a fifth of the schedule")
+    return cfg
+
+
+def image_resolution(cfg):
+    """The side of the training images: `resolution`, else the dataset's default from data.py."""
+    return cfg["resolution"] or data.dataset_info(cfg["dataset"])["resolution"]
 
 
 def check_memory(cfg, device, world):
     """Refuse a config whose model and batch cannot fit this device: params, grads, Adam and EMA copies, plus
     ~6 stored activations per ResBlock conv. A rough lower bound, so only hopeless sizes are refused."""
-    from unet import UNet
     m, tr = cfg["model"], cfg["train"]
     with torch.device("meta"):                              # sizes only: nothing is allocated
         params = sum(p.numel() for p in UNet(**m).parameters())
-    res = cfg["resolution"] or (64 if cfg["dataset"].startswith("celeba64") else 32)
+    res = image_resolution(cfg)
     batch = tr["batch_size"] // world // tr["num_accum"]
     acts = sum(6 * (2 * m["num_res_blocks"] + 1) * m["hid_channels"] * k * (res / 2 ** level) ** 2
                for level, k in enumerate(m["ch_multipliers"]))
@@ -457,32 +491,38 @@ def step_generators(seed, step, rank, device, t_device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Curriculum: every rule of the method. Stage functions take (stages, i, ...) with i the stage index;
-# stage lengths are given in epochs and turned into optimizer steps here, and nowhere else.
+# Curriculum: every rule of the method. Stage functions take (stages, i, ...) with i the stage index.
+# Stage lengths are given in epochs, times train.length_scale, and turned into optimizer steps here only.
 
-def stage_start(stages, i, steps_per_epoch):
-    """First optimizer step of stage i."""
-    return sum(s["epochs"] for s in stages[:i]) * steps_per_epoch
+def stages_of(cfg):
+    """The run's stages. Plain DDPM is one stage on [0, 1) lasting train.epochs, so every mode runs one loop."""
+    if cfg["curriculum"]["enabled"]:
+        return cfg["curriculum"]["stages"]
+    return [{"t_min": 0.0, "t_max": 1.0, "epochs": cfg["train"]["epochs"], "name": "plain"}]
 
 
-def stage_at(stages, step, steps_per_epoch):
+def stage_start(stages, i, steps_per_epoch, scale=1.0):
+    """First optimizer step of stage i (i = len(stages): the run's length): epochs before it x steps per epoch
+    x scale, rounded to a whole step. With scale 1 every stage starts on an epoch boundary."""
+    return math.floor(sum(s["epochs"] for s in stages[:i]) * steps_per_epoch * scale + 0.5)
+
+
+def stage_at(stages, step, steps_per_epoch, scale=1.0):
     """Index of the stage that contains optimizer `step`; steps past the schedule stay in the last stage."""
     i = 0
-    while i + 1 < len(stages) and step >= stage_start(stages, i + 1, steps_per_epoch):
+    while i + 1 < len(stages) and step >= stage_start(stages, i + 1, steps_per_epoch, scale):
         i += 1
     return i
 
 
 def stage_name(stages, i):
-    """A stage's display name: its 'name', else 'stage<i+1>'; 'plain' without a curriculum (i is None)."""
-    return "plain" if i is None else stages[i].get("name", f"stage{i + 1}")
+    """A stage's display name (and file-name part): its 'name', else 'stage<i+1>'."""
+    return stages[i].get("name", f"stage{i + 1}")
 
 
 def total_epochs(cfg):
-    """Training length: the sum of stage epochs with the curriculum on, else train.epochs."""
-    if cfg["curriculum"]["enabled"]:
-        return sum(s["epochs"] for s in cfg["curriculum"]["stages"])
-    return cfg["train"]["epochs"]
+    """The schedule's length in epochs before train.length_scale: the stage epochs' sum (train.epochs if plain)."""
+    return sum(s["epochs"] for s in stages_of(cfg))
 
 
 def time_window(stages, i, T):
@@ -502,17 +542,14 @@ def sample_t(n, lo, hi, generator):
 def sample_t_soft(n, alpha, beta, T, generator):
     """(n,) int64 timesteps t = floor(u T), u ~ Beta(alpha, beta), by inverting the Beta CDF of
     uniforms from `generator` (so every rank's own keyed stream is used)."""
-    from scipy.special import betaincinv
     u = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
     x = betaincinv(alpha, beta, u)
     return torch.from_numpy(np.minimum(np.floor(x * T), T - 1).astype(np.int64))
 
 
 def draw_timesteps(stages, i, n, T, soft, generator):
-    """(n,) timesteps for stage i on the generator's device: U[0, T) without a curriculum (i is None), else
-    U[window) (hard) or floor(T Beta(alpha, beta)) (soft; inverted by scipy, so it needs a CPU generator)."""
-    if i is None:
-        return sample_t(n, 0, T, generator)
+    """(n,) timesteps for stage i on the generator's device: U[window) (hard; plain DDPM's window is [0, T)) or
+    floor(T Beta(alpha, beta)) (soft; inverted by scipy, so it needs a CPU generator)."""
     if soft:
         return sample_t_soft(n, stages[i]["alpha"], stages[i]["beta"], T, generator)
     return sample_t(n, *time_window(stages, i, T), generator)
@@ -549,7 +586,6 @@ def ema_decay_at(num_updates, decay):
 def active_count(C, sparsity):
     """Channels kept on: max(1, round(C (1 - s))) with halves rounded up, in exact fractions (10 x 0.45 and
     10 x 0.95 both round up). limit_denominator recovers the decimal a config wrote (0.6000000000000001 -> 3/5)."""
-    from fractions import Fraction
     keep = C * (1 - Fraction(sparsity).limit_denominator(10 ** 6))
     return max(1, math.floor(keep + Fraction(1, 2)))
 
@@ -562,9 +598,10 @@ def initial_mask(C, active, seed):
     return mask
 
 
-def gradient_score(conv2_weight_grad, mask):
-    """(C,) per-output-channel sum |dL/dW| of the middle block's first ResBlock conv2, masked channels only."""
-    return conv2_weight_grad.abs().sum(dim=(1, 2, 3)) * (1 - mask)
+def gradient_score(weight_grad, mask):
+    """(C,) per-output-channel sum |dL/dW| of the UNet's regrowth_weight (the middle block's first ResBlock
+    conv2), masked channels only."""
+    return weight_grad.abs().sum(dim=(1, 2, 3)) * (1 - mask)
 
 
 def taylor_score(mask_grad, mask):
@@ -631,8 +668,6 @@ def device_kind():
 
 def setup_dist():
     """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
-    import datetime
-    import torch.distributed as dist
     cuda = device_kind() == "cuda"
     if cuda:                                                # fp32 ('auto') runs its matmuls and convs in TF32:
         torch.backends.cuda.matmul.allow_tf32 = True        # fp32 NCHW was the fastest eager path measured on
@@ -654,25 +689,19 @@ def setup_dist():
 def all_reduce_sum(x, world):
     """Sum a tensor over ranks (in place); a no-op on one process."""
     if world > 1:
-        import torch.distributed as dist
         dist.all_reduce(x)
     return x
 
 
-def all_gather_rows(x, world):
-    """Concatenate equally shaped per-rank tensors along dim 0, in rank order."""
-    if world == 1:
-        return x
-    import torch.distributed as dist
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def barrier(world):
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
+
+
+def rank_chunks(n, batch, rank, world):
+    """This rank's share of n items as [(first, count)]: chunks of `batch`, chunk k to rank k % world. The chunks
+    do not depend on the world size, so neither do the images they make. The one way work is split over ranks."""
+    return [(a, min(batch, n - a)) for a in range(0, n, batch)][rank::world]
 
 
 def assert_ranks_agree(model, mask, world):
@@ -682,13 +711,14 @@ def assert_ranks_agree(model, mask, world):
     vec = torch.cat([p.detach().flatten().double() for p in model.parameters()] + [mask.double()])
     weights = torch.arange(1, vec.numel() + 1, dtype=torch.float64, device=vec.device) % 9973
     summary = torch.stack([vec.sum(), (vec * vec).sum(), (vec * weights).sum()])
-    gathered = all_gather_rows(summary[None], world)
-    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
-        raise RuntimeError(f"ranks disagree on parameters or mask: {gathered.tolist()}")
+    parts = [torch.empty_like(summary) for _ in range(world)]
+    dist.all_gather(parts, summary)
+    if not all(torch.equal(p, parts[0]) for p in parts):
+        raise RuntimeError(f"ranks disagree on parameters or mask: {[p.tolist() for p in parts]}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: checkpoints, metrics.jsonl, images, the run-folder lock.
+# Files: checkpoints, metrics.jsonl, images, the run-folder lock. Every file is written by data.atomic_write.
 
 class RunError(Exception):
     """A problem with a run (checkpoint, output folder, NaN); printed as one line, exit 2."""
@@ -707,7 +737,8 @@ CHECKPOINT_KEYS = {"model": dict, "ema": (dict, type(None)), "opt": dict, "mask"
 
 
 def config_diff(old, new):
-    """Dotted keys whose values differ, ignoring RESUMABLE_KEYS."""
+    """Dotted keys whose values differ, ignoring RESUMABLE_KEYS (train.epochs only matters for plain DDPM:
+    with the curriculum on, the stage epochs set the length)."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -719,23 +750,15 @@ def config_diff(old, new):
 
 
 def save_checkpoint(path, state, keep_previous=False):
-    """Write atomically (temporary file, then rename) so a crash never leaves a torn checkpoint. With
-    keep_previous, the checkpoint being replaced stays as <name>_prev.pt (a hard link: no copy)."""
-    tmp = f"{path}.tmp"
+    """Write atomically so a crash never leaves a torn checkpoint. With keep_previous, the checkpoint being
+    replaced stays as <name>_prev.pt (a hard link: no copy)."""
     try:
-        torch.save(state, tmp)
-        if keep_previous and os.path.exists(path):
-            prev = path.removesuffix(".pt") + "_prev.pt"
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(prev + ".tmp")
-            os.link(path, prev + ".tmp")
-            os.replace(prev + ".tmp", prev)
-        os.replace(tmp, path)
-    except BaseException as e:                              # disk full is a RuntimeError from torch.save
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, Exception):
-            raise                                           # a second Ctrl-C: leave no .tmp, then stop
+        def write(tmp):
+            torch.save(state, tmp)
+            if keep_previous and os.path.exists(path):
+                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.link(path, prev))
+        data.atomic_write(path, write)
+    except Exception as e:                                  # disk full is a RuntimeError from torch.save
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
         raise RunError(f"could not write checkpoint {path}: {reason}; the previous one is intact. "
                        "Free disk space or pass --out_dir=PATH")
@@ -789,9 +812,7 @@ def truncate_jsonl(path, step):
                 continue                                    # a torn last line from a hard kill
             if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage"):
                 keep.append(line)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    data.atomic_write(path, "".join(keep))
 
 
 def to_uint8(x):
@@ -801,7 +822,6 @@ def to_uint8(x):
 
 def save_grid(images, path):
     """Write uint8 (N, H, W, C) images as one PNG grid with floor(sqrt(N)) columns, 2 px gaps."""
-    from PIL import Image
     n, h, w, c = images.shape
     cols = max(1, int(math.sqrt(n)))
     rows = math.ceil(n / cols)
@@ -811,8 +831,8 @@ def save_grid(images, path):
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     scale = max(1, 64 // h)                                 # blow small images up (nearest) so they can be seen
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def prepare_out_dir(out_dir, *subdirs):
@@ -820,9 +840,8 @@ def prepare_out_dir(out_dir, *subdirs):
     try:
         for sub in subdirs or ("",):
             os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        probe = os.path.join(out_dir, f".write-test.{os.getpid()}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
         os.remove(probe)
     except OSError as e:
         raise RunError(f"folder {out_dir} is not writable ({e.strerror}); choose another output path")
@@ -831,12 +850,14 @@ def prepare_out_dir(out_dir, *subdirs):
 def lock_run_folder(out_dir):
     """Take an exclusive lock on the run folder, or refuse with the holder's pid. The kernel drops the lock
     when its process dies, so a SIGKILLed run never leaves a stale lock. Keep the returned file open."""
-    import fcntl
-    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        f = os.fdopen(os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), "r+")
+    except OSError as e:
+        raise RunError(f"cannot open the lock file {out_dir}/.lock ({e.strerror}); it must be a plain file "
+                       "this run made: delete it, or pass --out_dir=OTHER")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
         raise RunError(f"run folder {out_dir} is in use by another trainer (pid {holder}); wait for it to "
@@ -854,11 +875,12 @@ def fmt_time(seconds):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation (shared by training grids, `sample` and `eval`).
+# Generation (shared by training grids, `sample`, `eval` and `compare`).
 
 @torch.no_grad()
-def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0.0, skip="uniform", amp=None):
-    """Images first .. first+count-1 as float (count, C, H, W) in [-1, 1].
+def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0.0, skip="uniform", amp=None,
+             on_step=None):
+    """Images first .. first+count-1 as float (count, C, H, W) in [-1, 1]; on_step(k, steps) after each step.
 
     x_T of image i is drawn from a generator keyed by (seed, i), so with deterministic DDIM (eta = 0) image i
     never depends on the batch or the number of GPUs; per-step noise is keyed by (seed, first)."""
@@ -880,18 +902,9 @@ def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0
             x = ddim_step(out, x, t, t_prev, tab, eta, z, dif["model_mean_type"])
         else:
             x = ddpm_step(out, x, t, tab, z, dif["model_mean_type"], dif["model_var_type"])
+        if on_step:
+            on_step(k, len(ts))
     return x
-
-
-def sample_sharded(net, cfg, shape, n, seed, mask, tab, rank, world, batch, **kw):
-    """n images generated in chunks of `batch`, split over ranks, gathered in index order on every rank."""
-    per_rank = math.ceil(n / world)
-    lo = min(rank * per_rank, n)
-    mine = [generate(net, cfg, shape, a, min(batch, lo + per_rank - a, n - a), seed, mask, tab, **kw)
-            for a in range(lo, min(lo + per_rank, n), batch)]
-    local = torch.cat(mine) if mine else torch.zeros((0, *shape), device=tab["betas"].device)
-    pad = torch.zeros((per_rank - len(local), *shape), device=local.device)
-    return all_gather_rows(torch.cat([local, pad]), world)[:n]
 
 
 def tables_on(cfg, device):
@@ -901,12 +914,9 @@ def tables_on(cfg, device):
     return {k: v.to(device) for k, v in diffusion_tables(betas).items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP.
-
 def precision_dtype(cfg, device):
     """bf16 autocast dtype or None (fp32) on any device. 'auto' = fp32: on an H100, bf16 autocast's casts made
-    it slower than fp32 with TF32 (set in setup_dist) for the celeba32 model; see README "Speed on a GPU"."""
+    it slower than fp32 with TF32 (set in setup_dist) for the celeba32 model; see README "Performance"."""
     return torch.bfloat16 if cfg["train"]["precision"] == "bf16" else None
 
 
@@ -917,11 +927,73 @@ def uses_channels_last(cfg):
 
 def build_model(cfg, device):
     """The UNet of the config, on `device` (channels_last when train.channels_last is 'on')."""
-    from unet import UNet
     model = UNet(**cfg["model"]).to(device)
     if uses_channels_last(cfg):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP.
+
+@dataclasses.dataclass
+class Run:
+    """What stays fixed for a training run, decided once from the config. `fwd` computes the forward (the DDP
+    wrapper on several ranks, compiled with train.compile); `model` is the module whose parameters it updates."""
+    cfg: dict
+    stages: list                    # the curriculum; plain DDPM is one stage on [0, 1)
+    mode: str                       # base | c | cs | cr
+    lambdas: list                   # CR's lambda per stage (zeros in the other modes)
+    regrowth: str                   # CS's regrowth method, "" in the other modes
+    soft: bool                      # soft curriculum: t ~ T Beta(alpha, beta), drawn on the host
+    model: torch.nn.Module
+    fwd: object
+    ema: object                     # the EMA copy, or None
+    opt: torch.optim.Optimizer
+    tab: dict                       # diffusion tables on the device
+    amp: object                     # bf16 autocast dtype, or None for fp32
+    stats: "StepStats"
+    rank: int = 0
+    world: int = 1
+
+
+def new_state(cfg, device):
+    """(model, ema, opt, mask, birth, score): identical on every rank (same seed). The mask starts with stage
+    0's share of channels for CS and all ones otherwise; birth[c] is the stage channel c came on (-1: off)."""
+    tr = cfg["train"]
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if tr["use_ema"] else None
+    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(tr["beta1"], tr["beta2"]),
+                           fused=device.type == "cuda")
+    C = model.bottleneck_channels
+    mask = torch.ones(C)
+    if run_mode(cfg) == "cs":
+        s0 = stage_sparsity(stages_of(cfg), 0, cfg["sparsity"]["initial_sparsity"])
+        mask = initial_mask(C, active_count(C, s0), cfg["seed"])
+    return model, ema, opt, mask, torch.where(mask > 0, 0, -1), torch.zeros(C)
+
+
+def make_run(cfg, model, ema, opt, device, rank=0, world=1):
+    """The Run of a config: its decisions (mode, stages, lambdas, regrowth) and the forward (DDP, compile)."""
+    mode, stages = run_mode(cfg), stages_of(cfg)
+    fwd = model
+    if world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["train"]["compile"]:
+        fwd = torch.compile(fwd)
+    lambdas = [stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
+               for i in range(len(stages))]
+    return Run(cfg=cfg, stages=stages, mode=mode, lambdas=lambdas,
+               regrowth=cfg["sparsity"]["regrowth_method"] if mode == "cs" else "",
+               soft=cfg["curriculum"]["enabled"] and cfg["curriculum"]["mode"] == "soft", model=model, fwd=fwd,
+               ema=ema, opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device),
+               stats=StepStats(device), rank=rank, world=world)
+
+
+def place_mask_and_score(run, mask, score, device):
+    """The mask and CS scores on the training device; the mask tracks gradients only for Taylor regrowth."""
+    return mask.to(device).requires_grad_(run.regrowth == "taylor"), score.to(device)
 
 
 @torch.no_grad()
@@ -930,46 +1002,46 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def train_step(x0, step, i, lam, mask, score, *, cfg, model, ddp, fwd, ema, opt, tab, amp, stats, rank, world):
-    """One optimizer step on this rank's batch x0 in stage i (None: no curriculum): micro-steps (no_sync on
-    all but the last), clipping, Adam, EMA, and the CS regrowth score added into `score` in place.
-    Statistics stay on the device (no host sync)."""
-    tr, dif, stages = cfg["train"], cfg["diffusion"], cfg["curriculum"]["stages"]
-    soft, T = cfg["curriculum"]["mode"] == "soft", dif["timesteps"]
-    host_t = soft and i is not None                         # only the Beta inversion (scipy) needs the host
-    t_gen, noise_gen = step_generators(cfg["seed"], step, rank, x0.device, "cpu" if host_t else x0.device)
+def train_step(x0, step, i, mask, score, run):
+    """One optimizer step on this rank's batch x0 in stage i: micro-steps (DDP's no_sync on all but the last),
+    clipping, Adam, EMA, and the CS regrowth evidence added into `score` in place. Statistics stay on the
+    device (no host sync)."""
+    cfg, tr = run.cfg, run.cfg["train"]
+    T, lam = cfg["diffusion"]["timesteps"], run.lambdas[i]
+    t_gen, noise_gen = step_generators(cfg["seed"], step, run.rank, x0.device, "cpu" if run.soft else x0.device)
     if cfg["model"]["drop_rate"] > 0:
-        torch.manual_seed(key_seed(DROPOUT, cfg["seed"], step, rank))
+        torch.manual_seed(key_seed(DROPOUT, cfg["seed"], step, run.rank))
     micro = x0.chunk(tr["num_accum"])
+    ddp = getattr(run.fwd, "_orig_mod", run.fwd)            # no_sync lives on the DDP wrapper, not the compiled one
     for k, xb in enumerate(micro):
-        t = draw_timesteps(stages, i, len(xb), T, soft, t_gen)
+        t = draw_timesteps(run.stages, i, len(xb), T, run.soft, t_gen)
         if t.device != xb.device:                           # soft curriculum on CUDA: one pinned async copy
             t = t.pin_memory().to(xb.device, non_blocking=True)
         eps = torch.randn(xb.shape, generator=noise_gen, device=xb.device)
-        xt = q_sample(xb, t, eps, tab)
-        sync = ddp.no_sync() if world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
-        with sync, torch.autocast(xb.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = fwd(xt, t, mask)
-        mse = mse_per_sample(out, training_target(xb, xt, t, eps, tab, dif["model_mean_type"]))
-        loss, reg = objective(mse, group_l1(model) if lam > 0 else mse.new_zeros(()), lam, tr["batch_size"])
+        xt = q_sample(xb, t, eps, run.tab)
+        sync = ddp.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+        with sync, torch.autocast(xb.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+            out = run.fwd(xt, t, mask)
+        mse = mse_per_sample(out, training_target(xb, xt, t, eps, run.tab, cfg["diffusion"]["model_mean_type"]))
+        loss, reg = objective(mse, group_l1(run.model) if lam > 0 else mse.new_zeros(()), lam, tr["batch_size"])
         with sync:
             (loss / len(micro)).backward()
-        stats.add(t, mse.detach(), loss.detach(), reg.detach(), T)
-    if run_mode(cfg) == "cs":
-        score += regrowth_evidence(cfg["sparsity"]["regrowth_method"], model, mask)
-    for group in opt.param_groups:
+        run.stats.add(t, mse.detach(), loss.detach(), reg.detach(), T)
+    if run.regrowth:
+        score += regrowth_evidence(run.regrowth, run.model, mask)
+    for group in run.opt.param_groups:
         group["lr"] = lr_at(step, tr["lr"], tr["warmup"])
-    torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_norm"])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if ema is not None:
-        ema_update(ema, model, ema_decay_at(step, tr["ema_decay"]))
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), tr["grad_norm"])
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        ema_update(run.ema, run.model, ema_decay_at(step, tr["ema_decay"]))
 
 
 def regrowth_evidence(method, model, mask):
     """This step's CS score for masked channels (gradients are complete and all-reduced here)."""
     if method == "gradient":
-        return gradient_score(model.middle[0].conv2.weight.grad, mask.detach())
+        return gradient_score(model.regrowth_weight().grad, mask.detach())
     if method == "taylor":
         evidence = taylor_score(mask.grad, mask.detach())
         mask.grad = None
@@ -1009,59 +1081,49 @@ def run_is_finite(model, stats, world):
     return all_reduce_sum(torch.stack(bad).any().double().reshape(1), world).item() == 0
 
 
-def regrow_at_stage(cfg, i, mask, birth, score, world):
+def regrow_at_stage(run, i, mask, birth, score):
     """CS stage transition: sum the scores over ranks, switch channels on up to stage i's target.
     Returns (mask, birth, regrown ids); the caller resets `score`."""
-    C = mask.numel()
-    totals = all_reduce_sum(score.clone(), world).cpu()
-    if cfg["sparsity"]["regrowth_method"] == "random":
+    C, cfg = mask.numel(), run.cfg
+    totals = all_reduce_sum(score.clone(), run.world).cpu()
+    if run.regrowth == "random":
         totals = random_score(C, cfg["seed"], i)
-    target = active_count(C, stage_sparsity(cfg["curriculum"]["stages"], i, cfg["sparsity"]["initial_sparsity"]))
+    target = active_count(C, stage_sparsity(run.stages, i, cfg["sparsity"]["initial_sparsity"]))
     new, birth, regrown = regrow(mask.detach().cpu(), birth, totals, target, i)
     return new.to(mask.device).requires_grad_(mask.requires_grad), birth, regrown
 
 
-def stage_banner(cfg, i, mask, regrown):
+def stage_banner(run, i, mask, regrown, scale):
     """One line describing curriculum stage i: epochs, window, sparsity / active channels, lambda."""
-    stages, T, mode = cfg["curriculum"]["stages"], cfg["diffusion"]["timesteps"], run_mode(cfg)
-    first = stage_start(stages, i, 1)
-    last = first + stages[i]["epochs"] if i < len(stages) - 1 else total_epochs(cfg)
-    where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if cfg["curriculum"]["mode"] == "soft"
+    stages, T, cfg = run.stages, run.cfg["diffusion"]["timesteps"], run.cfg
+    first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
+    epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
+    where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
              else "t in [%d, %d)" % time_window(stages, i, T))
-    text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] epochs {first + 1}-{last} | {where}"
-    if mode == "cs":
+    text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] {epochs} | {where}"
+    if run.mode == "cs":
         s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
         text += (f" | sparsity {s:.0%}: {int(mask.sum())}/{mask.numel()} active"
-                 f" (+{len(regrown)} regrown by {cfg['sparsity']['regrowth_method']})")
-    if mode == "cr":
-        text += f" | lambda {stage_lambda(stages, i, cfg['regularization']['lambda_max']):.3g}"
+                 f" (+{len(regrown)} regrown by {run.regrowth})")
+    if run.mode == "cr":
+        text += f" | lambda {run.lambdas[i]:.3g}"
     return text
 
 
-def stage_record(cfg, i, step, steps_per_epoch, lam, mask, regrown, birth, model):
-    """The metrics.jsonl record written when stage i starts."""
-    stages = cfg["curriculum"]["stages"]
+def stage_record(run, i, step, steps_per_epoch, mask, regrown, birth):
+    """The metrics.jsonl record written when stage i starts (no window for a soft stage: it has none)."""
     record = {"kind": "stage", "step": step, "epoch": step // steps_per_epoch, "stage": i,
-              "name": stage_name(stages, i), "window": list(time_window(stages, i, cfg["diffusion"]["timesteps"])),
-              "lambda": lam, "active": int(mask.sum()), "regrown": regrown, "birth_stage": birth.tolist()}
-    if run_mode(cfg) == "cr":
-        record["small_norm_channels"] = small_norm_channels(model)
+              "name": stage_name(run.stages, i), "lambda": run.lambdas[i], "active": int(mask.sum()),
+              "regrown": regrown, "birth_stage": birth.tolist()}
+    if not run.soft:
+        record["window"] = list(time_window(run.stages, i, run.cfg["diffusion"]["timesteps"]))
+    if run.mode == "cr":
+        record["small_norm_channels"] = small_norm_channels(run.model)
     return record
-
-
-def batches_from(images, cfg, rank, world, step, steps_per_epoch, device):
-    """This rank's batches from optimizer `step` on, across epochs (so a resume needs no special case)."""
-    import data
-    epoch, skip = divmod(step, steps_per_epoch)
-    while True:
-        yield from data.epoch_batches(images, cfg["train"]["batch_size"], rank, world, cfg["seed"], epoch,
-                                      device, start=skip)
-        epoch, skip = epoch + 1, 0
 
 
 def load_training_data(cfg, rank, world, download, log):
     """The dataset as uint8 (N, H, W, C); rank 0 builds data.py's cache first, the others reuse it."""
-    import data
     if rank > 0:
         barrier(world)
     images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
@@ -1092,66 +1154,39 @@ def resume_state(source, cfg, force, model, ema, opt):
     return state["mask"], state["birth"], state["score"], state["step"]
 
 
-def new_state(cfg, device):
-    """(model, ema, opt, mask, birth, score): identical on every rank (same seed). The mask starts with stage
-    0's share of channels for CS and all ones otherwise; birth[c] is the stage channel c came on (-1: off)."""
-    tr = cfg["train"]
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg, device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if tr["use_ema"] else None
-    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(tr["beta1"], tr["beta2"]),
-                           fused=device.type == "cuda")
-    C = model.bottleneck_channels
-    mask = torch.ones(C)
-    if run_mode(cfg) == "cs":
-        stages = cfg["curriculum"]["stages"]
-        mask = initial_mask(C, active_count(C, stage_sparsity(stages, 0, cfg["sparsity"]["initial_sparsity"])),
-                            cfg["seed"])
-    return model, ema, opt, mask, torch.where(mask > 0, 0, -1), torch.zeros(C)
-
-
-def wrap_ddp(model, device, world):
-    """The DDP wrapper for the training forward (the model itself on one process)."""
-    if world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def checkpoint_run(ckpt_path, snapshot_path, stats, rank, **state):
+def checkpoint_run(run, ckpt_path, snapshot_path, **state):
     """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
-    ckpt_prev.pt, and an optional snapshot. `state` holds model, ema, opt, mask, ... as the checkpoint stores them."""
-    model, ema, opt, world = state["model"], state["ema"], state["opt"], state["world"]
-    if not run_is_finite(model, stats, world):
+    ckpt_prev.pt, and an optional snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
+    if not run_is_finite(run.model, run.stats, run.world):
         raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
                        f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
                        "before it: ckpt_prev.pt. Lower train.lr or raise train.warmup, then rerun to resume")
-    assert_ranks_agree(model, state["mask"].detach(), world)
-    if rank == 0:
-        state.update(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                     opt=opt.state_dict(), mask=state["mask"].detach().cpu(), score=state["score"].cpu(),
-                     torch=str(torch.__version__))
+    assert_ranks_agree(run.model, state["mask"].detach(), run.world)
+    if run.rank == 0:
+        state.update(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
+                     opt=run.opt.state_dict(), mask=state["mask"].detach().cpu(), score=state["score"].cpu(),
+                     world=run.world, torch=str(torch.__version__))
         save_checkpoint(ckpt_path, state, keep_previous=True)
         if snapshot_path:
             save_checkpoint(snapshot_path, state)
-    barrier(world)
+    barrier(run.world)
 
 
-def place_mask_and_score(cfg, mask, score, device):
-    """The mask and CS scores on the training device; the mask tracks gradients only for Taylor regrowth."""
-    taylor = run_mode(cfg) == "cs" and cfg["sparsity"]["regrowth_method"] == "taylor"
-    return mask.to(device).requires_grad_(taylor), score.to(device)
+def schedule_in_steps(cfg, stages, steps_per_epoch):
+    """(stage start steps, total steps) after train.length_scale; a stage scaled to no step is an error."""
+    scale = cfg["train"]["length_scale"]
+    starts = [stage_start(stages, i, steps_per_epoch, scale) for i in range(len(stages) + 1)]
+    empty = [stage_name(stages, i) for i in range(len(stages)) if starts[i + 1] == starts[i]]
+    if empty:
+        raise ConfigError(f"train.length_scale={scale:g} leaves stage {empty[0]} with no optimizer step "
+                          f"({steps_per_epoch} steps per epoch); raise train.length_scale or add images")
+    return starts[:-1], starts[-1]
 
 
 def train(cfg, config_path=None, resume=None, force=False, download=False):
     """Train plain DDPM / C / CS / CR as the config says; resumes from <out_dir>/ckpt.pt. Returns out_dir."""
-    import signal
-    import threading
-    import time
-    import data
     rank, world, device = setup_dist()
-    is_main, mode, tr, seed = rank == 0, run_mode(cfg), cfg["train"], cfg["seed"]
-    stages = cfg["curriculum"]["stages"] if cfg["curriculum"]["enabled"] else None
+    is_main, tr, seed = rank == 0, cfg["train"], cfg["seed"]
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     if tr["batch_size"] % (world * tr["num_accum"]):
         raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by world size {world} "
@@ -1167,9 +1202,9 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         images = load_training_data(cfg, rank, world, download, log)
         shape = (images.shape[3], images.shape[1], images.shape[2])
         steps_per_epoch = data.steps_per_epoch(len(images), tr["batch_size"])
-        num_epochs = total_epochs(cfg)
-        total_steps, grid_every, ckpt_every = (n * steps_per_epoch for n in (num_epochs, tr["image_intv"],
-                                                                             max(tr["chkpt_intv"], 1)))
+        stages, scale = stages_of(cfg), tr["length_scale"]
+        starts, total_steps = schedule_in_steps(cfg, stages, steps_per_epoch)
+        grid_every, ckpt_every = tr["image_intv"] * steps_per_epoch, tr["chkpt_intv"] * steps_per_epoch
         model, ema, opt, mask, birth, score = new_state(cfg, device)
         source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
         step = 0
@@ -1178,54 +1213,52 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
-            with open(os.path.join(out_dir, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
-        mask, score = place_mask_and_score(cfg, mask, score, device)
-        ddp, stats = wrap_ddp(model, device, world), StepStats(device)
-        kw = dict(cfg=cfg, model=model, ddp=ddp, fwd=torch.compile(ddp) if tr["compile"] else ddp, ema=ema, opt=opt,
-                  tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=stats, rank=rank, world=world)
-        note = " (curriculum: stage epochs override train.epochs)" if stages else ""
-        log(f"diffcl train | mode {mode} | {len(images)} images {shape} | world {world} x "
-            f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {num_epochs} epochs{note} | "
-            f"{sum(p.numel() for p in model.parameters()):,} params | {device} "
-            f"{'bf16' if kw['amp'] else 'fp32'} | out {out_dir}")
+            data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
+        run = make_run(cfg, model, ema, opt, device, rank, world)
+        mask, score = place_mask_and_score(run, mask, score, device)
+        epochs = total_epochs(cfg) * scale
+        note = " (stage epochs override train.epochs)" if cfg["curriculum"]["enabled"] else ""
+        log(f"diffcl train | mode {run.mode} | {len(images)} images {shape} | world {world} x "
+            f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {epochs:g} epochs{note}, "
+            f"{total_steps} steps | {sum(p.numel() for p in model.parameters()):,} params | {device} "
+            f"{'bf16' if run.amp else 'fp32'} | out {out_dir}")
+        if tr["warmup"] > total_steps:
+            log(f"warning: train.warmup ({tr['warmup']} steps) is longer than the run ({total_steps} steps): the "
+                "learning rate never reaches train.lr; lower train.warmup for a short run")
         checkpoint = lambda snapshot: checkpoint_run(
-            ckpt_path, snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"),
-            stats, rank, model=model, ema=ema, opt=opt, mask=mask, birth=birth, score=score, step=step,
-            epoch=step / steps_per_epoch, config=cfg, image_shape=list(shape), world=world)
+            run, ckpt_path, snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"),
+            mask=mask, birth=birth, score=score, step=step, epoch=step / steps_per_epoch, config=cfg,
+            image_shape=list(shape))
 
         def ask_stop(*_):
             stop.set()
             signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
         signal.signal(signal.SIGINT, ask_stop)
-        batches, first_step = batches_from(images, cfg, rank, world, step, steps_per_epoch, device), step
-        t_log, step_log = time.perf_counter(), step
+        batches = data.batches_from(images, tr["batch_size"], rank, world, seed, step, steps_per_epoch, device)
+        first_step, t_log, step_log = step, time.perf_counter(), step
         while step < total_steps:
-            # Curriculum: the stage, its window and lambda, and the CS mask are functions of the step.
-            i = stage_at(stages, step, steps_per_epoch) if stages else None
-            lam = stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
-            starts = i is not None and step == stage_start(stages, i, steps_per_epoch)
-            if i is not None and (starts or step == first_step):
+            # Curriculum: the stage, and with it the window, lambda and the CS mask, is a function of the step.
+            i = stage_at(stages, step, steps_per_epoch, scale)
+            if step == starts[i] or step == first_step:
                 regrown = []
-                if mode == "cs" and starts and i > 0:
-                    mask, birth, regrown = regrow_at_stage(cfg, i, mask, birth, score, world)
+                if run.regrowth and step == starts[i] and i > 0:
+                    mask, birth, regrown = regrow_at_stage(run, i, mask, birth, score)
                     score.zero_()
-                log(stage_banner(cfg, i, mask.detach(), regrown))
-                if is_main and starts:
-                    append_jsonl(metrics_path, stage_record(cfg, i, step, steps_per_epoch, lam, mask, regrown,
-                                                            birth, model))
+                log(stage_banner(run, i, mask.detach(), regrown, scale))
+                if is_main and step == starts[i]:
+                    append_jsonl(metrics_path, stage_record(run, i, step, steps_per_epoch, mask, regrown, birth))
 
             # One optimizer step.
             model.train()
-            train_step(next(batches), step, i, lam, mask, score, **kw)
+            train_step(next(batches), step, i, mask, score, run)
             step += 1
             if world == 1 and stop.is_set():
                 raise StopRequested
 
             # Log: one all-reduce of the running sums, every log_intv steps.
             if step % tr["log_intv"] == 0 or step == total_steps:
-                stats.v[24] = float(stop.is_set())
-                s = stats.reduce(world)
+                run.stats.v[24] = float(stop.is_set())
+                s = run.stats.reduce(world)
                 epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
                 if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
                     raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
@@ -1234,15 +1267,15 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 now = time.perf_counter()
                 img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
-                log(f"{epoch + 1}/{num_epochs} epochs [{name}] step {step} | loss={s['loss']:.4f} "
+                log(f"{epoch + 1}/{epochs:g} epochs [{name}] step {step}/{total_steps} | loss={s['loss']:.4f} "
                     f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
                     f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                 if is_main:
                     append_jsonl(metrics_path, {
                         "kind": "train", "step": step, "epoch": epoch, "stage": i, "name": name,
                         "lr": lr_at(step - 1, tr["lr"], tr["warmup"]), "loss": s["loss"], "mse": s["mse"],
-                        "reg": s["reg"], "lambda": lam, "active": int(mask.sum()), "img_s": round(img_s, 1),
-                        "bucket_mse": s["bucket_mse"]})
+                        "reg": s["reg"], "lambda": run.lambdas[i], "active": int(mask.sum()),
+                        "img_s": round(img_s, 1), "bucket_mse": s["bucket_mse"]})
                 if s["stop"]:
                     raise StopRequested
 
@@ -1251,14 +1284,14 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             if epoch_end or (tr["save_every"] and step % tr["save_every"] == 0):
                 checkpoint(epoch_end)
 
-            # Sample grid: after the checkpoint, so drawing it can never cost the epoch.
-            if grid_every and step % grid_every == 0:
+            # Sample grid (rank 0 alone): after the checkpoint, so drawing it can never cost the epoch.
+            if grid_every and step % grid_every == 0 and is_main and tr["num_samples"]:
                 net = ema if ema is not None else model.eval()
-                x = sample_sharded(net, cfg, shape, tr["num_samples"], seed, mask.detach(), kw["tab"], rank, world,
-                                   batch=64, ddim_steps=tr["sample_steps"], amp=kw["amp"])
-                if is_main:
-                    save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{step // steps_per_epoch:04d}_"
-                                                                            f"{stage_name(stages, i)}.png"))
+                x = torch.cat([generate(net, cfg, shape, a, n, seed, mask.detach(), run.tab,
+                                        ddim_steps=tr["sample_steps"], amp=run.amp)
+                               for a, n in rank_chunks(tr["num_samples"], 64, 0, 1)])
+                save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{step // steps_per_epoch:04d}_"
+                                                                        f"{stage_name(stages, i)}.png"))
     except StopRequested:                                   # Ctrl-C, acted on at a step boundary
         checkpoint(False)
         log(f"interrupted at step {step}; saved {ckpt_path}. Run the same command to resume.")
@@ -1294,21 +1327,10 @@ def model_from_state(state, path, device, raw=False):
     return net.eval().requires_grad_(False), cfg, state["mask"].to(device), tuple(state["image_shape"])
 
 
-def file_sha256(path):
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def claim_image_folder(out, made_by, replace_stale):
     """Make `out` a folder of images made by `made_by` (checkpoint, seed, sampler...), recorded in its
-    manifest.json. Images that something else made are deleted when replace_stale (a folder diffcl chose),
-    else refused: reusing them would report the old model's numbers."""
-    import re
+    manifest.json. Images that something else made are deleted when replace_stale, else refused: reusing
+    them would report the old model's numbers."""
     prepare_out_dir(out)
     path = os.path.join(out, "manifest.json")
     try:
@@ -1323,35 +1345,30 @@ def claim_image_folder(out, made_by, replace_stale):
         what = ", ".join(k for k in made_by if not isinstance(old, dict) or old.get(k) != made_by[k])
         if not replace_stale:
             raise RunError(f"{out} already holds images made differently ({what or 'no manifest.json'}); "
-                           "choose another --out, or delete the folder")
+                           "choose another --out, delete the folder, or pass --replace-stale to regenerate")
         print(f"{out}: replacing {len(pngs)} images made differently ({what or 'no manifest.json'})", flush=True)
         for f in pngs:
             os.remove(os.path.join(out, f))
-    with open(path + ".tmp", "w") as f:
-        json.dump(made_by, f, indent=1)
-    os.replace(path + ".tmp", path)
+    data.atomic_write(path, json.dumps(made_by, indent=1))
 
 
 def progress(done, total, t0, what):
-    """'what: done/total | img/s | ETA' for long jobs."""
-    import time
+    """'what: done/total | rate/s | ETA' for long jobs."""
     rate = done / max(time.perf_counter() - t0, 1e-9)
-    return f"{what}: {done}/{total} | {rate:.1f} img/s | ETA {fmt_time((total - done) / max(rate, 1e-9))}"
+    return f"{what}: {done}/{total} | {rate:.1f}/s | ETA {fmt_time((total - done) / max(rate, 1e-9))}"
 
 
 def write_png(image, path):
     """One uint8 (H, W, C) image, written atomically so a killed run never leaves a half file."""
-    from PIL import Image
-    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    img = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_size=256, seed=0,
            raw=False, npz=False, replace_stale=False):
-    """Generate `num` images to out/000000.png ...; chunk k of `batch_size` images goes to rank k % world.
+    """Generate `num` images to out/000000.png ...; rank_chunks shares the chunks of `batch_size` over ranks.
     Image i's starting noise is keyed by (seed, i), so reruns skip finished chunks and the result does not
     depend on the number of GPUs."""
-    import time
     rank, world, device = setup_dist()
     state = load_checkpoint(ckpt)
     net, cfg, mask, shape = model_from_state(state, ckpt, device, raw)
@@ -1359,30 +1376,35 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     if ddim and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
     tab, amp = tables_on(cfg, device), precision_dtype(cfg, device)
+    sampler = f"DDIM {steps} steps, eta {eta:g}, {skip}" if ddim else f"DDPM {T} steps"
     # With DDPM or eta > 0 the per-step noise is keyed by each chunk's first image, so the batch matters.
-    made_by = {"ckpt_sha256": file_sha256(ckpt), "step": state["step"], "seed": seed, "weights": "raw" if raw else "ema",
-               "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
+    made_by = {"ckpt_sha256": fid.file_sha256(ckpt), "step": state["step"], "seed": seed,
+               "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
     if rank == 0:
         claim_image_folder(out, made_by, replace_stale)
     barrier(world)
     name = lambda i: os.path.join(out, f"{i:06d}.png")
-    chunks = [(a, min(batch_size, num - a)) for a in range(0, num, batch_size)][rank::world]
+    chunks = rank_chunks(num, batch_size, rank, world)
     todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
     if rank == 0:
-        print(f"sample: {num} images from {ckpt} ({'DDIM %d steps, eta %g, %s' % (steps, eta, skip) if ddim else 'DDPM %d steps' % cfg['diffusion']['timesteps']}"
-              f", {'raw' if raw else 'EMA'} weights) -> {out}; {len(chunks) - len(todo)} chunks already done", flush=True)
-    t0, done = time.perf_counter(), 0
+        print(f"sample: {num} images from {ckpt} ({sampler}, {'raw' if raw else 'EMA'} weights) -> {out}; "
+              f"{len(chunks) - len(todo)} chunks already done", flush=True)
+    net_steps = (steps if ddim else T) * len(todo)
+    t0, t_print, done = time.perf_counter(), [0.0], [0]
+
+    def report(k, n):                                       # a line every 10 s: DDPM chunks can take minutes
+        done[0] += 1
+        if rank == 0 and (time.perf_counter() - t_print[0] > 10 or done[0] == net_steps):
+            t_print[0] = time.perf_counter()
+            print(progress(done[0], net_steps, t0, "sample (network evaluations, this rank)"), flush=True)
     for a, n in todo:
-        x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip, amp=amp)
+        x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
+                     amp=amp, on_step=report)
         for j, img in enumerate(to_uint8(x)):
             write_png(img, name(a + j))
-        done += n
-        if rank == 0:
-            print(progress(done * world, sum(c[1] for c in todo) * world, t0, "sample"), flush=True)
     barrier(world)
     if npz and rank == 0:
-        import fid
         np.savez(os.path.join(out, "samples.npz"), images=fid.load_image_folder(out)[:num])
     return out
 
@@ -1390,66 +1412,53 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
 def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=None, download=False, k=3,
              batch_size=256, **sample_kw):
     """FID (and precision/recall on Inception features when `real` images are given) of a checkpoint's
-    samples or of saved images. Prints one JSON line and appends it to eval.jsonl beside the images."""
-    import time
-    import fid
+    samples or of saved images, through fid.score on rank 0. Prints one JSON line and appends it to
+    eval.jsonl beside the images."""
     rank, world, device = setup_dist()
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:
         images = sample(ckpt, num, images or os.path.join(os.path.dirname(ckpt), "eval_samples"),
                         batch_size=batch_size, replace_stale=not images, **sample_kw)   # our folder: refresh it
+    if rank > 0:
+        return None
     fake = fid.read_images(images, download=download, log=lambda *a: None)[:num]
     weights = fid.find_weights(inception, download)
     model = fid.load_inception(weights, device=device)
     t0 = time.perf_counter()
-    feats = sharded_features(model, fake, rank, world, device)
-    result = {"fid": fid.frechet_distance(*fid.feature_stats(feats), *fid.load_stats(ref)), "n": len(fake)}
+    real_feats = None
     if real:
-        real_feats = sharded_features(model, fid.read_images(real, download=download, log=lambda *a: None)[:num], rank, world, device)
-        result["precision"], result["recall"] = fid.precision_recall(real_feats, feats, k, device=device)
-        result["pr_features"] = fid.PR_FEATURES
+        real_images = fid.read_images(real, download=download, log=lambda *a: None)[:num]
+        real_feats = fid.features(model, real_images, device=device, log=lambda *a: None)
+    result = fid.score(fake, ref, model, real_feats=real_feats, k=k, device=device)
     result.update({"images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw if ckpt else None,
                    "inception_sha256": fid.weights_sha256(weights),
                    "feature_seconds": round(time.perf_counter() - t0, 1)})
-    if rank == 0:
-        print(json.dumps(result), flush=True)
-        folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
-        try:
-            append_jsonl(os.path.join(folder, "eval.jsonl"), result)
-        except OSError as e:
-            raise RunError(f"could not append to {folder}/eval.jsonl ({e.strerror}); the result is the line above")
+    print(json.dumps(result), flush=True)
+    folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
+    try:
+        append_jsonl(os.path.join(folder, "eval.jsonl"), result)
+    except OSError as e:
+        raise RunError(f"could not append to {folder}/eval.jsonl ({e.strerror}); the result is the line above")
     return result
-
-
-def sharded_features(model, images, rank, world, device):
-    """Inception pool features of `images`, computed in contiguous slices per rank, gathered in order."""
-    import fid
-    per_rank = math.ceil(len(images) / world)
-    mine = images[rank * per_rank:(rank + 1) * per_rank]
-    f = torch.from_numpy(np.asarray(fid.features(model, mine, device=device,
-                                                 log=print if rank == 0 else (lambda *a: None)),
-                                    dtype=np.float64)).to(device)
-    pad = torch.zeros((per_rank - len(f), f.shape[1] if f.ndim == 2 else 2048), dtype=f.dtype, device=device)
-    return all_gather_rows(torch.cat([f.reshape(-1, pad.shape[1]), pad]), world)[:len(images)].cpu().numpy()
 
 
 def matmul_rate(device, dtype, n=None, reps=5):
     """Measured dense matmul FLOP/s of this device in `dtype` (the utilisation denominator)."""
-    import time
     n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for _ in range(reps + 1):                               # the first product is a warm-up
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resident_mb():
@@ -1458,34 +1467,31 @@ def resident_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def soak_memory(x0, lam, mask, score, kw, n, first_step):
+def soak_memory(x0, mask, score, run, n, first_step):
     """Host and GPU memory after n and after 10 n more training steps: equal within noise unless
     something (an autograd graph, a list of tensors) grows with the step count."""
-    import gc
-    cuda = x0.is_cuda
     figures = {}
     for label, count in ((f"after_{n}", n), (f"after_{10 * n}", 9 * n)):
         for s in range(count):
-            train_step(x0, first_step + s, None, lam, mask, score, **kw)
+            train_step(x0, first_step + s, 0, mask, score, run)
         first_step += count
         gc.collect()
         figures[f"host_mb_{label}"] = round(resident_mb(), 1)
-        if cuda:
-            torch.cuda.synchronize()
+        if x0.is_cuda:
+            sync(x0.device)
             figures[f"gpu_mb_{label}"] = round(torch.cuda.memory_allocated() / 2 ** 20, 1)
     return figures
 
 
-def kernels_per_step(x0, step, lam, mask, score, kw):
+def kernels_per_step(x0, step, mask, score, run):
     """Device kernels (CUDA) or outermost aten ops (CPU) launched by one warm training step: the launch count
-    that makes small-batch GPU training host-bound (the issue's H100 profile found 1,743 kernels)."""
-    from torch.autograd import DeviceType
+    that makes small-batch GPU training host-bound (an H100 profile found 1,743 kernels)."""
+    from torch.autograd import DeviceType                   # bench only: the profiler is slow to import
     from torch.profiler import ProfilerActivity, profile
     cuda = x0.is_cuda
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        train_step(x0, step, None, lam, mask, score, **kw)
-        if cuda:
-            torch.cuda.synchronize()
+        train_step(x0, step, 0, mask, score, run)
+        sync(x0.device)
     events = prof.events()
     if cuda:                                                # kernels only: copies and memsets are named so
         return sum(e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")) for e in events)
@@ -1493,70 +1499,70 @@ def kernels_per_step(x0, step, lam, mask, score, kw):
     return sum(is_op(e) and not is_op(e.cpu_parent) for e in events)
 
 
+def train_flops_per_image(cfg, model, device):
+    """FLOPs of one training forward + backward per image (the masked CS channels are still computed)."""
+    from torch.utils.flop_counter import FlopCounterMode    # bench and compare only
+    res = image_resolution(cfg)
+    x = torch.zeros(2, cfg["model"]["in_channels"], res, res, device=device)
+    with FlopCounterMode(display=False) as counter:
+        mse_per_sample(model(x, torch.zeros(2, dtype=torch.long, device=device)), x).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
 def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False, soak=0):
-    """Throughput of the real training step (`train_step`) on synthetic images, FLOPs, utilisation, memory."""
-    import resource
-    import time
-    from torch.utils.flop_counter import FlopCounterMode
+    """Throughput of the real training step (`train_step`) on synthetic images at the dataset's resolution,
+    FLOPs, utilisation, memory."""
     rank, world, device = setup_dist()
     tr = cfg["train"]
     B = batch_size or tr["batch_size"]
     cfg = merge_config({**cfg, "train": {**tr, "batch_size": B, "num_accum": 1}}, "bench")
-    res = cfg["resolution"] or 32
+    res = image_resolution(cfg)
     model, ema, opt, mask, _, score = new_state(cfg, device)
-    mask, score = place_mask_and_score(cfg, mask, score, device)
-    lam = 1e-5 if run_mode(cfg) == "cr" else 0.0            # time the penalty too
-    kw = dict(cfg=cfg, model=model, ddp=model, fwd=torch.compile(model) if tr["compile"] else model, ema=ema,
-              opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device), stats=StepStats(device),
-              rank=0, world=1)
+    run = make_run(cfg, model, ema, opt, device)
+    run.lambdas = [1e-5 if run.mode == "cr" else 0.0] * len(run.stages)   # time the CR penalty too
+    mask, score = place_mask_and_score(run, mask, score, device)
     x0 = torch.rand(B, cfg["model"]["in_channels"], res, res, device=device) * 2 - 1
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_compile = time.perf_counter()
+    t_warm = time.perf_counter()
     for s in range(3):                                      # warm-up (and compilation)
-        train_step(x0, s, None, lam, mask, score, **kw)
-    sync()
-    t_compile = time.perf_counter() - t_compile
+        train_step(x0, s, 0, mask, score, run)
+    sync(device)
+    t_warm = time.perf_counter() - t_warm
     times = []
     for w in range(windows):
         t0 = time.perf_counter()
         for s in range(steps):
-            train_step(x0, 3 + w * steps + s, None, lam, mask, score, **kw)
-        kw["stats"].v[0].item()                            # one host sync per window, as a log step would
-        sync()
+            train_step(x0, 3 + w * steps + s, 0, mask, score, run)
+        run.stats.v[0].item()                               # one host sync per window, as a log step would
+        sync(device)
         times.append((time.perf_counter() - t0) / steps)
     step_s = sorted(times)[len(times) // 2]
-    kernels = kernels_per_step(x0, 3 + windows * steps, lam, mask, score, kw)
+    kernels = kernels_per_step(x0, 3 + windows * steps, mask, score, run)
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    path = (f"{'bf16' if kw['amp'] else 'fp32/tf32' if tf32 else 'fp32'} "
+    path = (f"{'bf16' if run.amp else 'fp32/tf32' if tf32 else 'fp32'} "
             f"{'channels_last' if uses_channels_last(cfg) else 'NCHW'} {'compiled' if tr['compile'] else 'eager'}")
-    with FlopCounterMode(display=False) as counter:
-        xt, t = x0[:2], torch.zeros(2, dtype=torch.long, device=device)
-        mse_per_sample(model(xt, t, mask), xt).mean().backward()
-    opt.zero_grad(set_to_none=True)
-    gflop = counter.get_total_flops() / 2 / 1e9
-    peak = matmul_rate(device, kw["amp"] or torch.float32)
+    gflop = train_flops_per_image(cfg, model, device) / 1e9
+    peak = matmul_rate(device, run.amp or torch.float32)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-              "precision": "bf16" if kw["amp"] else "fp32", "compile": tr["compile"], "path": path, "batch": B,
+              "precision": "bf16" if run.amp else "fp32", "compile": tr["compile"], "path": path, "batch": B,
               "resolution": res, "params": sum(p.numel() for p in model.parameters()),
               "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2),
               "gflop_per_img": float(f"{gflop:.4g}"), "achieved_tflops": float(f"{B * gflop / step_s / 1e3:.4g}"),
               "matmul_tflops": float(f"{peak / 1e12:.4g}"), "utilisation": float(f"{B * gflop * 1e9 / step_s / peak:.4g}"),
-              "warmup_s": round(t_compile, 2), "kernels_per_step": kernels,
+              "warmup_s": round(t_warm, 2), "kernels_per_step": kernels,
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if soak:
-        result.update(soak_memory(x0, lam, mask, score, kw, soak, first_step=4 + windows * steps))
+        result.update(soak_memory(x0, mask, score, run, soak, first_step=4 + windows * steps))
     if do_sample:
-        net = (ema or model).eval()
-        n = min(B, 64)
-        generate(net, cfg, x0.shape[1:], 0, n, 0, mask, kw["tab"], ddim_steps=2, amp=kw["amp"])
-        sync()
-        t0 = time.perf_counter()
-        generate(net, cfg, x0.shape[1:], 0, n, 0, mask, kw["tab"], ddim_steps=sample_steps, amp=kw["amp"])
-        sync()
+        net, n = (ema or model).eval(), min(B, 64)
+        for k, ddim in enumerate((2, sample_steps)):        # the first call is a warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            generate(net, cfg, x0.shape[1:], 0, n, 0, mask, run.tab, ddim_steps=ddim, amp=run.amp)
+            sync(device)
         result[f"ddim{sample_steps}_img_per_s"] = round(n / (time.perf_counter() - t0), 2)
     if data_check:
-        import data
         imgs = data.load_images("shapes", resolution=res, num_images=10000, log=lambda *a: None)
         result["data_img_per_s"] = round(data.data_throughput(imgs, 128, device), 0)
     if rank == 0:
@@ -1579,11 +1585,11 @@ def mode_config(dataset, mode):
 
 def interval(values, level=0.95):
     """(mean, std, half-width of the t-distribution confidence interval) of a sample; half-width is nan for n=1."""
-    from scipy import stats
     v = np.asarray(values, dtype=np.float64)
-    std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * std / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return float(v.mean()), std, half
+    if len(v) < 2:
+        return float(v.mean()), float("nan"), float("nan")
+    std = float(v.std(ddof=1))
+    return float(v.mean()), std, float(scipy_stats.t.ppf((1 + level) / 2, len(v) - 1) * std / math.sqrt(len(v)))
 
 
 @torch.no_grad()
@@ -1605,39 +1611,24 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
     return [v / len(x0) for v in sums]
 
 
-def train_flops_per_image(cfg, device):
-    """FLOPs of one training forward + backward per image (the masked CS channels are still computed)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model = build_model(cfg, device)
-    res = cfg["resolution"] or (64 if cfg["dataset"].startswith("celeba64") else 32)
-    x = torch.zeros(2, cfg["model"]["in_channels"], res, res, device=device)
-    with FlopCounterMode(display=False) as counter:
-        mse_per_sample(model(x, torch.zeros(2, dtype=torch.long, device=device)), x).mean().backward()
-    return counter.get_total_flops() / 2
-
-
 def run_jobs(jobs, parallel, log_name):
     """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses, `parallel` at a time: each on its
     own GPU when there are enough, else sharing the device; CPU threads split between them. Returns
     {label: seconds}; a failed job is reported with the end of its log after the others finish."""
-    import subprocess
-    import time
     gpus = torch.cuda.device_count() if device_kind() == "cuda" else 0
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
     pending, running, seconds, failed = list(jobs), {}, {}, []
     while pending or running:
         while pending and len(running) < parallel:
             label, argv, run_dir = pending.pop(0)
             slot = min(set(range(parallel)) - {s for _, s, _, _ in running.values()})
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-            if gpus > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
             os.makedirs(run_dir, exist_ok=True)
             logf = open(os.path.join(run_dir, log_name), "a")
             proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
-                                    stderr=subprocess.STDOUT, env=env)
+                                    stderr=subprocess.STDOUT,
+                                    env={**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus > 1 else env)
             running[label] = (proc, slot, time.perf_counter(), logf)
-            print(f"  started {label} ({' '.join(argv[:1])}, log {os.path.join(run_dir, log_name)})", flush=True)
+            print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
         time.sleep(0.2)
         for label, (proc, slot, t0, logf) in list(running.items()):
             if proc.poll() is None:
@@ -1656,30 +1647,9 @@ def run_jobs(jobs, parallel, log_name):
     return seconds
 
 
-def held_out_images(cfg, n):
-    """The first n images of the dataset's held-out split (the test split), as uint8 (n, H, W, C)."""
-    import data
-    return data.load_images(cfg["dataset"], split="test", resolution=cfg["resolution"] or None,
-                            root=cfg["data_root"] or None, log=lambda *a: None)[:n]
-
-
-def fid_reference(cfg, n, out, inception, device):
-    """(stats .npz of held-out images [0, n), FID floor): the floor is the FID of n other real images
-    (held-out [n, 2n), else the first n training images) against the same statistics, the best FID-n a
-    perfect model could expect. Both are cached in out/."""
-    import data
-    import fid
-    name = cfg["dataset"].replace(":", "_").replace("/", "_")
-    path, floor_path = (os.path.join(out, f"{p}_{name}_{n}.npz") for p in ("ref", "floor"))
-    held = held_out_images(cfg, 2 * n)
-    if not os.path.exists(path):
-        fid.save_stats(path, *fid.feature_stats(fid.features(inception, held[:n], device=device)))
-    if not os.path.exists(floor_path):
-        other = held[n:2 * n] if len(held) >= 2 * n else data.load_images(
-            cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None,
-            log=lambda *a: None)[:n]
-        fid.save_stats(floor_path, *fid.feature_stats(fid.features(inception, other, device=device)))
-    return path, fid.frechet_distance(*fid.load_stats(floor_path), *fid.load_stats(path))
+def held_out(cfg, n):
+    """The first n images of the dataset's held-out (test) split."""
+    return data.held_out_images(cfg["dataset"], n, cfg["resolution"] or None, cfg["data_root"] or None)
 
 
 def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, held_out_n=256, jobs=1,
@@ -1688,7 +1658,6 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     shares initialisation, data order and noise streams across modes), `jobs` runs at a time; score each final
     checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are found);
     write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
-    import fid
     prepare_out_dir(out)
     path = os.path.join(out, "compare.json")
     epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
@@ -1712,44 +1681,46 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         raise RunError(f"{path} holds results made with other settings ({', '.join(differ)}); "
                        "use another --out, or delete that folder to start over")
 
-    # Train every unfinished run (train itself resumes an interrupted one).
+    # Train every unfinished run (train itself resumes an interrupted one); base gets the curriculum's epochs.
     train_jobs = []
     for key, (mode, seed, run_dir) in todo.items():
-        args = [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"] + ([f"--train.epochs={epochs}"] * (mode == "base"))
+        args = [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"] + [f"--train.epochs={epochs}"] * (mode == "base")
         load_config(mode_config(dataset, mode), args)        # a bad override fails here, before any work
         train_jobs.append((key, ["train", mode_config(dataset, mode), *args], run_dir))
     print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
           f"{jobs} at a time", flush=True)
     train_seconds = run_jobs(train_jobs, jobs, "train.log")
     if weights and todo:
-        sample_jobs = [(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim",
-                              "--steps", str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"],
-                        d) for key, (_, _, d) in todo.items()]
-        run_jobs(sample_jobs, jobs, "sample.log")
+        run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
+                         str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
+                  for key, (_, _, d) in todo.items()], jobs, "sample.log")
 
     # Score: held-out loss per bucket, FID-n against held-out statistics, wall time and training FLOPs.
-    device = torch.device(device_kind())
+    device, cpu = torch.device(device_kind()), torch.device("cpu")
     inception_model, ref, floor = None, None, None
     if weights:
         inception_model = fid.load_inception(weights, device=device)
-        ref, floor = fid_reference(load_config(mode_config(dataset, "base"), overrides), fid_num, out,
-                                   inception_model, device)
+        cfg = load_config(mode_config(dataset, "base"), overrides)
+        held = held_out(cfg, 2 * fid_num)
+        other = held[fid_num:] if len(held) >= 2 * fid_num else data.load_images(
+            cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None, log=lambda *a: None)
+        name = cfg["dataset"].replace(":", "_").replace("/", "_")
+        ref, floor = (os.path.join(out, f"{p}_{name}_{fid_num}.npz") for p in ("ref", "floor"))
+        floor = fid.reference_and_floor(held[:fid_num], other[:fid_num], ref, floor, inception_model, device)
     for key, (mode, seed, run_dir) in todo.items():
         state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
         net, cfg, mask, _ = model_from_state(state, run_dir, device)
-        entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out_images(cfg, held_out_n), n=held_out_n),
-                 "steps": state["step"], "images_seen": state["step"] * cfg["train"]["batch_size"],
-                 "train_seconds": round(train_seconds.get(key, 0.0), 1),
-                 "train_tflops": round(state["step"] * cfg["train"]["batch_size"] *
-                                       train_flops_per_image(cfg, torch.device("cpu")) / 1e12, 2)}
+        seen = state["step"] * cfg["train"]["batch_size"]
+        entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out(cfg, held_out_n), n=held_out_n),
+                 "steps": state["step"], "images_seen": seen, "train_seconds": round(train_seconds.get(key, 0.0), 1),
+                 "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
         if weights:
             images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
             entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
         results[key] = entry
-        with open(path + ".tmp", "w") as f:
-            json.dump({"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": settings["fid_num"],
-                       "fid_floor": floor, "settings": settings, "runs": results}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        data.atomic_write(path, json.dumps({"dataset": dataset, "epochs": epochs, "seeds": seeds,
+                                            "fid_num": settings["fid_num"], "fid_floor": floor, "settings": settings,
+                                            "runs": results}, indent=1))
         print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
               + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
     saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None, "settings": settings}
@@ -1758,8 +1729,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
 
 
 def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note=""):
-    """compare.md and compare.png: per mode mean +- std and 95% t-interval over seeds, and the paired
-    difference to base (mode minus base, seed by seed) with its interval: the number the question is about."""
+    """compare.md and the charts: per mode mean +- std and 95% t-interval over seeds, and the paired difference
+    to base (mode minus base, seed by seed) with its interval: the number the question is about."""
     metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
     if fid_num:
         metrics.append((f"FID-{fid_num}", lambda r: r["fid"], "%.2f"))
@@ -1767,153 +1738,146 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     lines = [f"# {dataset}: base vs C vs CS vs CR, {epochs} epochs each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
-                f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "."
-             + (f" {note}" if note else ""), "",
-             f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
-    means, spreads = {}, {}
+                f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
+             "", f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
+    cell = lambda fmt, m, sd, half: (fmt % m + ("" if math.isnan(sd) else f" ± {fmt % sd}")
+                                     + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
+    means, spreads, fids = {}, {}, {}
     for mode in MODES:
-        done = [s for s in range(seeds) if f"{mode}/seed{s}" in results]
-        if not done:
+        runs = {s: results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results}
+        if not runs:
             continue
-        runs = [results[f"{mode}/seed{s}"] for s in done]
         cells = []
         for name, value, fmt in metrics:
-            m, sd, half = interval([value(r) for r in runs])
-            spread = lambda m, half: "" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"
-            cells.append(fmt % m + ("" if math.isnan(sd) else f" ± {fmt % sd}") + spread(m, half))
-            paired = [value(results[f"{mode}/seed{s}"]) - value(results[f"base/seed{s}"])
-                      for s in done if f"base/seed{s}" in results]
-            if mode == "base" or not paired:
-                cells.append("—")
-            else:
-                m, _, half = interval(paired)
-                cells.append(fmt % m + spread(m, half))
-        cells += [fmt_time(np.mean([r.get("train_seconds", 0) for r in runs])),
-                  "%.1f" % np.mean([r.get("train_tflops", 0) for r in runs])]
+            cells.append(cell(fmt, *interval([value(r) for r in runs.values()])))
+            paired = [value(r) - value(results[f"base/seed{s}"]) for s, r in runs.items() if f"base/seed{s}" in results]
+            m, _, half = interval(paired) if mode != "base" and paired else (0, 0, 0)
+            cells.append(cell(fmt, m, float("nan"), half) if mode != "base" and paired else "—")
+        cells += [fmt_time(np.mean([r.get("train_seconds", 0) for r in runs.values()])),
+                  "%.1f" % np.mean([r.get("train_tflops", 0) for r in runs.values()])]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-        b = np.array([r["bucket_mse"] for r in runs])
+        b = np.array([r["bucket_mse"] for r in runs.values()])
         means[mode], spreads[mode] = b.mean(0).tolist(), (b.std(0, ddof=1) if len(b) > 1 else 0 * b[0]).tolist()
+        if fid_num:
+            fids[mode] = interval([r["fid"] for r in runs.values()])
     table = "\n".join(lines)
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(table + "\n")
+    data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
-        bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket, mean +- std over seeds",
-                  spread=spreads)
-    if fid_num and means:
-        fids = {m: [interval([results[k]["fid"] for k in results if k.startswith(m + "/")])] for m in means}
-        bar_chart({m: [v[0][0]] for m, v in fids.items()}, os.path.join(out, "compare_fid.png"),
-                  f"FID-{fid_num} per mode, 95% interval (floor {floor:.2f})",
-                  spread={m: [0 if math.isnan(v[0][2]) else v[0][2]] for m, v in fids.items()})
+        bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket (log scale), mean +- std "
+                  "over seeds", spread=spreads, log=True)
+    if fids:
+        bar_chart({f"FID-{fid_num}": [v[0] for v in fids.values()]}, os.path.join(out, "compare_fid.png"),
+                  f"FID-{fid_num} per mode, 95% interval (floor {floor:.2f})", labels=list(fids),
+                  spread={f"FID-{fid_num}": [0 if math.isnan(v[2]) else v[2] for v in fids.values()]})
     print("\n" + table, flush=True)
     return table
 
 
-def summarise(run_dirs, out, held_out):
+def summarise(run_dirs, out, held_out_images):
     """Summary table (markdown) + two PNG charts from finished runs {label: out_dir}."""
-    rows, curves, buckets = [], {}, {}
+    rows, curves, buckets, starts = [], {}, {}, set()
     for label, d in run_dirs.items():
         net, cfg, mask, _ = model_from_checkpoint(os.path.join(d, "ckpt.pt"), torch.device("cpu"))
-        buckets[label] = bucket_loss(net, cfg, mask, held_out, n=len(held_out))
+        buckets[label] = bucket_loss(net, cfg, mask, held_out_images, n=len(held_out_images))
         with open(os.path.join(d, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
         stages = [r for r in records if r["kind"] == "stage"]
+        starts |= {r["step"] for r in stages if r["step"] > 0}
         curves[label] = [(r["step"], r["mse"]) for r in records if r["kind"] == "train"]
         extra = ""
         if run_mode(cfg) == "cs":
-            extra = "active per stage " + "/".join(str(r["active"]) for r in stages)
             birth = stages[-1]["birth_stage"]                # masks only change at stage starts
-            births = {k: birth.count(k) for k in sorted(set(birth))}
-            extra += "; channels born in stage " + ", ".join(
-                f"{'never' if k < 0 else k + 1}: {v}" for k, v in sorted(births.items()))
+            extra = "active per stage " + "/".join(str(r["active"]) for r in stages) + "; channels born in stage " + \
+                ", ".join(f"{'never' if k < 0 else k + 1}: {birth.count(k)}" for k in sorted(set(birth)))
         if run_mode(cfg) == "cr":
             extra = "channels with norm<1e-3 per stage " + "/".join(
                 str(sum(r.get("small_norm_channels", {}).values())) for r in stages)
         rows.append((label, buckets[label], extra))
-    lines = [f"Held-out eps-MSE per timestep bucket (t in [k*T/10, (k+1)*T/10), {len(held_out)} test images, "
+    lines = [f"Held-out eps-MSE per timestep bucket (t in [k*T/10, (k+1)*T/10), {len(held_out_images)} test images, "
              "EMA weights, mask applied)", "",
-             "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " | mean | notes |",
-             "|---" * 13 + "|"]
+             "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " | mean | notes |", "|---" * 13 + "|"]
     for label, b, extra in rows:
         lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in b) + f" | {sum(b) / 10:.4f} | {extra} |")
     table = "\n".join(lines)
-    line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step")
-    bar_chart(buckets, os.path.join(out, "loss_by_bucket.png"), "held-out mse per t bucket (0 = least noisy)")
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(table + "\n")
+    line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step (grey: stage starts)",
+               marks=sorted(starts))
+    bar_chart(buckets, os.path.join(out, "loss_by_bucket.png"), "held-out mse per t bucket (0 = least noisy, log "
+              "scale)", log=True)
+    data.atomic_write(os.path.join(out, "summary.md"), table + "\n")
     return table, buckets
 
 
+# Charts: plain pillow drawings, 720 x 420, legend on the right.
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _canvas(title, series, w=720, h=420):
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (w, h), "white")
+def _chart(title, series, lo, hi, log=False):
+    """(image, draw, plot box, y -> pixel) with title, legend and a labelled y axis (log10 when log)."""
+    img = Image.new("RGB", (720, 420), "white")
     d = ImageDraw.Draw(img)
     d.text((60, 10), title, fill="black")
     for k, label in enumerate(series):
-        d.rectangle([w - 150, 30 + 18 * k, w - 138, 42 + 18 * k], fill=COLOURS[k % len(COLOURS)])
-        d.text((w - 132, 30 + 18 * k), str(label), fill="black")
-    return img, d, (60, 40, w - 170, h - 40)
-
-
-def _axes(d, box, lo, hi):
-    x0, y0, x1, y1 = box
+        d.rectangle([570, 30 + 18 * k, 582, 42 + 18 * k], fill=COLOURS[k % len(COLOURS)])
+        d.text((588, 30 + 18 * k), str(label), fill="black")
+    box = x0, y0, x1, y1 = 60, 40, 550, 380
+    f = (lambda v: math.log10(max(v, 1e-12))) if log else (lambda v: v)
+    lo, hi = f(lo), f(hi) if f(hi) > f(lo) else f(lo) + 1e-9
+    to_y = lambda v: y1 - (y1 - y0) * (f(v) - lo) / (hi - lo)
     d.line([x0, y0, x0, y1, x1, y1], fill="black")
     for k in range(5):
         v = lo + (hi - lo) * k / 4
         y = y1 - (y1 - y0) * k / 4
         d.line([x0 - 4, y, x0, y], fill="black")
-        d.text((4, y - 6), f"{v:.3g}", fill="black")
+        d.text((4, y - 6), f"{10 ** v if log else v:.3g}", fill="black")
+    return img, d, box, to_y
 
 
-def line_chart(curves, path, title):
-    """Lines of (x, y) points per label, drawn with pillow."""
-    img, d, box = _canvas(title, curves)
-    pts = [p for c in curves.values() for p in c]
-    if pts:
-        xmax, lo, hi = max(p[0] for p in pts) or 1, min(p[1] for p in pts), max(p[1] for p in pts)
-        hi = hi if hi > lo else lo + 1e-9
-        _axes(d, box, lo, hi)
-        x0, y0, x1, y1 = box
-        for k, c in enumerate(curves.values()):
-            xy = [(x0 + (x1 - x0) * x / xmax, y1 - (y1 - y0) * (y - lo) / (hi - lo)) for x, y in c]
-            if len(xy) > 1:
-                d.line(xy, fill=COLOURS[k % len(COLOURS)], width=2)
-        d.text((x1 - 40, y1 + 8), f"step {xmax}", fill="black")
+def line_chart(curves, path, title, marks=()):
+    """Lines of (x, y) points per label, with x ticks and grey vertical lines at `marks` (stage starts); every
+    point gets a marker so overlapping lines stay visible."""
+    pts = [p for c in curves.values() for p in c] or [(0, 0.0)]
+    xmax = max(p[0] for p in pts) or 1
+    img, d, (x0, y0, x1, y1), to_y = _chart(title, curves, min(p[1] for p in pts), max(p[1] for p in pts))
+    to_x = lambda x: x0 + (x1 - x0) * x / xmax
+    for m in marks:
+        d.line([to_x(m), y0, to_x(m), y1], fill=(200, 200, 200))
+    for k in range(5):
+        d.text((to_x(xmax * k / 4) - 8, y1 + 8), f"{round(xmax * k / 4)}", fill="black")
+    d.text((x1 - 20, y1 + 22), "step", fill="black")
+    for k, c in enumerate(curves.values()):
+        xy, colour = [(to_x(x), to_y(y)) for x, y in c], COLOURS[k % len(COLOURS)]
+        if len(xy) > 1:
+            d.line(xy, fill=colour, width=1)
+        for x, y in xy:
+            d.rectangle([x - 1 - k % 3, y - 1 - k % 3, x + 1 + k % 3, y + 1 + k % 3], outline=colour)
     img.save(path)
 
 
-def bar_chart(groups, path, title, spread=None):
-    """Grouped bars: one group per bucket, one bar per label; optional +-spread whiskers."""
-    img, d, box = _canvas(title, groups)
+def bar_chart(groups, path, title, spread=None, log=False, labels=None):
+    """Grouped bars: one group per x label (default b0, b1, ...), one bar per series; optional +-spread whiskers."""
     vals = [v for b in groups.values() for v in b]
-    hi = max(vals + [1e-9]) * 1.1
-    _axes(d, box, 0, hi)
-    x0, y0, x1, y1 = box
-    n, width = len(next(iter(groups.values()))), (x1 - x0) / len(next(iter(groups.values())))
+    n = len(next(iter(groups.values())))
+    lo = min(vals) / 2 if log else 0.0
+    img, d, (x0, y0, x1, y1), to_y = _chart(title, groups, lo, max(vals + [1e-9]) * 1.1, log)
+    width, bw = (x1 - x0) / n, (x1 - x0) / n * 0.8 / len(groups)
     for k, (label, b) in enumerate(groups.items()):
-        bw = width * 0.8 / len(groups)
         for j, v in enumerate(b):
             left = x0 + j * width + width * 0.1 + k * bw
-            top = y1 - (y1 - y0) * v / hi
-            d.rectangle([left, top, left + bw - 1, y1], fill=COLOURS[k % len(COLOURS)])
+            d.rectangle([left, to_y(v), left + bw - 1, y1], fill=COLOURS[(k if len(groups) > 1 else j) % len(COLOURS)])
             if spread:
-                e = (y1 - y0) * spread[label][j] / hi
-                d.line([left + bw / 2, top - e, left + bw / 2, top + e], fill="black")
-    for j in range(n):
-        d.text((x0 + j * width + width / 2 - 4, y1 + 6), str(j), fill="black")
+                e = spread[label][j]
+                d.line([left + bw / 2, to_y(v + e), left + bw / 2, to_y(max(v - e, lo))], fill="black")
+    for j, name in enumerate(labels or [f"b{j}" for j in range(n)]):
+        d.text((x0 + j * width + width / 2 - 3 * len(name), y1 + 6), name, fill="black")
     img.save(path)
 
 
 def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2):
     """compare with one seed and no FID, then the detailed per-bucket summary and the two charts."""
-    import time
     t0 = time.time()
     compare(out, dataset, 1, overrides, fid_num=0, held_out_n=held_out_n, jobs=jobs)
     dirs = {mode: os.path.join(out, f"{mode}_seed0") for mode in MODES}
-    cfg = load_config(mode_config(dataset, "base"), overrides)
-    table, _ = summarise(dirs, out, held_out_images(cfg, held_out_n))
+    table, _ = summarise(dirs, out, held_out(load_config(mode_config(dataset, "base"), overrides), held_out_n))
     print("\n" + table, flush=True)
     print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, charts "
           f"{out}/loss_by_bucket.png and {out}/loss_over_steps.png, table {out}/summary.md", flush=True)
@@ -1921,34 +1885,32 @@ def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2
 
 
 # ----------------------------------------------------------------------------------------------
-# main: `python diffcl.py train|sample|eval|bench ...`; errors a user can fix print one line, exit 2.
+# main: `python diffcl.py train|sample|eval|bench|demo|compare ...`; errors a user can fix print one line, exit 2.
 
+COMMANDS = ("train", "sample", "eval", "bench", "demo", "compare")
+USAGE = """usage: python diffcl.py COMMAND [options] [--section.key=value ...]
+  train    CONFIG            train (resumes from <out_dir>/ckpt.pt)    e.g. train configs/celeba32_cs.json
+  sample   --ckpt CKPT       write PNGs (DDPM, or --ddim --steps N)
+  eval     --ckpt|--images   FID (+ precision/recall with --real) against --ref statistics
+  bench    [CONFIG]          time the training step
+  demo                       all four modes on a small dataset, one seed
+  compare  --dataset D       base vs C vs CS vs CR, paired seeds, held-out loss and FID
+python diffcl.py COMMAND --help lists a command's options."""
 DESCRIPTION_FLAGS = ("--num-gpus", "--rigid-launch")
 
 
-def count(text):
-    """argparse type: an integer >= 1 (image counts, batch sizes, step counts)."""
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
-
-
-def seed_arg(text):
-    """argparse type: a seed in [0, 2^32) (torch.manual_seed on the CPU keeps 32 bits)."""
-    import argparse
-    if not text.isdigit() or int(text) >= 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2^32), got {text!r}")
-    return int(text)
+def whole_number(lo, hi=None, what="a whole number"):
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text):
+        value = int(text) if text.isdigit() else -1
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
 def eta_arg(text):
     """argparse type: DDIM eta, a number in [0, 1] (0 deterministic, 1 DDPM-like)."""
-    import argparse
     try:
         value = float(text)
     except ValueError:
@@ -1959,118 +1921,118 @@ def eta_arg(text):
 
 
 def usage_error(message):
-    raise ConfigError(f"{message} (see python diffcl.py {{train,sample,eval,bench,demo,compare}} --help)")
+    raise ConfigError(f"{message} (see python diffcl.py {{{','.join(COMMANDS)}}} --help)")
 
 
 def parse_cli(argv):
-    import argparse
     cmd = argv[0] if argv else ""
+    if cmd not in COMMANDS:
+        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+    count = whole_number(1, what="a whole number >= 1")
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
-                                epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 --epochs=3")
+                                epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 "
+                                       "--train.length_scale=0.2")
     p.error = usage_error                                   # one line, exit 2, like every other mistake
+    add = p.add_argument
     if cmd in ("train", "bench"):
-        p.add_argument("config", nargs="?", help="config JSON (same as --config-path)")
-        p.add_argument("--config-path", dest="config_path")
+        add("config", nargs="?", help="config JSON (same as --config-path)")
+        add("--config-path", dest="config_path")
     if cmd == "train":
-        p.add_argument("--resume", help="resume from this checkpoint instead of <out_dir>/ckpt.pt")
-        p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
-        p.add_argument("--distributed", action="store_true",
-                       help="the description's flag: insist on a torchrun launch (torchrun alone decides the world)")
-        p.add_argument("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
+        add("--resume", help="resume from this checkpoint instead of <out_dir>/ckpt.pt")
+        add("--force", action="store_true", help="resume even if the checkpoint's config differs")
+        add("--distributed", action="store_true",
+            help="the description's flag: insist on a torchrun launch (torchrun alone decides the world)")
+        add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
-        p.add_argument("--ckpt", required=cmd == "sample")
-        p.add_argument("--num", type=count, default=64 if cmd == "sample" else 10000)
-        p.add_argument("--out", default=None, help="image folder to write")
-        p.add_argument("--ddim", action="store_true")
-        p.add_argument("--steps", type=count, default=50)
-        p.add_argument("--eta", type=eta_arg, default=0.0)
-        p.add_argument("--skip", choices=("uniform", "quadratic"), default="uniform")
-        p.add_argument("--batch-size", type=count, default=256)
-        p.add_argument("--seed", type=seed_arg, default=0)
-        p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+        add("--ckpt", required=cmd == "sample")
+        add("--num", type=count, default=64 if cmd == "sample" else 10000)
+        add("--out", default=None, help="image folder to write")
+        add("--ddim", action="store_true")
+        add("--steps", type=count, default=50)
+        add("--eta", type=eta_arg, default=0.0)
+        add("--skip", choices=("uniform", "quadratic"), default="uniform")
+        add("--batch-size", type=count, default=256)
+        add("--seed", type=whole_number(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
+        add("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
-        p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 images)")
-        p.add_argument("--replace-stale", action="store_true",
-                       help="delete images in --out that another checkpoint or setting made (default: refuse)")
+        add("--npz", action="store_true", help="also write samples.npz (uint8 images)")
+        add("--replace-stale", action="store_true",
+            help="delete images in --out that another checkpoint or setting made (default: refuse)")
     if cmd == "eval":
-        p.add_argument("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
-        p.add_argument("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
-        p.add_argument("--real", help="real images (dataset name, folder or .npy) for precision/recall")
-        p.add_argument("--inception")
-        p.add_argument("--download", action="store_true")
+        add("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
+        add("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
+        add("--real", help="real images (dataset name, folder or .npy) for precision/recall")
+        add("--inception")
+        add("--download", action="store_true")
     if cmd == "bench":
-        p.add_argument("--batch-size", type=count)
-        p.add_argument("--steps", type=count, default=10)
-        p.add_argument("--soak", type=count, help="also report host/GPU memory after N and after 10 N steps")
-        p.add_argument("--precision", choices=("fp32", "bf16"))
-        p.add_argument("--compile", action="store_true")
-        p.add_argument("--sample", action="store_true", help="also time DDIM sampling")
-        p.add_argument("--data", action="store_true", help="also time the data path")
+        add("--batch-size", type=count)
+        add("--steps", type=count, default=10)
+        add("--soak", type=count, help="also report host/GPU memory after N and after 10 N steps")
+        add("--precision", choices=("fp32", "bf16"))
+        add("--compile", action="store_true")
+        add("--sample", action="store_true", help="also time DDIM sampling")
+        add("--data", action="store_true", help="also time the data path")
     if cmd in ("demo", "compare"):
-        p.add_argument("--out", default=f"runs/{cmd}")
-        p.add_argument("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
-    if cmd in ("demo", "compare"):
-        p.add_argument("--jobs", type=count, default=2 if cmd == "demo" else 1,
-                       help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
+        add("--out", default=f"runs/{cmd}")
+        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
+        add("--jobs", type=count, default=2 if cmd == "demo" else 1,
+            help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
     if cmd == "compare":
-        p.add_argument("--seeds", type=count, default=3)
-        p.add_argument("--fid-num", type=int, default=2000, help="FID-n images per run; 0 = no FID")
-        p.add_argument("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
-        p.add_argument("--inception")
-    if cmd not in ("train", "sample", "eval", "bench", "demo", "compare"):
-        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (see README.md)")
+        add("--seeds", type=count, default=3)
+        add("--fid-num", type=whole_number(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
+            help="FID-n images per run; 0 = no FID")
+        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
+        add("--inception")
     args, rest = p.parse_known_args(argv[1:])
     for flag in DESCRIPTION_FLAGS:
         if any(r.split("=")[0] == flag for r in rest):
             raise ConfigError(f"{flag} is the description's mp.spawn launcher; use torchrun instead: "
                               "torchrun --standalone --nproc_per_node N diffcl.py train CONFIG "
                               "(or bash run.sh MODE N)")
+    if cmd in ("sample", "eval") and rest:
+        raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
     return cmd, args, rest
 
 
+def run_command(cmd, args, rest):
+    """Carry out one parsed command."""
+    if cmd in ("train", "bench"):
+        path = args.config_path or args.config or ("configs/celeba32.json" if cmd == "bench" else None)
+        if path is None:
+            raise ConfigError("train needs a config: python diffcl.py train --config-path configs/celeba32_cs.json")
+        if cmd == "bench":
+            rest = rest + [f"--train.precision={args.precision}"] * bool(args.precision) + \
+                ["--train.compile=true"] * args.compile
+        cfg = load_config(path, rest)
+        if cmd == "bench":
+            return bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample,
+                         data_check=args.data, soak=args.soak)
+        if args.distributed and "RANK" not in os.environ:
+            raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
+                              "train ... (or bash run.sh MODE N); plain python runs one process")
+        return train(cfg, path, resume=args.resume, force=args.force, download=args.download)
+    if cmd == "demo":
+        return demo(args.out, args.dataset, rest, jobs=args.jobs)
+    if cmd == "compare":
+        return compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.inception, jobs=args.jobs,
+                       sample_steps=args.sample_steps)
+    kw = dict(ddim=args.ddim, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed, raw=args.raw)
+    if cmd == "sample":
+        out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + (f"ddim{args.steps}" if args.ddim else "ddpm"))
+        return sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz,
+                      replace_stale=args.replace_stale, **kw)
+    if not args.ckpt and not args.images:
+        raise ConfigError("eval needs --ckpt CKPT (sample then score) or --images FOLDER|NPZ")
+    return evaluate(args.ckpt, args.out if args.ckpt else args.images, args.ref, args.num, args.real,
+                    args.inception, args.download, batch_size=args.batch_size, **kw)
+
+
 def main(argv):
-    import data
-    import fid
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
     try:
-        cmd, args, rest = parse_cli(argv)
-        if cmd in ("train", "bench"):
-            path = args.config_path or args.config or ("configs/celeba32.json" if cmd == "bench" else None)
-            if path is None:
-                raise ConfigError("train needs a config: python diffcl.py train --config-path configs/celeba32_cs.json")
-            if cmd == "bench":
-                rest = rest + [f"--train.precision={args.precision}"] * bool(args.precision) + \
-                       ["--train.compile=true"] * args.compile
-            cfg = load_config(path, rest)
-            if cmd == "train" and args.distributed and "RANK" not in os.environ:
-                raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
-                                  "train ... (or bash run.sh MODE N); plain python runs one process")
-            if cmd == "train":
-                train(cfg, path, resume=args.resume, force=args.force, download=args.download)
-            else:
-                bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample, data_check=args.data,
-                      soak=args.soak)
-            return 0
-        if cmd == "demo":
-            demo(args.out, args.dataset, rest, jobs=args.jobs)
-            return 0
-        if cmd == "compare":
-            if args.fid_num < 0:
-                raise ConfigError("--fid-num must be >= 0 (0 = no FID)")
-            compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.inception, jobs=args.jobs,
-                    sample_steps=args.sample_steps)
-            return 0
-        if rest:
-            raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
-        kw = dict(ddim=args.ddim, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed, raw=args.raw)
-        if cmd == "sample":
-            out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + ("ddim%d" % args.steps if args.ddim else "ddpm"))
-            sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz, replace_stale=args.replace_stale,
-                   **kw)
-        else:
-            if not args.ckpt and not args.images:
-                raise ConfigError("eval needs --ckpt CKPT (sample then score) or --images FOLDER|NPZ")
-            evaluate(args.ckpt, args.out if args.ckpt else args.images, args.ref, args.num, args.real,
-                     args.inception, args.download, batch_size=args.batch_size, **kw)
+        run_command(*parse_cli(argv))
         return 0
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -2079,9 +2041,7 @@ def main(argv):
         print("interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
-            import gc
             gc.collect()                                    # avoids an intermittent gloo abort at exit
             dist.destroy_process_group()
 

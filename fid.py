@@ -296,13 +296,18 @@ def load_inception(path=None, download=False, device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 
-def weights_sha256(path):
-    """First 12 hex digits of the file's SHA-256, to label results with the weights that produced them."""
+def file_sha256(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:12]
+    return h.hexdigest()
+
+
+def weights_sha256(path):
+    """First 12 hex digits of the file's SHA-256, to label results with the weights that produced them."""
+    return file_sha256(path)[:12]
 
 
 # ----------------------------------------------------------------------------
@@ -500,6 +505,15 @@ def vgg16_features(vgg_path, images, batch_size=200, device=None):
             x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
             out.append(vgg(x, return_features=True).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def reference_and_floor(images, other, path, floor_path, model, device=None):
+    """Statistics of real `images` (cached at `path`) and the FID floor: the FID of as many `other` real images
+    against them (their statistics cached at floor_path), the best FID a perfect model can expect at this n."""
+    for p, x in ((path, images), (floor_path, other)):
+        if not os.path.exists(p):
+            save_stats(p, *feature_stats(features(model, x, device=device, log=lambda *a: None)))
+    return frechet_distance(*load_stats(floor_path), *load_stats(path))
 
 
 def score(images, ref_stats_path, model, real_feats=None, k=3, batch_size=200, device=None, log=print):

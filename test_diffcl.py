@@ -361,14 +361,13 @@ def test_ema_update_keeps_no_autograd_history_and_memory_does_not_grow(tmp_path)
     import gc
     cfg = tiny_cfg(tmp_path, "cs")
     model, ema, opt, mask, _, score = D.new_state(cfg, torch.device("cpu"))
-    kw = dict(cfg=cfg, model=model, ddp=model, fwd=model, ema=ema, opt=opt, tab=D.tables_on(cfg, torch.device("cpu")),
-              amp=None, stats=D.StepStats(torch.device("cpu")), rank=0, world=1)
+    run = D.make_run(cfg, model, ema, opt, torch.device("cpu"))
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     live = lambda: sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
     counts = []
     for n in (3, 12):
         for step in range(n):
-            D.train_step(x0, step, 0, 0.0, mask, score, **kw)
+            D.train_step(x0, step, 0, mask, score, run)
         gc.collect()
         counts.append(live())
         assert all(p.grad_fn is None and not p.requires_grad for p in ema.parameters())
@@ -1460,7 +1459,9 @@ def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
         assert r["loss"] == pytest.approx(r["mse"] + r["reg"], rel=1e-5)
         assert (r["reg"] > 0) == (mode == "cr" and r["stage"] == 0)   # lambda decays to 0 in the last stage
     if mode == "base":
-        assert "== stage" not in log and any(r["bucket_mse"][0] is not None for r in train)
+        assert log.count("== stage 1/1 [plain] epochs 1-2 | t in [0, 20)") == 1     # plain DDPM: one stage on [0, T)
+        assert any(r["bucket_mse"][0] is not None for r in train) and {r["stage"] for r in train} == {0}
+        assert [(r["step"], r["name"], r["window"]) for r in records(out, "stage")] == [(0, "plain", [0, 20])]
     else:
         assert log.count("== stage 1/2 [high]") == 1 and log.count("== stage 2/2 [full]") == 1
         assert all(r["bucket_mse"][:5] == [None] * 5 for r in train if r["stage"] == 0)   # t in [10, 20) only
@@ -2160,7 +2161,7 @@ def test_non_finite_parameters_never_reach_a_checkpoint_and_the_previous_one_is_
         real_step(x0, step, *a, **kw)
         if step == 8:                                       # parameters explode, the loss was still finite
             with torch.no_grad():
-                next(kw["model"].parameters()).fill_(float("inf"))
+                next(a[-1].model.parameters()).fill_(float("inf"))   # a[-1]: the Run
     monkeypatch.setattr(D, "train_step", blowing_up)
     with pytest.raises(D.RunError, match=r"non-finite before step 9; not saved. Last good checkpoint: .*ckpt.pt"):
         D.train(cfg)
@@ -2193,7 +2194,7 @@ def test_disk_full_or_a_second_ctrl_c_during_a_checkpoint_write_leaves_no_tmp_an
 
 def test_a_failing_sample_grid_never_costs_the_epoch_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "save_every": 0})
-    monkeypatch.setattr(D, "sample_sharded", lambda *a, **k: (_ for _ in ()).throw(MemoryError("grid")))
+    monkeypatch.setattr(D, "save_grid", lambda *a, **k: (_ for _ in ()).throw(MemoryError("grid")))
     with pytest.raises(MemoryError):
         D.train(cfg)
     assert torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=True)["step"] == 6   # epoch 1 saved
@@ -2280,11 +2281,10 @@ def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
     cfg = D.merge_config({k: v for k, v in TINY_RUN.items() if k != "curriculum"}, "tiny")
     device = torch.device("cpu")
     model, ema, opt, mask, _, score = D.new_state(cfg, device)
-    kw = dict(cfg=cfg, model=model, ddp=model, fwd=model, ema=ema, opt=opt, tab=D.tables_on(cfg, device),
-              amp=None, stats=D.StepStats(device), rank=0, world=1)
+    run = D.make_run(cfg, model, ema, opt, device)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
-    D.train_step(x0, 0, None, 0.0, mask, score, **kw)    # warm-up
-    a, b = (D.kernels_per_step(x0, s, 0.0, mask, score, kw) for s in (1, 2))
+    D.train_step(x0, 0, 0, mask, score, run)             # warm-up
+    a, b = (D.kernels_per_step(x0, s, mask, score, run) for s in (1, 2))
     assert a == b > 10                                     # the same step shape launches the same ops
 
 
@@ -2634,3 +2634,62 @@ def test_gradient_accumulation_trains_and_keeps_loss_bookkeeping(tmp_path):
     assert all(r["loss"] == pytest.approx(r["mse"] + r["reg"], rel=1e-5) for r in train)
     with pytest.raises(D.ConfigError, match="must divide by world size 1 x train.num_accum 3"):
         D.train(dict(cfg, train={**cfg["train"], "num_accum": 3, "batch_size": 8}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run length, one stage for plain DDPM, CLI help, dataset facts from data.py
+
+def test_length_scale_scales_every_stage_and_epochs_overrides_that_cannot_act_are_errors(tmp_path, capsys):
+    stages = DESC_STAGES
+    assert [D.stage_start(stages, i, 10, 0.2) for i in range(6)] == [0, 2, 4, 6, 10, 20]   # 0.2 x epochs 1,1,1,2,5
+    assert [D.stage_start(stages, i, 10) for i in range(6)] == [0, 10, 20, 30, 50, 100]
+    assert [D.stage_at(stages, s, 10, 0.2) for s in (0, 1, 2, 5, 6, 9, 10, 19, 25)] == [0, 0, 1, 2, 3, 3, 4, 4, 4]
+    cs = str(HERE / "configs" / "fashion32_cs.json")
+    for flag in ("--epochs=3", "--train.epochs=3"):
+        with pytest.raises(D.ConfigError, match=r"--train.epochs has no effect with the curriculum on.*--train.length_scale"):
+            D.load_config(cs, [flag])
+    assert D.load_config(str(HERE / "configs" / "fashion32.json"), ["--epochs=3"])["train"]["epochs"] == 3
+    # A scaled run: C and plain DDPM at the same scale do the same number of steps (compare's equal work).
+    c = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5})
+    base = tiny_cfg(tmp_path, "base", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5})
+    for cfg in (c, base):
+        out = D.train(cfg)
+        assert records(out, "train")[-1]["step"] == 6 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 6
+    assert [r["step"] for r in records(c["out_dir"], "stage")] == [0, 3]
+    assert "epochs 0.5-1 (x0.5)" in capsys.readouterr().out
+    with pytest.raises(D.ConfigError, match=r"length_scale=0.05 leaves stage high with no optimizer step"):
+        D.train(dict(c, train={**c["train"], "length_scale": 0.05}, out_dir=str(tmp_path / "tiny")))
+
+
+def test_short_runs_warn_about_warmup_and_soft_stages_need_no_window(tmp_path, capsys):
+    soft = {"enabled": True, "mode": "soft", "stages": [{"epochs": 1, "alpha": 3.0, "beta": 1.0, "name": "a"},
+                                                         {"epochs": 1, "alpha": 1.0, "beta": 1.0, "name": "b"}]}
+    cfg = tiny_cfg(tmp_path, "c", curriculum=soft, train={**TINY_RUN["train"], "image_intv": 0, "warmup": 50})
+    out = D.train(cfg)
+    log = capsys.readouterr().out
+    assert "warning: train.warmup (50 steps) is longer than the run (12 steps)" in log and "20*Beta(3.0, 1.0)" in log
+    assert all("window" not in r for r in records(out, "stage"))
+    with pytest.raises(D.ConfigError, match=r"stages\[0\].name: 'a/b' must be"):
+        D.merge_config({"curriculum": {**soft, "stages": [{**soft["stages"][0], "name": "a/b"}]}})
+
+
+def test_help_exits_0_and_bench_sizes_images_by_the_dataset(capsys):
+    assert D.main(["--help"]) == 0 and "compare" in capsys.readouterr().out
+    assert D.main([]) == 2 and "usage" in capsys.readouterr().err
+    cfg = D.load_config(str(HERE / "configs" / "celeba64.json"),
+                        ["--model.hid_channels=32", "--model.ch_multipliers=[1]", "--model.apply_attn=false",
+                         "--model.num_res_blocks=1"])
+    assert D.image_resolution(cfg) == 64 and D.image_resolution(dict(cfg, dataset="celeba")) == 64
+    assert D.image_resolution(dict(cfg, dataset="cifar10")) == 32 and D.image_resolution(dict(cfg, resolution=16)) == 16
+    assert D.bench(cfg, batch_size=2, steps=1, windows=1)["resolution"] == 64
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    os.makedirs(cfg["out_dir"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, os.path.join(cfg["out_dir"], ".lock"))
+    with pytest.raises(D.RunError, match=r"lock file .*must be a plain file"):
+        D.train(cfg)
+    assert victim.read_text() == "precious"

@@ -164,6 +164,10 @@ class UNet(nn.Module):
         self.out_conv = nn.Sequential(norm(hid_channels), nn.SiLU(),
                                       conv(hid_channels, out_channels or in_channels, 3, padding=1, init_scale=0.0))
 
+    def regrowth_weight(self):
+        """The weight whose gradient scores masked channels for CS regrowth: the middle's first ResBlock conv2."""
+        return self.middle[0].conv2.weight
+
     def forward(self, x, t, mask=None):
         """x (B, C, H, W), t (B,) timesteps; mask (bottleneck_channels,) of 0/1 multiplies the middle's output."""
         n = self.num_res_blocks
