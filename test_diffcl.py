@@ -2481,7 +2481,7 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     first = [read_png(out / f"{i:06d}.png") for i in range(3)]
     made_by = json.load(open(out / "manifest.json"))
     assert made_by["seed"] == 0 and made_by["sampler"] == "ddim3 eta0 uniform" and len(made_by["ckpt_sha256"]) == 64
-    with pytest.raises(D.RunError, match=r"already holds images made differently \(seed\)"):
+    with pytest.raises(fid.FIDError, match=r"already holds images made differently \(seed\).*--replace-stale"):
         D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=3, seed=7)
     D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=3, seed=7, replace_stale=True)   # eval's own folder
     assert json.load(open(out / "manifest.json"))["seed"] == 7
@@ -2489,7 +2489,7 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     other = tmp_path / "other.pt"
     state = torch.load(cs_checkpoint, weights_only=True)
     torch.save(dict(state, step=state["step"] + 6), other)      # "the same run, trained further"
-    with pytest.raises(D.RunError, match=r"made differently \(ckpt_sha256, step\)"):
+    with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     r = run_cli("sample", "--ckpt", cs_checkpoint, "--out", tmp_path / "s" / "000000.png" / "x", "--num", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not writable" in r.stderr
