@@ -61,6 +61,8 @@ DEFAULTS = {
         "model_mean_type": "eps",   # eps | x0 | mean: what the network predicts
         "model_var_type": "fixed-small",  # fixed-small (beta tilde) | fixed-large (beta)
         "loss_type": "mse",         # mse (the simple loss of Ho et al., eq. 14)
+        "loss_weight": "uniform",   # uniform (Ho et al.) | min_snr (Hang et al. 2023: min(SNR, gamma)-based)
+        "min_snr_gamma": 5.0,       # gamma of min_snr
     },
     "model": {
         "in_channels": 3,
@@ -97,6 +99,8 @@ DEFAULTS = {
     "curriculum": {
         "enabled": False,
         "mode": "hard",             # hard: t ~ U[window) ; soft: t = floor(u T), u ~ Beta(alpha, beta) per stage
+        "window": "t",              # t: t_min/t_max are fractions of T ; logsnr: fractions of the log-SNR range
+        "order": "forward",         # forward (high noise first) | reverse (mirrored windows) | mixture (no order)
         "stages": [],               # [{"t_min", "t_max", "epochs", "name", ["sparsity", "lambda", "alpha", "beta"]}]
     },
     "sparsity": {
@@ -114,6 +118,9 @@ CHOICES = {
     "model_mean_type": ("eps", "x0", "mean"),
     "model_var_type": ("fixed-small", "fixed-large"),
     "loss_type": ("mse",),
+    "loss_weight": ("uniform", "min_snr"),
+    "window": ("t", "logsnr"),
+    "order": ("forward", "reverse", "mixture"),
     "precision": ("auto", "fp32", "bf16"),
     "channels_last": ("auto", "on", "off"),
     "mode": ("hard", "soft"),
@@ -124,7 +131,7 @@ CHOICES = {
 # share initial weights). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
 RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
           ("diffusion.timesteps", 2, 100_000), ("diffusion.beta_start", 1e-9, 1 - 1e-9),
-          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
+          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("diffusion.min_snr_gamma", 1e-6, 1e6), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
           ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
           ("train.beta1", 0.0, 1 - 1e-9), ("train.beta2", 0.0, 1 - 1e-9), ("train.batch_size", 1, 1 << 20),
           ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
@@ -224,6 +231,10 @@ def validate_config(cfg, source="config"):
          "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true"),
         (not 0 <= cfg["sparsity"]["initial_sparsity"] < 1, "sparsity.initial_sparsity must be in [0, 1)"),
         (cfg["regularization"]["lambda_max"] < 0, "regularization.lambda_max must be >= 0"),
+        (soft and (cur["window"] != "t" or cur["order"] == "mixture"),
+         "curriculum.window 'logsnr' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
+        (cfg["diffusion"]["loss_weight"] == "min_snr" and cfg["diffusion"]["model_mean_type"] == "mean",
+         "diffusion.loss_weight 'min_snr' is defined for model_mean_type eps and x0"),
         (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
                                             f"multiple of train.num_accum ({tr['num_accum']})")]
     for bad, message in rules:
@@ -495,10 +506,24 @@ def step_generators(seed, step, rank, device, t_device="cpu"):
 # Stage lengths are given in epochs, times train.length_scale, and turned into optimizer steps here only.
 
 def stages_of(cfg):
-    """The run's stages. Plain DDPM is one stage on [0, 1) lasting train.epochs, so every mode runs one loop."""
-    if cfg["curriculum"]["enabled"]:
-        return cfg["curriculum"]["stages"]
-    return [{"t_min": 0.0, "t_max": 1.0, "epochs": cfg["train"]["epochs"], "name": "plain"}]
+    """The run's stages. Plain DDPM is one stage on [0, 1) lasting train.epochs, so every mode runs one loop.
+    curriculum.order "reverse" (the anti-curriculum) mirrors every window: low noise first, widening upward."""
+    if not cfg["curriculum"]["enabled"]:
+        return [{"t_min": 0.0, "t_max": 1.0, "epochs": cfg["train"]["epochs"], "name": "plain"}]
+    if cfg["curriculum"]["order"] == "reverse":
+        return [mirrored(s) for s in cfg["curriculum"]["stages"]]
+    return cfg["curriculum"]["stages"]
+
+
+def mirrored(stage):
+    """A stage seen from the other end of the noise axis: [t_min, t_max) -> [1 - t_max, 1 - t_min), and
+    Beta(alpha, beta) -> Beta(beta, alpha)."""
+    out = dict(stage)
+    if "t_min" in stage:
+        out["t_min"], out["t_max"] = round(1 - stage["t_max"], 12), round(1 - stage["t_min"], 12)
+    if "alpha" in stage:
+        out["alpha"], out["beta"] = stage["beta"], stage["alpha"]
+    return out
 
 
 def stage_start(stages, i, steps_per_epoch, scale=1.0):
@@ -525,13 +550,29 @@ def total_epochs(cfg):
     return sum(s["epochs"] for s in stages_of(cfg))
 
 
-def time_window(stages, i, T):
-    """Half-open integer window [floor(t_min T), floor(t_max T)) of stage i, at least one step wide.
+def time_window(stages, i, T, positions=None):
+    """Half-open integer window [lo, hi) of stage i, at least one step wide: the timesteps whose position lies in
+    [t_min, t_max), t_max = 1 taking the last step too. The position of t is t/T (curriculum.window "t":
+    [floor(t_min T), floor(t_max T)), the 1e-9 guarding 0.57 * 100 = 56.999...) or `positions[t]`, increasing
+    in t (window "logsnr": `logsnr_positions`)."""
+    t_min, t_max = stages[i]["t_min"], stages[i]["t_max"]
+    if positions is None:
+        lo, hi = (math.floor(f * T + 1e-9) for f in (t_min, t_max))
+    else:
+        lo, hi = (T if f >= 1 else int(np.searchsorted(positions, f, side="left")) for f in (t_min, t_max))
+    lo = min(lo, T - 1)
+    return lo, max(min(hi, T), lo + 1)
 
-    The 1e-9 guards against 0.57 * 100 = 56.999... flooring to 56."""
-    lo = min(math.floor(stages[i]["t_min"] * T + 1e-9), T - 1)
-    hi = min(math.floor(stages[i]["t_max"] * T + 1e-9), T)
-    return lo, max(hi, lo + 1)
+
+def logsnr_positions(alpha_bar):
+    """(T,) float64 position of each timestep in the schedule's log-SNR range, 0 at t = 0 (least noisy) and 1 at
+    t = T-1. log-SNR = log(alpha_bar / (1 - alpha_bar)); a last alpha_bar of 0 (the jsd schedule) counts as the
+    smallest finite log-SNR."""
+    ab = np.asarray(alpha_bar, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        lam = np.log(ab) - np.log1p(-ab)
+    lam = np.where(np.isfinite(lam), lam, lam[np.isfinite(lam)].min())
+    return (lam[0] - lam) / (lam[0] - lam[-1])
 
 
 def sample_t(n, lo, hi, generator):
@@ -547,12 +588,35 @@ def sample_t_soft(n, alpha, beta, T, generator):
     return torch.from_numpy(np.minimum(np.floor(x * T), T - 1).astype(np.int64))
 
 
-def draw_timesteps(stages, i, n, T, soft, generator):
-    """(n,) timesteps for stage i on the generator's device: U[window) (hard; plain DDPM's window is [0, T)) or
-    floor(T Beta(alpha, beta)) (soft; inverted by scipy, so it needs a CPU generator)."""
+def sample_t_mixture(n, windows, weights, generator):
+    """(n,) timesteps from the mixture of uniform windows [lo_k, hi_k) with probabilities weights_k / sum: a
+    window index per sample, then a uniform position inside it; on the generator's device."""
+    dev = generator.device
+    lo, hi = (torch.tensor(v, device=dev) for v in zip(*windows))
+    k = torch.multinomial(torch.tensor(weights, dtype=torch.float64, device=dev), n, replacement=True,
+                          generator=generator)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev)
+    return lo[k] + (u * (hi - lo)[k]).long()                # u < 1, so t < hi_k
+
+
+def mixture_probabilities(windows, weights, T):
+    """(T,) float64 P(t) of sample_t_mixture: sum_k w_k / sum(w) * 1[t in window k] / |window k|."""
+    p = np.zeros(T)
+    for (lo, hi), w in zip(windows, weights):
+        p[lo:hi] += w / sum(weights) / (hi - lo)
+    return p
+
+
+def draw_timesteps(stages, i, n, T, soft, generator, positions=None, weights=None):
+    """(n,) timesteps for stage i on the generator's device: U[window) (hard; plain DDPM's window is [0, T)),
+    floor(T Beta(alpha, beta)) (soft; inverted by scipy, so it needs a CPU generator), or with per-stage
+    `weights` (curriculum.order "mixture") the weighted mixture of every stage's window, whatever i is."""
     if soft:
         return sample_t_soft(n, stages[i]["alpha"], stages[i]["beta"], T, generator)
-    return sample_t(n, *time_window(stages, i, T), generator)
+    if weights is not None:
+        return sample_t_mixture(n, [time_window(stages, k, T, positions) for k in range(len(stages))], weights,
+                                generator)
+    return sample_t(n, *time_window(stages, i, T, positions), generator)
 
 
 def linear_decay(peak, i, num_stages):
@@ -568,6 +632,15 @@ def stage_sparsity(stages, i, initial_sparsity):
 def stage_lambda(stages, i, lambda_max):
     """CR: Group-L1 weight lambda in stage i (a stage's 'lambda' overrides)."""
     return stages[i].get("lambda", linear_decay(lambda_max, i, len(stages)))
+
+
+def min_snr_weight(alpha_bar, gamma, mean_type):
+    """Min-SNR-gamma loss weight per timestep (Hang et al. 2023), SNR = alpha_bar / (1 - alpha_bar):
+    min(SNR, gamma) / SNR for eps-prediction (its loss is the x0 loss divided by SNR), min(SNR, gamma) for x0.
+    gamma = inf gives 1 (eps) and SNR (x0): Ho et al.'s simple loss. SNR = 0 (alpha_bar = 0) weighs 1 for eps."""
+    snr = alpha_bar / (1 - alpha_bar)
+    w = snr.clamp(max=gamma)
+    return torch.where(snr > 0, w / snr, torch.ones_like(snr)) if mean_type == "eps" else w
 
 
 def lr_at(step, lr, warmup):
@@ -908,10 +981,12 @@ def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0
 
 
 def tables_on(cfg, device):
-    """The diffusion tables of a config on `device` (still float64)."""
+    """The diffusion tables of a config on `device` (still float64), with the per-timestep loss weight."""
     d = cfg["diffusion"]
-    betas = beta_schedule(d["beta_schedule"], d["timesteps"], d["beta_start"], d["beta_end"])
-    return {k: v.to(device) for k, v in diffusion_tables(betas).items()}
+    tab = diffusion_tables(beta_schedule(d["beta_schedule"], d["timesteps"], d["beta_start"], d["beta_end"]))
+    tab["loss_weight"] = (min_snr_weight(tab["alpha_bar"], d["min_snr_gamma"], d["model_mean_type"])
+                          if d["loss_weight"] == "min_snr" else torch.ones_like(tab["alpha_bar"]))
+    return {k: v.to(device) for k, v in tab.items()}
 
 
 def precision_dtype(cfg, device):
@@ -946,6 +1021,8 @@ class Run:
     lambdas: list                   # CR's lambda per stage (zeros in the other modes)
     regrowth: str                   # CS's regrowth method, "" in the other modes
     soft: bool                      # soft curriculum: t ~ T Beta(alpha, beta), drawn on the host
+    positions: object               # curriculum.window "logsnr": each t's log-SNR position; None for "t"
+    mix_weights: object             # curriculum.order "mixture": steps per stage; None otherwise
     model: torch.nn.Module
     fwd: object
     ema: object                     # the EMA copy, or None
@@ -974,9 +1051,11 @@ def new_state(cfg, device):
     return model, ema, opt, mask, torch.where(mask > 0, 0, -1), torch.zeros(C)
 
 
-def make_run(cfg, model, ema, opt, device, rank=0, world=1):
-    """The Run of a config: its decisions (mode, stages, lambdas, regrowth) and the forward (DDP, compile)."""
-    mode, stages = run_mode(cfg), stages_of(cfg)
+def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
+    """The Run of a config: its decisions (mode, stages, lambdas, regrowth, windows) and the forward (DDP, compile)."""
+    mode, stages, cur = run_mode(cfg), stages_of(cfg), cfg["curriculum"]
+    tab = tables_on(cfg, device)
+    starts = [stage_start(stages, i, steps_per_epoch, cfg["train"]["length_scale"]) for i in range(len(stages) + 1)]
     fwd = model
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -986,8 +1065,10 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1):
                for i in range(len(stages))]
     return Run(cfg=cfg, stages=stages, mode=mode, lambdas=lambdas,
                regrowth=cfg["sparsity"]["regrowth_method"] if mode == "cs" else "",
-               soft=cfg["curriculum"]["enabled"] and cfg["curriculum"]["mode"] == "soft", model=model, fwd=fwd,
-               ema=ema, opt=opt, tab=tables_on(cfg, device), amp=precision_dtype(cfg, device),
+               soft=cur["enabled"] and cur["mode"] == "soft", model=model, fwd=fwd,
+               positions=logsnr_positions(tab["alpha_bar"].cpu()) if cur["window"] == "logsnr" else None,
+               mix_weights=[b - a for a, b in zip(starts, starts[1:])] if cur["order"] == "mixture" else None,
+               ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
                stats=StepStats(device), rank=rank, world=world)
 
 
@@ -1014,7 +1095,7 @@ def train_step(x0, step, i, mask, score, run):
     micro = x0.chunk(tr["num_accum"])
     ddp = getattr(run.fwd, "_orig_mod", run.fwd)            # no_sync lives on the DDP wrapper, not the compiled one
     for k, xb in enumerate(micro):
-        t = draw_timesteps(run.stages, i, len(xb), T, run.soft, t_gen)
+        t = draw_timesteps(run.stages, i, len(xb), T, run.soft, t_gen, run.positions, run.mix_weights)
         if t.device != xb.device:                           # soft curriculum on CUDA: one pinned async copy
             t = t.pin_memory().to(xb.device, non_blocking=True)
         eps = torch.randn(xb.shape, generator=noise_gen, device=xb.device)
@@ -1023,7 +1104,8 @@ def train_step(x0, step, i, mask, score, run):
         with sync, torch.autocast(xb.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
             out = run.fwd(xt, t, mask)
         mse = mse_per_sample(out, training_target(xb, xt, t, eps, run.tab, cfg["diffusion"]["model_mean_type"]))
-        loss, reg = objective(mse, group_l1(run.model) if lam > 0 else mse.new_zeros(()), lam, tr["batch_size"])
+        weighted = mse * run.tab["loss_weight"][t].float()      # all ones for the uniform (simple) loss
+        loss, reg = objective(weighted, group_l1(run.model) if lam > 0 else mse.new_zeros(()), lam, tr["batch_size"])
         with sync:
             (loss / len(micro)).backward()
         run.stats.add(t, mse.detach(), loss.detach(), reg.detach(), T)
@@ -1099,7 +1181,9 @@ def stage_banner(run, i, mask, regrown, scale):
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
     epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
-             else "t in [%d, %d)" % time_window(stages, i, T))
+             else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
+    if run.mix_weights:
+        where = f"t ~ mixture of all {len(stages)} stage windows (order 'mixture'; this stage's: {where[5:]})"
     text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] {epochs} | {where}"
     if run.mode == "cs":
         s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
@@ -1116,7 +1200,7 @@ def stage_record(run, i, step, steps_per_epoch, mask, regrown, birth):
               "name": stage_name(run.stages, i), "lambda": run.lambdas[i], "active": int(mask.sum()),
               "regrown": regrown, "birth_stage": birth.tolist()}
     if not run.soft:
-        record["window"] = list(time_window(run.stages, i, run.cfg["diffusion"]["timesteps"]))
+        record["window"] = list(time_window(run.stages, i, run.cfg["diffusion"]["timesteps"], run.positions))
     if run.mode == "cr":
         record["small_norm_channels"] = small_norm_channels(run.model)
     return record
@@ -1214,7 +1298,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
             data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
-        run = make_run(cfg, model, ema, opt, device, rank, world)
+        run = make_run(cfg, model, ema, opt, device, rank, world, steps_per_epoch)
         mask, score = place_mask_and_score(run, mask, score, device)
         epochs = total_epochs(cfg) * scale
         note = " (stage epochs override train.epochs)" if cfg["curriculum"]["enabled"] else ""
@@ -1546,11 +1630,20 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
 # compare / demo: base, C, CS and CR at equal work, paired by seed, scored on held-out data.
 
 MODES = ("base", "c", "cs", "cr")
+# The controls: (the mode whose config file they start from, config overrides, what the difference isolates).
+CONTROLS = {
+    "anti": ("c", ["--curriculum.order=reverse"], "order: the curriculum's windows mirrored, low noise first"),
+    "mixture": ("c", ["--curriculum.order=mixture"], "order alone: the curriculum's timestep distribution, no order"),
+    "logsnr": ("c", ["--curriculum.window=logsnr"], "where stages are cut: windows in log-SNR instead of t"),
+    "minsnr": ("base", ["--diffusion.loss_weight=min_snr"], "a loss weighting (Min-SNR-5) instead of an order"),
+}
 
 
 def mode_config(dataset, mode):
+    """(config file, overrides) of a compare mode: configs/<dataset>[_<mode>].json, plus a control's overlay."""
+    parent, overlay, _ = CONTROLS.get(mode, (mode, [], ""))
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                        f"{dataset}.json" if mode == "base" else f"{dataset}_{mode}.json")
+                        f"{dataset}.json" if parent == "base" else f"{dataset}_{parent}.json"), overlay
 
 
 def interval(values, level=0.95):
@@ -1623,14 +1716,17 @@ def held_out(cfg, n):
 
 
 def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, held_out_n=256, jobs=1,
-            sample_steps=50):
-    """Train base, C, CS and CR for `seeds` paired seeds at equal work (same data, batch, optimizer steps; seed s
+            sample_steps=50, modes=MODES):
+    """Train `modes` (base, C, CS, CR and the CONTROLS) for `seeds` paired seeds at equal work (same data, batch, optimizer steps; seed s
     shares initialisation, data order and noise streams across modes), `jobs` runs at a time; score each final
     checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are found);
     write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
     prepare_out_dir(out)
     path = os.path.join(out, "compare.json")
-    epochs = total_epochs(load_config(mode_config(dataset, "c"), overrides))
+    unknown = [m for m in modes if m not in MODES and m not in CONTROLS]
+    if unknown or "base" not in modes:
+        raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
+    epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
     weights, note = None, ""
     if fid_num:
         try:
@@ -1640,7 +1736,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             print(note, flush=True)
     settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
                 "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
-    runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in MODES}
+    runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in modes}
     saved = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "settings": settings}
     results = saved["runs"]
     todo = {k: v for k, v in runs.items() if k not in results}
@@ -1654,9 +1750,12 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     # Train every unfinished run (train itself resumes an interrupted one); base gets the curriculum's epochs.
     train_jobs = []
     for key, (mode, seed, run_dir) in todo.items():
-        args = [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"] + [f"--train.epochs={epochs}"] * (mode == "base")
-        load_config(mode_config(dataset, mode), args)        # a bad override fails here, before any work
-        train_jobs.append((key, ["train", mode_config(dataset, mode), *args], run_dir))
+        config, overlay = mode_config(dataset, mode)
+        args = [*overlay, *overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
+        if not load_config(config, overlay)["curriculum"]["enabled"]:
+            args.append(f"--train.epochs={epochs}")
+        load_config(config, args)                            # a bad override fails here, before any work
+        train_jobs.append((key, ["train", config, *args], run_dir))
     print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
           f"{jobs} at a time", flush=True)
     train_seconds = run_jobs(train_jobs, jobs, "train.log")
@@ -1670,7 +1769,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     inception_model, ref, floor = None, None, None
     if weights:
         inception_model = fid.load_inception(weights, device=device)
-        cfg = load_config(mode_config(dataset, "base"), overrides)
+        cfg = load_config(mode_config(dataset, "base")[0], overrides)
         held = held_out(cfg, 2 * fid_num)
         other = held[fid_num:] if len(held) >= 2 * fid_num else data.load_images(
             cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None, log=lambda *a: None)
@@ -1695,25 +1794,27 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
               + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
     saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None, "settings": settings}
     return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
-                            saved.get("settings", settings)["sample_steps"], note)
+                            saved.get("settings", settings)["sample_steps"], note, modes)
 
 
-def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note=""):
+def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note="", modes=MODES):
     """compare.md and the charts: per mode mean +- std and 95% t-interval over seeds, and the paired difference
     to base (mode minus base, seed by seed) with its interval: the number the question is about."""
     metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
     if fid_num:
         metrics.append((f"FID-{fid_num}", lambda r: r["fid"], "%.2f"))
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
-    lines = [f"# {dataset}: base vs C vs CS vs CR, {epochs} epochs each, {seeds} paired seed(s)", "",
+    lines = [f"# {dataset}: {' vs '.join(modes)}, {epochs} epochs each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
                 f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
+             *[f"{'' if k else chr(10)}- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates "
+               f"{CONTROLS[m][2]}" for k, m in enumerate(m for m in modes if m in CONTROLS)],
              "", f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
     cell = lambda fmt, m, sd, half: (fmt % m + ("" if math.isnan(sd) else f" ± {fmt % sd}")
                                      + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
     means, spreads, fids = {}, {}, {}
-    for mode in MODES:
+    for mode in modes:
         runs = {s: results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results}
         if not runs:
             continue
@@ -1847,7 +1948,7 @@ def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2
     t0 = time.time()
     compare(out, dataset, 1, overrides, fid_num=0, held_out_n=held_out_n, jobs=jobs)
     dirs = {mode: os.path.join(out, f"{mode}_seed0") for mode in MODES}
-    table, _ = summarise(dirs, out, held_out(load_config(mode_config(dataset, "base"), overrides), held_out_n))
+    table, _ = summarise(dirs, out, held_out(load_config(mode_config(dataset, "base")[0], overrides), held_out_n))
     print("\n" + table, flush=True)
     print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, charts "
           f"{out}/loss_by_bucket.png and {out}/loss_over_steps.png, table {out}/summary.md", flush=True)
@@ -1952,6 +2053,8 @@ def parse_cli(argv):
         add("--fid-num", type=whole_number(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
             help="FID-n images per run; 0 = no FID")
         add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
+        add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
+            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required)")
         add("--inception")
     args, rest = p.parse_known_args(argv[1:])
     for flag in DESCRIPTION_FLAGS:
@@ -1985,7 +2088,7 @@ def run_command(cmd, args, rest):
         return demo(args.out, args.dataset, rest, jobs=args.jobs)
     if cmd == "compare":
         return compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.inception, jobs=args.jobs,
-                       sample_steps=args.sample_steps)
+                       sample_steps=args.sample_steps, modes=args.modes)
     kw = dict(ddim=args.ddim, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed, raw=args.raw)
     if cmd == "sample":
         out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + (f"ddim{args.steps}" if args.ddim else "ddpm"))

@@ -2693,3 +2693,117 @@ def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
     with pytest.raises(D.RunError, match=r"lock file .*must be a plain file"):
         D.train(cfg)
     assert victim.read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# A fair test: log-SNR windows, the anti-curriculum, the same-distribution mixture, Min-SNR-gamma
+
+def _logsnr_reference(name, T):
+    """Normalised log-SNR position of every timestep, from alpha_bar computed here in float64 (not diffcl's table)."""
+    betas = D.beta_schedule(name, T).numpy()
+    ab = np.cumprod(1.0 - betas)
+    lam = np.log(ab / (1.0 - ab))
+    return (lam[0] - lam) / (lam[0] - lam[-1])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_windows_hold_exactly_the_timesteps_whose_position_is_inside(schedule):
+    T = 1000
+    ref = _logsnr_reference(schedule, T)
+    pos = D.logsnr_positions(D.diffusion_tables(D.beta_schedule(schedule, T))["alpha_bar"])
+    assert np.allclose(pos, ref, atol=1e-9) and np.all(np.diff(pos) > 0)
+    for st in DESC_STAGES + [{"t_min": 0.05, "t_max": 0.55}, {"t_min": 0.0, "t_max": 0.2}]:
+        lo, hi = D.time_window([st], 0, T, pos)
+        inside = ref[lo:hi]
+        assert np.all((inside >= st["t_min"]) & ((inside < st["t_max"]) | (st["t_max"] == 1)))
+        assert lo == 0 or ref[lo - 1] < st["t_min"]
+        assert hi == T or ref[hi] >= st["t_max"]
+    if schedule == "linear":       # the description's stages cut in log-SNR (the README's table)
+        assert [D.time_window(DESC_STAGES, i, T, pos) for i in range(5)] == \
+            [(785, 1000), (493, 1000), (139, 1000), (17, 1000), (0, 1000)]
+
+
+def test_reverse_mirrors_windows_and_keeps_lengths_and_capacity_schedules():
+    cfg = D.load_config(str(HERE / "configs" / "celeba32_cs.json"), ["--curriculum.order=reverse"])
+    fwd = D.stages_of(D.load_config(str(HERE / "configs" / "celeba32_cs.json")))
+    rev = D.stages_of(cfg)
+    T = 1000
+    for i in range(5):
+        lo, hi = D.time_window(fwd, i, T)
+        assert D.time_window(rev, i, T) == (T - hi, T - lo)         # [800, 1000) -> [0, 200)
+        assert rev[i]["epochs"] == fwd[i]["epochs"]
+        assert D.stage_sparsity(rev, i, 0.8) == D.stage_sparsity(fwd, i, 0.8)
+        assert D.stage_lambda(rev, i, 3e-5) == D.stage_lambda(fwd, i, 3e-5)
+    assert D.mirrored({"epochs": 1, "alpha": 3.0, "beta": 1.0}) == {"epochs": 1, "alpha": 1.0, "beta": 3.0}
+
+
+def test_mixture_probabilities_are_exact_and_real_draws_follow_them():
+    from scipy import stats
+    windows, weights, T = [(16, 20), (12, 20), (0, 20)], [1, 1, 3], 20
+    p = D.mixture_probabilities(windows, weights, T)
+    want = np.array([3 / 5 / 20] * 12 + [3 / 5 / 20 + 1 / 5 / 8] * 4 + [3 / 5 / 20 + 1 / 5 / 8 + 1 / 5 / 4] * 4)
+    assert np.allclose(p, want, rtol=0, atol=1e-15) and p.sum() == pytest.approx(1.0, abs=1e-15)
+    stages = [{"t_min": lo / T, "t_max": hi / T} for lo, hi in windows]
+    g = D.step_generators(3, 7, 0, "cpu", "cpu")[0]
+    t = D.draw_timesteps(stages, 0, 20000, T, False, g, None, weights)
+    counts = np.bincount(t.numpy(), minlength=T)
+    assert stats.chisquare(counts, 20000 * p).pvalue > 1e-3
+    draw = lambda i, step, rank: D.draw_timesteps(stages, i, 20000, T, False,
+                                                  D.step_generators(3, step, rank, "cpu", "cpu")[0], None, weights)
+    assert torch.equal(draw(2, 7, 0), t)                    # the stage does not matter, only (seed, step, rank)
+    assert not torch.equal(draw(0, 8, 0), t) and not torch.equal(draw(0, 7, 1), t)
+
+
+def test_min_snr_weights_match_float64_and_gamma_inf_is_the_simple_loss():
+    ab = D.diffusion_tables(D.beta_schedule("linear", 1000))["alpha_bar"]
+    snr = ab.numpy() / (1 - ab.numpy())
+    assert np.allclose(D.min_snr_weight(ab, 5.0, "eps").numpy(), np.minimum(snr, 5) / snr, rtol=1e-13)
+    assert np.allclose(D.min_snr_weight(ab, 5.0, "x0").numpy(), np.minimum(snr, 5), rtol=1e-13)
+    assert torch.equal(D.min_snr_weight(ab, math.inf, "eps"), torch.ones_like(ab))
+    cfg = D.merge_config({"diffusion": {"timesteps": 20, "loss_weight": "min_snr", "min_snr_gamma": 5.0}})
+    w = D.tables_on(cfg, torch.device("cpu"))["loss_weight"]
+    assert torch.equal(w, D.min_snr_weight(D.tables_on(cfg, torch.device("cpu"))["alpha_bar"], 5.0, "eps"))
+    # The optimised loss is the weighted mean; its gradient is the gradient of that objective.
+    out = torch.randn(4, 3, 8, 8, dtype=F64, requires_grad=True)
+    target, t = torch.randn(4, 3, 8, 8, dtype=F64), torch.tensor([0, 5, 10, 19])
+    loss, _ = D.objective(D.mse_per_sample(out, target).double() * w[t], torch.zeros(()), 0.0, 4)
+    loss.backward()
+    want = (2 * (out.detach() - target) / (3 * 8 * 8) * w[t].reshape(-1, 1, 1, 1) / 4)
+    assert torch.allclose(out.grad, want, rtol=1e-10)
+    with pytest.raises(D.ConfigError, match="min_snr' is defined for model_mean_type eps and x0"):
+        D.merge_config({"diffusion": {"loss_weight": "min_snr", "model_mean_type": "mean"}})
+
+
+def test_controls_train_resume_and_log_unweighted_mse(tmp_path):
+    over = {"anti": {"curriculum": {**TINY_RUN["curriculum"], "order": "reverse"}},
+            "mix": {"curriculum": {**TINY_RUN["curriculum"], "order": "mixture"}},
+            "minsnr": {"diffusion": {"timesteps": 20, "loss_weight": "min_snr"}}}
+    for name, extra in over.items():
+        cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, out_dir=str(tmp_path / name), **extra)
+        out = D.train(cfg)
+        train, stage = records(out, "train"), records(out, "stage")
+        if name == "anti":                                  # stage 1 is [0, 10): low noise first
+            assert stage[0]["window"] == [0, 10] and all(r["bucket_mse"][5:] == [None] * 5 for r in train[:3])
+        if name == "mix":                                   # every stage draws from both windows
+            assert any(v is not None for r in train[:3] for v in r["bucket_mse"][:5])   # stage 1 draws t < 10
+        if name == "minsnr":                                # loss is the weighted objective, mse stays unweighted
+            assert all(abs(r["loss"] - r["mse"]) > 1e-4 for r in train)
+        assert D.train(cfg) == out                          # a finished run resumes to nothing
+        with pytest.raises(D.RunError, match="different config"):
+            D.train(dict(cfg, curriculum={**cfg["curriculum"], "order": "forward"},
+                         diffusion={**cfg["diffusion"], "loss_weight": "uniform"}))
+
+
+def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path):
+    out = str(tmp_path / "ctl")
+    with pytest.raises(D.ConfigError, match="--modes needs base"):
+        D.compare(out, "shapes", 1, DEMO_OVERRIDES, fid_num=0, modes=("c", "anti"))
+    table = D.compare(out, "shapes", 1, [*DEMO_OVERRIDES, "--train.length_scale=0.5"], fid_num=0, held_out_n=8,
+                      jobs=2, modes=("base", "anti", "mixture", "minsnr"))
+    saved = json.load(open(tmp_path / "ctl" / "compare.json"))
+    assert {r["images_seen"] for r in saved["runs"].values()} == {160}      # 10 steps x 16 for every mode
+    for mode in ("base", "anti", "mixture", "minsnr"):
+        assert f"| {mode} | " in table
+    assert "- anti: c with --curriculum.order=reverse" in table and "isolates order alone" in table
+    cfg = json.load(open(tmp_path / "ctl" / "minsnr_seed0" / "config.json"))
+    assert cfg["diffusion"]["loss_weight"] == "min_snr" and not cfg["curriculum"]["enabled"]
