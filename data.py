@@ -7,6 +7,18 @@
 Datasets: celeba32, celeba64 (alias celeba), cifar10, fashion32, shapes (built in), folder:PATH.
 Decoded images are cached as one .npy per (dataset, root, split, resolution) in ~/.cache/diffcl/ with a JSON
 sidecar describing the source files; the cache is rebuilt when the sidecar no longer matches.
+
+Preprocessing, as tqch/ddpm-torch: CelebA crops rows 40-188 and columns 15-163 of the aligned 178x218 image (a
+centred 148x148 square) and resizes with PIL BILINEAR (antialiased when shrinking, as torchvision's Resize on PIL
+images); Fashion-MNIST is zero-padded 28x28 -> 32x32 (the background is 0, so no pixel is resampled) and stays
+single-channel; folder images are converted to RGB (alpha dropped), centre-cropped to the largest square and resized.
+The cache is named <dataset>_<split>_<res>px_<hash of root>.npy; its sidecar records dataset, absolute root, split,
+resolution, CACHE_VERSION and the number, total size and newest mtime of the source files. Both files are written
+atomically (each process its own temporary name), so concurrent builds are correct, only wasteful. Measured
+2026-11-26 on a 2-core x86-64 CPU: one core decodes ~1,900 CelebA images/s at 32x32; Fashion-MNIST caches in ~0.8 s.
+Batches (`epoch_batches`): a permutation and flip coins keyed by (seed, epoch); rank r takes the r-th slice of each
+global batch, so the union of the ranks' batches is the one-GPU batch; uint8 gathered with numpy, pinned for CUDA,
+converted on the device (4x fewer bytes to copy than float32).
 """
 import contextlib, gzip, hashlib, json, os, pickle, shutil, tarfile, time, urllib.request, zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -41,6 +53,7 @@ FASHION_FILES = {"train": ["train-images-idx3-ubyte.gz"], "test": ["t10k-images-
 FASHION_ROOTS = ("~/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 SHAPES = {"train": (0, 10_000), "test": (1, 2_000)}  # split -> (seed, default number of images)
+SHAPES_MAX_BYTES = 8 << 30  # shapes are generated in memory: refuse sizes that could only exhaust it
 CACHE_VERSION = 1  # bump when preprocessing changes so old caches are rebuilt
 POOL_MIN = 512  # decode fewer files than this in-process: a pool costs more than it saves
 
@@ -103,7 +116,11 @@ def load_images(name, root=None, split=None, resolution=None, cache_dir=None, do
             raise DataError(f"{arg} must be an integer >= {low}, got {value!r}")
     if dataset == "shapes":
         seed, n = SHAPES[split]
-        return make_shapes(num_images or n, res, seed)
+        n, need = num_images or n, (num_images or n) * res * res * 3
+        if need > SHAPES_MAX_BYTES:
+            raise DataError(f"shapes: {n:,} images of {res}x{res} would take {need / 2 ** 30:.0f} GiB; generate at most "
+                            f"{SHAPES_MAX_BYTES // (res * res * 3):,} (lower data_limit)")
+        return make_shapes(n, res, seed)
     if dataset in ("cifar10", "fashion32") and res != 32:
         raise DataError(f"{name} is 32x32 only; resolution={res} is not supported, drop the resolution setting")
     root = os.path.abspath(os.path.expanduser(find_root(dataset, name, root)))
@@ -268,6 +285,13 @@ def decode_file(path, box, res):
     box=None: centre square crop. Resize is PIL BILINEAR, which antialiases when reducing (as tqch's Resize)."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit greyscale ('I;16', or 'I' holding 0..65535): scale, do not clip
+                a = np.asarray(img, dtype=np.float64)
+                if a.min() < 0 or a.max() > 65535:
+                    raise ValueError(f"{img.mode} pixels outside 0..65535 cannot be mapped to 8 bits")
+                img = Image.fromarray(np.round(a / 257).astype(np.uint8))
+            elif img.mode == "F":
+                raise ValueError("floating-point images cannot be mapped to 8 bits faithfully; convert them first")
             img = img.convert("RGB")  # L, LA, P, RGBA, CMYK -> RGB (alpha is dropped)
         w, h = img.size
         if box is not None and (w, h) != (178, 218):
@@ -433,8 +457,15 @@ def epoch_batches(images, global_batch, rank, world, seed, epoch, device, start=
         yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
 
 
-def held_out_images(name, n, resolution=None, root=None):
-    """The first n images of a dataset's held-out split (test), uint8 (n, H, W, C)."""
+def held_out_images(name, n, resolution=None, root=None, train_split=None):
+    """The first n images of a dataset's held-out split (test), uint8 (n, H, W, C). Refused when the training split
+    contains it (celeba64 trains on 'all' by default): held-out images must never have been trained on."""
+    dataset = canonical(name)
+    if "test" not in INFO[dataset][3]:
+        raise DataError(f"{name} has no test split to hold out; compare needs a dataset with one")
+    if (train_split or INFO[dataset][2]) == "all":
+        raise DataError(f"{name} trains on split 'all', which contains the held-out test split: pass "
+                        "--data_split=train so the scores come from images the models never saw")
     return load_images(name, split="test", resolution=resolution, root=root, log=lambda *a: None)[:n]
 
 

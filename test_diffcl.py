@@ -2807,3 +2807,72 @@ def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path):
     assert "- anti: c with --curriculum.order=reverse" in table and "isolates order alone" in table
     cfg = json.load(open(tmp_path / "ctl" / "minsnr_seed0" / "config.json"))
     assert cfg["diffusion"]["loss_weight"] == "min_snr" and not cfg["curriculum"]["enabled"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: changed data under a resume, partial cluster shells, damaged files, concurrent writers, odd images
+
+def test_a_resume_after_the_dataset_changed_is_refused_with_both_counts(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k, im in enumerate(data.load_images("shapes", resolution=16, num_images=48, log=lambda *a: None)):
+        Image.fromarray(im).save(folder / f"{k:03d}.png")
+    cfg = tiny_cfg(tmp_path, "cs", dataset=f"folder:{folder}", data_limit=0,
+                   train={**TINY_RUN["train"], "image_intv": 0, "save_every": 0})
+    D.train(cfg)
+    for k in range(16):
+        (folder / f"{k:03d}.png").unlink()
+    with pytest.raises(D.RunError, match=r"trained on 48 images, the dataset now has 32: the stage boundaries"):
+        D.train(cfg)
+
+
+def test_partial_cluster_environments_and_missing_devices_are_one_line_errors(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(D.ConfigError, match=r"RANK is set but LOCAL_RANK, WORLD_SIZE.* missing: launch with torchrun"):
+        D.setup_dist()
+    monkeypatch.delenv("RANK")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            fid.main(["calc", "x.npz", "y.npz", "--device", "cuda:7"])
+        assert "--device cuda:7: this machine has 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_damaged_or_odd_run_files_are_one_line_errors_and_untouched(tmp_path):
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    (cmp / "compare.json").write_text('{"runs": {"base/se')
+    with pytest.raises(D.RunError, match="compare.json is damaged"):
+        D.compare(str(cmp), "shapes", 1, DEMO_OVERRIDES, fid_num=0)
+    assert (cmp / "compare.json").read_text() == '{"runs": {"base/se'
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0})
+    os.makedirs(os.path.join(cfg["out_dir"], "metrics.jsonl"))
+    with pytest.raises(D.RunError, match="metrics.jsonl is not a plain file"):
+        D.train(cfg)
+    with pytest.raises(data.DataError, match=r"shapes: 1,000,000,000 images .* GiB"):
+        data.load_images("shapes", num_images=10 ** 9)
+    with pytest.raises(data.DataError, match="trains on split 'all'.*--data_split=train"):
+        data.held_out_images("celeba64", 4)
+
+
+def test_a_second_writer_of_an_image_folder_is_refused(tmp_path, cs_checkpoint):
+    out = tmp_path / "imgs"
+    out.mkdir()
+    holder = D.lock_run_folder(str(out), "sample or eval")
+    try:
+        with pytest.raises(D.RunError, match=r"in use by another sample or eval \(pid \d+\).*--out"):
+            D.sample(cs_checkpoint, 2, str(out), ddim=True, steps=2)
+    finally:
+        holder.close()
+    D.sample(cs_checkpoint, 2, str(out), ddim=True, steps=2)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["000000.png", "000001.png"]
+
+
+def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "g16"
+    folder.mkdir()
+    for k, v in enumerate((0, 32896, 65535)):            # 0, 128 and 255 in 8 bits
+        Image.fromarray(np.full((8, 8), v, np.uint16)).save(folder / f"{k}.png")
+    assert Image.open(folder / "1.png").mode.startswith("I")
+    images = data.load_images(f"folder:{folder}", resolution=8, cache_dir=str(tmp_path / "cache"), log=lambda *a: None)
+    assert [int(im.mean()) for im in images] == [0, 128, 255]
