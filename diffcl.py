@@ -2144,6 +2144,22 @@ def run_command(cmd, args, rest):
                     args.inception, args.download, batch_size=args.batch_size, **kw)
 
 
+def preflight(argv, world):
+    """run.sh's check before torchrun starts `world` processes: the config loads and its batch splits evenly, so
+    a mistake is one line and exit 2 rather than one error per rank and torchrun's traceback."""
+    try:
+        cmd, args, rest = parse_cli(["train", *argv])
+        cfg = load_config(args.config_path or args.config, rest)
+        tr = cfg["train"]
+        if tr["batch_size"] % (world * tr["num_accum"]):
+            raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by {world} processes x "
+                              f"train.num_accum {tr['num_accum']}: change NGPUS or --train.batch_size")
+        return 0
+    except (ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
 def main(argv):
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE)

@@ -27,5 +27,8 @@ if [ "$ngpus" = 0 ] || [ "$has_cuda" = 0 ]; then
 else
   procs=$ngpus
 fi
+# Check the config and the batch split once, here, so a mistake is one line (exit 2), not one per rank.
+python3 -c 'import sys, diffcl; sys.exit(diffcl.preflight(sys.argv[2:], int(sys.argv[1])))' \
+    "$procs" --config-path "$config" "$@" || exit 2
 set -x
 exec python3 -m torch.distributed.run --standalone --nproc_per_node="$procs" diffcl.py train --config-path "$config" "$@"

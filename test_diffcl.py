@@ -2876,3 +2876,11 @@ def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
     assert Image.open(folder / "1.png").mode.startswith("I")
     images = data.load_images(f"folder:{folder}", resolution=8, cache_dir=str(tmp_path / "cache"), log=lambda *a: None)
     assert [int(im.mean()) for im in images] == [0, 128, 255]
+
+
+def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line():
+    r = subprocess.run(["bash", str(HERE / "run.sh"), "base", "3"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, DATASET="shapes"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
+                                             "train.num_accum 1: change NGPUS or --train.batch_size"]
