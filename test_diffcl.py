@@ -1585,13 +1585,43 @@ def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_p
     assert kinds(run) == kinds(full) and kinds(full).count(("stage", 6)) == 1   # no duplicate or missing records
 
 
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+# One torchrun launch of 2 ranks checks three things: DDP gradients of the CR objective equal one process's,
+# the real `train` keeps ranks identical, and the ranks draw different timesteps (recorded by a spy).
+TWO_RANK_TRAINER = """
+import os, sys
+sys.path.insert(0, {here!r})
+import torch, torch.distributed as dist
+import diffcl as D
+from unet import UNet
+from torch.nn.parallel import DistributedDataParallel
+rank, out = int(os.environ["RANK"]), {out!r}
+dist.init_process_group("gloo")                     # train's setup_dist reuses it; main destroys it at the end
+torch.manual_seed(0)
+model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
+g = torch.Generator().manual_seed(5)
+x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
+eps = torch.randn(8, 3, 8, 8, generator=g)
+half = slice(rank * 4, rank * 4 + 4)
+ddp = DistributedDataParallel(model)                  # kept alive: its hooks all-reduce in backward
+mse = D.mse_per_sample(ddp(x[half], t[half]), eps[half])
+D.objective(mse, D.group_l1(model), 0.3, 8)[0].backward()
+if rank == 0:
+    torch.save({{n: p.grad for n, p in model.named_parameters()}}, os.path.join(out, "g.pt"))
+drawn, real = [], D.draw_timesteps
+D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
+rc = D.main(sys.argv[1:])
+torch.save(torch.stack(drawn), os.path.join(out, f"t{{rank}}.pt"))
+sys.exit(rc)
+"""
+
+
+def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(tmp_path):
     cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 2})
-    path = tmp_path / "cfg.json"
+    path, out, script = tmp_path / "cfg.json", tmp_path / "ddp", tmp_path / "two_ranks.py"
     path.write_text(json.dumps(cfg))
-    out = tmp_path / "ddp"
+    script.write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(HERE / "diffcl.py"), "train", str(path), f"--out_dir={out}"],
+                        str(script), "train", str(path), f"--out_dir={out}"],
                        capture_output=True, text=True, cwd=HERE, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
@@ -1599,31 +1629,12 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["world"] == 2 and state["mask"].sum() == 64
 
+    t0, t1 = (torch.load(tmp_path / f"t{r}.pt", weights_only=True) for r in (0, 1))
+    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
+    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
+    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
 
-def _ddp_grad_worker(rank, world, init_file, result_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from torch.nn.parallel import DistributedDataParallel
-    torch.manual_seed(0)
-    model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
-    ddp = DistributedDataParallel(model)
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
-    eps = torch.randn(8, 3, 8, 8, generator=g)
-    half = slice(rank * 4, rank * 4 + 4)
-    mse = D.mse_per_sample(ddp(x[half], t[half]), eps[half])
-    loss, _ = D.objective(mse, D.group_l1(model), 0.3, 8)
-    loss.backward()
-    if rank == 0:
-        torch.save({n: p.grad for n, p in model.named_parameters()}, result_file)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def test_ddp_gradients_and_cr_objective_do_not_depend_on_world_size(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_ddp_grad_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "g.pt")), nprocs=2)
-    torch.manual_seed(0)
+    torch.manual_seed(0)                                        # the same objective on one process, full batch
     model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
@@ -1633,28 +1644,6 @@ def test_ddp_gradients_and_cr_objective_do_not_depend_on_world_size(tmp_path):
     ddp_grads = torch.load(tmp_path / "g.pt", weights_only=True)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
-
-
-def _two_rank_train_worker(rank, world, init_file, cfg_json, result_dir):
-    """A real 2-rank `train` (gloo), recording the timesteps each rank draws."""
-    import torch.distributed as dist
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    drawn, real = [], D.draw_timesteps
-    D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
-    D.train(json.loads(cfg_json))
-    torch.save(torch.stack(drawn), os.path.join(result_dir, f"t{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_two_ranks_train_on_different_timesteps(tmp_path):
-    import torch.multiprocessing as mp
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0})
-    mp.spawn(_two_rank_train_worker, args=(2, str(tmp_path / "rdzv"), json.dumps(cfg), str(tmp_path)), nprocs=2)
-    t0, t1 = (torch.load(tmp_path / f"t{r}.pt", weights_only=True) for r in (0, 1))
-    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
-    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
-    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2539,6 +2528,7 @@ def test_eval_needs_real_weights_or_says_how_to_get_them(cs_checkpoint, tmp_path
         with pytest.raises(fid.FIDError, match="DIFFCL_INCEPTION"):
             D.evaluate(cs_checkpoint, str(tmp_path / "e"), str(ref), num=2, ddim=True, steps=2)
         pytest.skip("DIFFCL_INCEPTION not set: the scoring half of eval needs the real Inception weights")
+    monkeypatch.setattr(fid, "frechet_distance", low_rank_fd(fid.frechet_distance))   # 4 samples: rank 3
     result = D.evaluate(cs_checkpoint, str(tmp_path / "e"), str(ref), num=4, real=str(tmp_path / "e"),
                         ddim=True, steps=2)
     assert math.isfinite(result["fid"]) and result["n"] == 4 and result["precision"] == 1.0
