@@ -2480,7 +2480,7 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     assert not torch.equal(net(x, t, mask), net(x, t))           # the mask matters, and sampling applies it
 
 
-def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_checkpoint, tmp_path):
+def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_checkpoint, tmp_path, capsys):
     out = tmp_path / "s"
     D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=3, seed=0)
     first = [read_png(out / f"{i:06d}.png") for i in range(3)]
@@ -2496,8 +2496,10 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     torch.save(dict(state, step=state["step"] + 6), other)      # "the same run, trained further"
     with pytest.raises(D.RunError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
-    r = run_cli("sample", "--ckpt", cs_checkpoint, "--out", tmp_path / "s" / "000000.png" / "x", "--num", "1")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not writable" in r.stderr
+    capsys.readouterr()
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"), "--num", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not writable" in err
 
 
 def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
@@ -2512,9 +2514,9 @@ def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
 
 
 def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path, capsys):
-    r = run_cli("sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", tmp_path / "ddpm", "--raw", "--npz")
-    assert r.returncode == 0, r.stderr
-    assert "DDPM 20 steps" in r.stdout and "raw weights" in r.stdout
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
+    out = capsys.readouterr().out
+    assert "DDPM 20 steps" in out and "raw weights" in out
     assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 16, 16, 3)
     assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
     assert "DDIM needs between 1 and T = 20 steps" in capsys.readouterr().err
