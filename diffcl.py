@@ -1564,13 +1564,27 @@ def soak_memory(x0, mask, score, run, n, first_step):
     return figures
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 for a moment: the profiler's C++ side prints 'profiler_start/stop' lines there."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def kernels_per_step(x0, step, mask, score, run):
     """Device kernels (CUDA) or outermost aten ops (CPU) launched by one warm training step: the launch count
     that makes small-batch GPU training host-bound (an H100 profile found 1,743 kernels)."""
     from torch.autograd import DeviceType                   # bench only: the profiler is slow to import
     from torch.profiler import ProfilerActivity, profile
     cuda = x0.is_cuda
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         train_step(x0, step, 0, mask, score, run)
         sync(x0.device)
     events = prof.events()
@@ -1956,8 +1970,9 @@ def line_chart(curves, path, title, marks=()):
     to_x = lambda x: x0 + (x1 - x0) * x / xmax
     for m in marks:
         d.line([to_x(m), y0, to_x(m), y1], fill=(200, 200, 200))
-    for k in range(5):
-        d.text((to_x(xmax * k / 4) - 8, y1 + 8), f"{round(xmax * k / 4)}", fill="black")
+    for tick in sorted({round(xmax * k / 4) for k in range(5)}):
+        d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
+        d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
     d.text((x1 - 20, y1 + 22), "step", fill="black")
     for k, c in enumerate(curves.values()):
         xy, colour = [(to_x(x), to_y(y)) for x, y in c], COLOURS[k % len(COLOURS)]

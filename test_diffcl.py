@@ -2737,8 +2737,8 @@ def test_help_exits_0_and_bench_sizes_images_by_the_dataset(capsys, monkeypatch)
     assert D.main(["--help"]) == 0 and "compare" in capsys.readouterr().out
     assert D.main([]) == 2 and "usage" in capsys.readouterr().err
     cfg = D.load_config(str(HERE / "configs" / "celeba64.json"),
-                        ["--model.hid_channels=32", "--model.ch_multipliers=[1]", "--model.apply_attn=false",
-                         "--model.num_res_blocks=1"])
+                        ["--model.hid_channels=32", "--model.ch_multipliers=[1,1,1,1]", "--model.apply_attn=false",
+                         "--model.num_res_blocks=1"])             # 3 downsamplings: the middle's attention is 8x8
     assert D.image_resolution(cfg) == 64 and D.image_resolution(dict(cfg, dataset="celeba")) == 64
     assert D.image_resolution(dict(cfg, dataset="cifar10")) == 32 and D.image_resolution(dict(cfg, resolution=16)) == 16
     monkeypatch.setattr(D, "kernels_per_step", lambda *a: 0)    # the profiler and the matmul probe are tested
@@ -2947,3 +2947,24 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
                                              "train.num_accum 1: change NGPUS or --train.batch_size"]
+
+
+@pytest.mark.parametrize("mode", ["cs", "cr"])
+def test_the_compiled_forward_is_traced_once_across_every_stage_boundary(tmp_path, mode, monkeypatch):
+    """Stage changes (window, lambda, mask values, regrown channels) must not change what the compiled forward sees:
+    one graph, no graph break, no recompilation. A counting backend sees every graph dynamo hands over (no codegen)."""
+    graphs, real_compile = [], torch.compile
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(D.torch, "compile", lambda m, **kw: real_compile(m, backend=counting))
+    torch._dynamo.reset()
+    stages = [{"t_min": f, "t_max": 1.0, "epochs": 1} for f in (0.8, 0.6, 0.4, 0.2, 0.0)]
+    cfg = tiny_cfg(tmp_path, mode, curriculum={"enabled": True, "stages": stages},
+                   train={**TINY_RUN["train"], "image_intv": 0, "compile": True, "epochs": 1}, data_limit=16)
+    out = D.train(cfg)
+    assert [r["step"] for r in records(out, "stage")] == [0, 2, 4, 6, 8]
+    if mode == "cs":
+        assert [r["active"] for r in records(out, "stage")] == [32, 40, 48, 56, 64]   # the mask changed 4 times
+    assert len(graphs) == 1
