@@ -82,12 +82,20 @@ def one_line(e):
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
+def exclusive_file(path):
+    """Create `path` as a new empty file of ours, never through a link someone planted there (a shared folder)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)                     # a leftover of ours, or a planted link: the link goes, not its target
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+
+
 def atomic_write(path, content):
     """Write a file that is either whole or absent: `content` (str, bytes, or a function that writes a given file
     name) goes to a temporary name beside `path`, which then replaces `path`. On any failure, Ctrl-C included,
     the temporary file is removed and `path` is untouched. Readers never see the temporary names (*.tmp)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        exclusive_file(tmp)
         if callable(content):
             content(tmp)
         else:

@@ -831,6 +831,12 @@ def config_diff(old, new):
     return [k for k in keys if k not in RESUMABLE_KEYS]
 
 
+def hard_link(src, dst):
+    """dst becomes a second name of src (os.link never follows or overwrites: the fresh empty dst goes first)."""
+    os.remove(dst)
+    os.link(src, dst)
+
+
 def save_checkpoint(path, state, keep_previous=False):
     """Write atomically so a crash never leaves a torn checkpoint. With keep_previous, the checkpoint being
     replaced stays as <name>_prev.pt (a hard link: no copy)."""
@@ -838,7 +844,7 @@ def save_checkpoint(path, state, keep_previous=False):
         def write(tmp):
             torch.save(state, tmp)
             if keep_previous and os.path.exists(path):
-                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.link(path, prev))
+                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: hard_link(path, prev))
         data.atomic_write(path, write)
     except Exception as e:                                  # disk full is a RuntimeError from torch.save
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
@@ -875,10 +881,10 @@ def load_weights(module, weights, path):
 
 def append_jsonl(path, record):
     """One JSON object per line, written with a single call and flushed (never half a record)."""
-    try:
-        with open(path, "a") as f:
+    try:                                                    # O_NOFOLLOW: never append through a planted link
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a") as f:
             f.write(json.dumps(record) + "\n")
-    except OSError as e:                                    # disk full, or the path became a folder
+    except OSError as e:                                    # disk full, a link, or the path became a folder
         raise RunError(f"cannot append to {path} ({e.strerror}); free disk space or fix that file, then rerun "
                        "to resume from the last checkpoint")
 

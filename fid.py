@@ -541,6 +541,14 @@ def score(images, ref_stats_path, model, real_feats=None, k=3, batch_size=200, d
 # ----------------------------------------------------------------------------
 # Images and the command line.
 
+def new_file(path):
+    """A descriptor of `path` created anew: a leftover (or a link planted in a shared folder) is removed, never
+    followed."""
+    if os.path.lexists(path):
+        os.remove(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
 def claim_image_folder(out, made_by, replace_stale):
     """Make `out` a folder of generated images made by `made_by` (checkpoint, seed, sampler...), recorded in its
     manifest.json. Images that something else made are deleted when replace_stale, else refused: scoring a mix
@@ -567,7 +575,7 @@ def claim_image_folder(out, made_by, replace_stale):
         for f in pngs:
             os.remove(os.path.join(out, f))
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(new_file(tmp), "w") as f:
         json.dump(made_by, f, indent=1)
     os.replace(tmp, path)
 
@@ -577,7 +585,8 @@ def write_png(image, path):
     under a name that readers take."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
+        with os.fdopen(new_file(tmp), "wb") as f:
+            Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(f, format="PNG")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

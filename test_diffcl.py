@@ -2968,3 +2968,49 @@ def test_the_compiled_forward_is_traced_once_across_every_stage_boundary(tmp_pat
     if mode == "cs":
         assert [r["active"] for r in records(out, "stage")] == [32, 40, 48, 56, 64]   # the mask changed 4 times
     assert len(graphs) == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["base", "cs", "cr"])
+def test_cuda_training_steps_never_wait_for_the_host(tmp_path, mode, monkeypatch):
+    """Between log steps nothing may read a device value on the host: CUDA's sync debug mode turns any
+    synchronising call (an .item(), a blocking copy) inside train_step into an error."""
+    monkeypatch.setenv("DIFFCL_DEVICE", "cuda")
+    cfg = gpu_tiny_cfg(tmp_path, mode)
+    device = torch.device("cuda")
+    model, ema, opt, mask, _, score = D.new_state(cfg, device)
+    run = D.make_run(cfg, model, ema, opt, device)
+    mask, score = D.place_mask_and_score(run, mask, score, device)
+    x0 = torch.rand(8, 3, 16, 16, device=device) * 2 - 1
+    D.train_step(x0, 0, 0, mask, score, run)                # warm-up: allocations, cuDNN autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            D.train_step(x0, step, step % len(run.stages), mask, score, run)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(run.stats.v).all()
+
+
+def test_files_written_into_a_run_folder_never_follow_planted_links(tmp_path):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1})
+    os.makedirs(os.path.join(cfg["out_dir"], "samples"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in (f"ckpt.pt.{os.getpid()}.tmp", f"config.json.{os.getpid()}.tmp",
+                 f"samples/epoch0001_high.png.{os.getpid()}.tmp"):
+        os.symlink(victim, os.path.join(cfg["out_dir"], name))
+    D.train(cfg)
+    assert victim.read_text() == "precious" and torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"))["step"] == 12
+    os.remove(os.path.join(cfg["out_dir"], "metrics.jsonl"))
+    os.symlink(victim, os.path.join(cfg["out_dir"], "metrics.jsonl"))
+    with pytest.raises(D.RunError, match="metrics.jsonl is not a plain file"):
+        D.train(cfg)
+    out = tmp_path / "imgs"
+    out.mkdir()
+    os.symlink(victim, out / f"000000.png.{os.getpid()}.tmp")
+    os.symlink(victim, out / f"manifest.json.{os.getpid()}.tmp")
+    D.sample(os.path.join(cfg["out_dir"], "ckpt.pt"), 1, str(out), ddim=True, steps=2)
+    assert victim.read_text() == "precious" and (out / "000000.png").is_file()
