@@ -187,8 +187,14 @@ def source_files(dataset, root, split, download, log):
         return files
     if not os.path.isdir(root):
         raise DataError(f"image folder {root} does not exist: point folder:PATH at a directory of images")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unlistable) for f in fs
+    # Regular files only (os.walk follows no directory links, so a link loop cannot recur): a FIFO or device named
+    # x.png would block the decoder, a dangling link has nothing to read.
+    named = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, onerror=unlistable) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
+    files = [f for f in named if os.path.isfile(f)]
+    if len(files) < len(named):
+        log(f"{root}: skipped {len(named) - len(files)} entries that are not regular files (links to nothing, "
+            f"pipes, devices), e.g. {next(f for f in named if not os.path.isfile(f))}")
     if not files:
         raise DataError(f"no {'/'.join(IMAGE_EXTS)} images under {root}: point folder:PATH at a directory of images")
     return files

@@ -1484,8 +1484,11 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     for a, n in todo:
         x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
                      amp=amp, on_step=report)
-        for j, img in enumerate(to_uint8(x)):
-            fid.write_png(img, name(a + j))
+        try:
+            for j, img in enumerate(to_uint8(x)):
+                fid.write_png(img, name(a + j))
+        except OSError as e:                                # disk full: the finished images stay, a rerun resumes
+            raise RunError(f"cannot write {out} ({e.strerror}); free disk space, then rerun to finish the rest")
     barrier(world)
     if npz and rank == 0:
         data.atomic_write(os.path.join(out, "samples.npz"),

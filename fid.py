@@ -652,12 +652,27 @@ def read_images(src, num=None, data_root=None, split=None, download=False, log=p
     return images[:num] if num else images
 
 
+def source_key(src, split, root):
+    """What reference statistics were computed from, so a changed source is recomputed: a folder (plain or as
+    folder:PATH) by its image files' count, bytes and newest mtime, a file by its size and mtime, a dataset by name."""
+    folder = src[7:] if src.startswith("folder:") else src
+    p = Path(folder)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        stats = [os.stat(f) for f in files if os.path.isfile(f)]
+        return {"source": f"{'folder:' if src.startswith('folder:') else ''}{p.resolve()}", "files": len(stats),
+                "bytes": sum(st.st_size for st in stats), "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+                "split": split, "root": root}
+    if p.exists():
+        st = p.stat()
+        return {"source": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"source": src, "split": split, "root": root}
+
+
 def cmd_ref(args):
     """Reference statistics; skipped when --out was made from the same source, count and weights."""
     weights = find_weights(args.inception, args.download)
-    p = Path(args.data)
-    key = ({"source": str(p.resolve()), "mtime": p.stat().st_mtime} if p.exists()
-           else {"source": args.data, "split": args.split, "root": args.data_root})
+    key = source_key(args.data, args.split, args.data_root)
     key.update(num=args.num, weights_sha256=weights_sha256(weights))
     if os.path.exists(args.out) and not args.force:
         old = stats_meta(args.out)

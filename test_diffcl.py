@@ -3014,3 +3014,35 @@ def test_files_written_into_a_run_folder_never_follow_planted_links(tmp_path):
     os.symlink(victim, out / f"manifest.json.{os.getpid()}.tmp")
     D.sample(os.path.join(cfg["out_dir"], "ckpt.pt"), 1, str(out), ddim=True, steps=2)
     assert victim.read_text() == "precious" and (out / "000000.png").is_file()
+
+
+def test_reference_statistics_follow_their_source_and_odd_folder_entries_are_skipped(tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(folder / f"{k}.png")
+    for src in (str(folder), f"folder:{folder}"):
+        key = fid.source_key(src, None, None)
+        assert key == fid.source_key(src, None, None) and key["files"] == len(list(folder.glob("*.png")))
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / f"new{len(src)}.png")
+        assert fid.source_key(src, None, None) != key          # images added: no longer up to date
+    os.mkfifo(folder / "pipe.png")                            # would block a decoder
+    os.symlink(tmp_path / "nothing.png", folder / "dangling.png")
+    logs = []
+    images = data.load_images(f"folder:{folder}", resolution=8, cache_dir=str(tmp_path / "c"), log=logs.append)
+    assert len(images) == 5 and any("skipped 2 entries that are not regular files" in m for m in logs)
+
+
+def test_a_full_disk_while_sampling_is_one_line_and_keeps_finished_images(tmp_path, cs_checkpoint, monkeypatch):
+    out = tmp_path / "s"
+    real, calls = fid.write_png, []
+
+    def full_after_one(image, path):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real(image, path)
+    monkeypatch.setattr(fid, "write_png", full_after_one)
+    with pytest.raises(D.RunError, match=r"cannot write .* \(No space left on device\); free disk space"):
+        D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=2)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["000000.png"]
