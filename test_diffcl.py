@@ -3046,3 +3046,18 @@ def test_a_full_disk_while_sampling_is_one_line_and_keeps_finished_images(tmp_pa
     with pytest.raises(D.RunError, match=r"cannot write .* \(No space left on device\); free disk space"):
         D.sample(cs_checkpoint, 3, str(out), ddim=True, steps=2)
     assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["000000.png"]
+
+
+def test_readers_skip_torn_temporaries_and_the_wall_time_survives_a_resume(tmp_path, cs_checkpoint):
+    out = tmp_path / "s"
+    D.sample(cs_checkpoint, 2, str(out), ddim=True, steps=2)
+    (out / "000003.png.4242.tmp").write_bytes((out / "000001.png").read_bytes())   # left by a kill before rename
+    assert len(fid.load_image_folder(str(out))) == 2
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0})
+    first = D.train(dict(cfg, train={**cfg["train"], "epochs": 1},
+                         curriculum={**cfg["curriculum"], "stages": cfg["curriculum"]["stages"][:1]}))
+    wall = torch.load(os.path.join(first, "ckpt.pt"))["wall_seconds"]
+    assert wall > 0
+    D.train(dict(cfg, train={**cfg["train"], "epochs": 1},
+                 curriculum={**cfg["curriculum"], "stages": cfg["curriculum"]["stages"][:1]}))   # nothing left to do
+    assert torch.load(os.path.join(first, "ckpt.pt"))["wall_seconds"] == wall
