@@ -1461,40 +1461,42 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     made_by = {"ckpt_sha256": fid.file_sha256(ckpt), "step": state["step"], "seed": seed,
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
-    lock = None
     if rank == 0:
         prepare_out_dir(out)
-        lock = lock_run_folder(out, "sample or eval")       # two writers would delete each other's images
-        fid.claim_image_folder(out, made_by, replace_stale)
-    barrier(world)
-    name = lambda i: os.path.join(out, f"{i:06d}.png")
-    chunks = rank_chunks(num, batch_size, rank, world)
-    todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
-    if rank == 0:
-        print(f"sample: {num} images from {ckpt} ({sampler}, {'raw' if raw else 'EMA'} weights) -> {out}; "
-              f"{len(chunks) - len(todo)} chunks already done", flush=True)
-    net_steps = (steps if ddim else T) * len(todo)
-    t0, t_print, done = time.perf_counter(), [0.0], [0]
+    lock = lock_run_folder(out, "sample or eval") if rank == 0 else None   # two writers would delete each other's images
+    try:
+        if rank == 0:
+            fid.claim_image_folder(out, made_by, replace_stale)
+        barrier(world)
+        name = lambda i: os.path.join(out, f"{i:06d}.png")
+        chunks = rank_chunks(num, batch_size, rank, world)
+        todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
+        if rank == 0:
+            print(f"sample: {num} images from {ckpt} ({sampler}, {'raw' if raw else 'EMA'} weights) -> {out}; "
+                  f"{len(chunks) - len(todo)} chunks already done", flush=True)
+        net_steps = (steps if ddim else T) * len(todo)
+        t0, t_print, done = time.perf_counter(), [0.0], [0]
 
-    def report(k, n):                                       # a line every 10 s: DDPM chunks can take minutes
-        done[0] += 1
-        if rank == 0 and (time.perf_counter() - t_print[0] > 10 or done[0] == net_steps):
-            t_print[0] = time.perf_counter()
-            print(progress(done[0], net_steps, t0, "sample (network evaluations, this rank)"), flush=True)
-    for a, n in todo:
-        x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
-                     amp=amp, on_step=report)
-        try:
-            for j, img in enumerate(to_uint8(x)):
-                fid.write_png(img, name(a + j))
-        except OSError as e:                                # disk full: the finished images stay, a rerun resumes
-            raise RunError(f"cannot write {out} ({e.strerror}); free disk space, then rerun to finish the rest")
-    barrier(world)
-    if npz and rank == 0:
-        data.atomic_write(os.path.join(out, "samples.npz"),
-                          lambda tmp: np.savez(open(tmp, "wb"), images=fid.load_image_folder(out)[:num]))
-    if lock is not None:
-        lock.close()
+        def report(k, n):                                       # a line every 10 s: DDPM chunks can take minutes
+            done[0] += 1
+            if rank == 0 and (time.perf_counter() - t_print[0] > 10 or done[0] == net_steps):
+                t_print[0] = time.perf_counter()
+                print(progress(done[0], net_steps, t0, "sample (network evaluations, this rank)"), flush=True)
+        for a, n in todo:
+            x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
+                         amp=amp, on_step=report)
+            try:
+                for j, img in enumerate(to_uint8(x)):
+                    fid.write_png(img, name(a + j))
+            except OSError as e:                                # disk full: the finished images stay, a rerun resumes
+                raise RunError(f"cannot write {out} ({e.strerror}); free disk space, then rerun to finish the rest")
+        barrier(world)
+        if npz and rank == 0:
+            data.atomic_write(os.path.join(out, "samples.npz"),
+                              lambda tmp: np.savez(open(tmp, "wb"), images=fid.load_image_folder(out)[:num]))
+    finally:
+        if lock is not None:
+            lock.close()
     return out
 
 
