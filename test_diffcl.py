@@ -3061,3 +3061,14 @@ def test_readers_skip_torn_temporaries_and_the_wall_time_survives_a_resume(tmp_p
     D.train(dict(cfg, train={**cfg["train"], "epochs": 1},
                  curriculum={**cfg["curriculum"], "stages": cfg["curriculum"]["stages"][:1]}))   # nothing left to do
     assert torch.load(os.path.join(first, "ckpt.pt"))["wall_seconds"] == wall
+
+
+@needs_cuda
+def test_cuda_resident_batches_equal_the_host_path_bit_for_bit():
+    images = data.load_images("shapes", resolution=16, num_images=64, log=lambda *a: None)
+    resident = data.on_device(images, "cuda")
+    assert isinstance(resident, torch.Tensor) and resident.is_cuda
+    for rank in (0, 1):
+        host = list(data.epoch_batches(images, 16, rank, 2, 3, 1, "cuda", start=1))
+        dev = list(data.epoch_batches(resident, 16, rank, 2, 3, 1, "cuda", start=1))
+        assert len(host) == len(dev) == 3 and all(torch.equal(a, b) for a, b in zip(host, dev))
