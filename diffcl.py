@@ -1053,6 +1053,7 @@ class Run:
     stats: "StepStats"
     rank: int = 0
     world: int = 1
+    graphs: list = dataclasses.field(default_factory=list)   # graphs compiled for the forward (train.compile)
 
 
 def new_state(cfg, device):
@@ -1077,11 +1078,11 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
     mode, stages, cur = run_mode(cfg), stages_of(cfg), cfg["curriculum"]
     tab = tables_on(cfg, device)
     starts = [stage_start(stages, i, steps_per_epoch, cfg["train"]["length_scale"]) for i in range(len(stages) + 1)]
-    fwd = model
+    fwd, graphs = model, []
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["train"]["compile"]:
-        fwd = torch.compile(fwd)
+        fwd = torch.compile(fwd, backend=counting_inductor(graphs))
     lambdas = [stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
                for i in range(len(stages))]
     return Run(cfg=cfg, stages=stages, mode=mode, lambdas=lambdas,
@@ -1090,7 +1091,18 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
                positions=logsnr_positions(tab["alpha_bar"].cpu()) if cur["window"] == "logsnr" else None,
                mix_weights=[b - a for a, b in zip(starts, starts[1:])] if cur["order"] == "mixture" else None,
                ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
-               stats=StepStats(device), rank=rank, world=world)
+               stats=StepStats(device), rank=rank, world=world, graphs=graphs)
+
+
+def counting_inductor(graphs):
+    """torch.compile's default backend (inductor), noting each graph dynamo hands it: one graph for the whole run
+    means no graph break and no recompilation (bench reports the count)."""
+    inductor = torch._dynamo.lookup_backend("inductor")
+
+    def backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return inductor(gm, example_inputs)
+    return backend
 
 
 def place_mask_and_score(run, mask, score, device):
@@ -1656,6 +1668,7 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
               "gflop_per_img": float(f"{gflop:.4g}"), "achieved_tflops": float(f"{B * gflop / step_s / 1e3:.4g}"),
               "matmul_tflops": float(f"{peak / 1e12:.4g}"), "utilisation": float(f"{B * gflop * 1e9 / step_s / peak:.4g}"),
               "warmup_s": round(t_warm, 2), "kernels_per_step": kernels,
+              "compiled_graphs": len(run.graphs) if tr["compile"] else None,
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if soak:
