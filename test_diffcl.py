@@ -2710,12 +2710,12 @@ def test_length_scale_scales_every_stage_and_epochs_overrides_that_cannot_act_ar
             D.load_config(cs, [flag])
     assert D.load_config(str(HERE / "configs" / "fashion32.json"), ["--epochs=3"])["train"]["epochs"] == 3
     # A scaled run: C and plain DDPM at the same scale do the same number of steps (compare's equal work).
-    c = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5})
-    base = tiny_cfg(tmp_path, "base", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5})
-    for cfg in (c, base):
+    c = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, data_limit=32)
+    base = tiny_cfg(tmp_path, "base", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, data_limit=32)
+    for cfg in (c, base):                                   # 4 steps per epoch, 2 epochs, x 0.5
         out = D.train(cfg)
-        assert records(out, "train")[-1]["step"] == 6 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 6
-    assert [r["step"] for r in records(c["out_dir"], "stage")] == [0, 3]
+        assert records(out, "train")[-1]["step"] == 4 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 4
+    assert [r["step"] for r in records(c["out_dir"], "stage")] == [0, 2]
     assert "epochs 0.5-1 (x0.5)" in capsys.readouterr().out
     with pytest.raises(D.ConfigError, match=r"length_scale=0.05 leaves stage high with no optimizer step"):
         D.train(dict(c, train={**c["train"], "length_scale": 0.05}, out_dir=str(tmp_path / "tiny")))
@@ -2841,13 +2841,14 @@ def test_controls_train_resume_and_log_unweighted_mse(tmp_path):
             "mix": {"curriculum": {**TINY_RUN["curriculum"], "order": "mixture"}},
             "minsnr": {"diffusion": {"timesteps": 20, "loss_weight": "min_snr"}}}
     for name, extra in over.items():
-        cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, out_dir=str(tmp_path / name), **extra)
+        cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, out_dir=str(tmp_path / name),
+                       data_limit=16, **extra)              # 2 steps per stage, one record each
         out = D.train(cfg)
         train, stage = records(out, "train"), records(out, "stage")
         if name == "anti":                                  # stage 1 is [0, 10): low noise first
-            assert stage[0]["window"] == [0, 10] and all(r["bucket_mse"][5:] == [None] * 5 for r in train[:3])
+            assert stage[0]["window"] == [0, 10] and train[0]["bucket_mse"][5:] == [None] * 5
         if name == "mix":                                   # every stage draws from both windows
-            assert any(v is not None for r in train[:3] for v in r["bucket_mse"][:5])   # stage 1 draws t < 10
+            assert any(v is not None for v in train[0]["bucket_mse"][:5])   # stage 1 draws t < 10 too
         if name == "minsnr":                                # loss is the weighted objective, mse stays unweighted
             assert all(abs(r["loss"] - r["mse"]) > 1e-4 for r in train)
         assert D.train(cfg) == out                          # a finished run resumes to nothing
@@ -2861,8 +2862,9 @@ def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path, monkey
     with pytest.raises(D.ConfigError, match="--modes needs base"):
         D.compare(out, "shapes", 1, DEMO_OVERRIDES, fid_num=0, modes=("c", "anti"))
     monkeypatch.setattr(D, "run_jobs", in_process_jobs([]))
-    table = D.compare(out, "shapes", 1, [*DEMO_OVERRIDES, "--train.image_intv=0"], fid_num=0, held_out_n=8,
-                      jobs=2, modes=("base", "anti", "mixture", "minsnr"))
+    table = D.compare(out, "shapes", 1, [*DEMO_OVERRIDES, "--train.image_intv=0", "--resolution=8",
+                                         "--model.hid_channels=32"], fid_num=0, held_out_n=4, jobs=2,
+                      modes=("base", "anti", "mixture", "minsnr"))
     saved = json.load(open(tmp_path / "ctl" / "compare.json"))
     assert {r["images_seen"] for r in saved["runs"].values()} == {80}       # 10 steps x 8 for every mode
     for mode in ("base", "anti", "mixture", "minsnr"):
