@@ -1913,6 +1913,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         means[mode], spreads[mode] = b.mean(0).tolist(), (b.std(0, ddof=1) if len(b) > 1 else 0 * b[0]).tolist()
         if fid_num:
             fids[mode] = interval([r["fid"] for r in runs.values()])
+    lines += ["", "Held-out eps-MSE per t bucket (b0: t < T/10, least noisy), mean over seeds:", "",
+              "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " |", "|---" * 11 + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in b) + " |" for m, b in means.items()]
     table = "\n".join(lines)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:

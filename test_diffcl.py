@@ -2870,6 +2870,7 @@ def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path, monkey
     for mode in ("base", "anti", "mixture", "minsnr"):
         assert f"| {mode} | " in table
     assert "- anti: c with --curriculum.order=reverse" in table and "isolates order alone" in table
+    assert "| mode | b0 | b1 |" in table and table.count("| minsnr | ") == 2        # summary row and bucket row
     cfg = json.load(open(tmp_path / "ctl" / "minsnr_seed0" / "config.json"))
     assert cfg["diffusion"]["loss_weight"] == "min_snr" and not cfg["curriculum"]["enabled"]
 
