@@ -333,7 +333,11 @@ def check_memory(cfg, device, world):
     m, tr = cfg["model"], cfg["train"]
     with torch.device("meta"):                              # sizes only: nothing is allocated
         params = sum(p.numel() for p in UNet(**m).parameters())
-    res = image_resolution(cfg)
+    res, down = image_resolution(cfg), 2 ** (len(m["ch_multipliers"]) - 1)
+    if res % down:
+        raise ConfigError(f"images of {res}x{res} cannot be halved {down.bit_length() - 1} times by the UNet's "
+                          f"{len(m['ch_multipliers'])} levels: use a resolution divisible by {down}, or fewer "
+                          "model.ch_multipliers")
     batch = tr["batch_size"] // world // tr["num_accum"]
     acts = sum(6 * (2 * m["num_res_blocks"] + 1) * m["hid_channels"] * k * (res / 2 ** level) ** 2
                for level, k in enumerate(m["ch_multipliers"]))
@@ -752,11 +756,15 @@ def setup_dist():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     missing = [k for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing or not all(os.environ[k].isdigit() for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        raise ConfigError(f"RANK is set but {', '.join(missing) or 'RANK/LOCAL_RANK/WORLD_SIZE'} "
-                          f"{'is' if len(missing) == 1 else 'are'} {'missing' if missing else 'not whole numbers'}: "
+    numbers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    if missing or not all(os.environ[k].isdigit() for k in numbers):
+        raise ConfigError(f"RANK is set but {', '.join(missing) or '/'.join(numbers)} "
+                          f"{'is' if len(missing) == 1 else 'are'} {'missing' if missing else 'not all whole numbers'}: "
                           "launch with torchrun (which sets them all), or unset RANK for one process")
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if not (0 <= local <= rank < world):
+        raise ConfigError(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world} cannot be: need LOCAL_RANK <= RANK < "
+                          "WORLD_SIZE; launch with torchrun, or unset RANK for one process")
     if cuda and local >= torch.cuda.device_count():
         raise ConfigError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this node but only "
                           f"{torch.cuda.device_count()} GPU(s): launch one process per GPU, or DIFFCL_DEVICE=cpu")
@@ -897,16 +905,23 @@ def truncate_jsonl(path, step):
         raise RunError(f"{path} is not a plain file (a folder or a link); move it away, then rerun")
     if not os.path.exists(path):
         return
-    keep = []
-    with open(path) as f:
+    keep = [line for line, r in read_jsonl(path)
+            if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage")]
+    data.atomic_write(path, "".join(keep))
+
+
+def read_jsonl(path):
+    """[(line, record)] of a metrics file's JSON objects; torn or foreign lines (a hard kill, a bad edit) are left out."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
-                continue                                    # a torn last line from a hard kill
-            if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage"):
-                keep.append(line)
-    data.atomic_write(path, "".join(keep))
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step", 0), int):
+                out.append((line if line.endswith("\n") else line + "\n", r))
+    return out
 
 
 def to_uint8(x):
@@ -956,9 +971,13 @@ def lock_run_folder(out_dir, holder_kind="trainer"):
         f.close()
         raise RunError(f"folder {out_dir} is in use by another {holder_kind} (pid {holder}); wait for it to "
                        f"finish, or choose another {'--out_dir' if holder_kind == 'trainer' else '--out'}")
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError as e:                                    # a full disk
+        f.close()
+        raise RunError(f"cannot write {out_dir}/.lock ({e.strerror}); free disk space or choose another folder")
     return f
 
 
@@ -1275,9 +1294,10 @@ def resume_state(source, cfg, force, model, ema, opt, num_images):
     return state["mask"], state["birth"], state["score"], state["step"], state.get("wall_seconds", 0.0)
 
 
-def checkpoint_run(run, ckpt_path, snapshot_path, **state):
+def checkpoint_run(run, ckpt_path, snapshot_path, rotate, **state):
     """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
-    ckpt_prev.pt, and an optional snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
+    ckpt_prev.pt when `rotate` (ckpt.pt is known good: never rotate a torn file over the good one), and an optional
+    snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
     if not run_is_finite(run.model, run.stats, run.world):
         raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
                        f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
@@ -1287,7 +1307,7 @@ def checkpoint_run(run, ckpt_path, snapshot_path, **state):
         state.update(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
                      opt=run.opt.state_dict(), mask=state["mask"].detach().cpu(), score=state["score"].cpu(),
                      world=run.world, torch=str(torch.__version__))
-        save_checkpoint(ckpt_path, state, keep_previous=True)
+        save_checkpoint(ckpt_path, state, keep_previous=rotate)
         if snapshot_path:
             save_checkpoint(snapshot_path, state)
     barrier(run.world)
@@ -1329,6 +1349,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         model, ema, opt, mask, birth, score = new_state(cfg, device)
         source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
         step, wall, t_start = 0, 0.0, time.perf_counter()
+        ckpt_good = [source is not None and os.path.samefile(source, ckpt_path) if os.path.exists(ckpt_path) else True]
         if source:
             mask, birth, score, step, wall = resume_state(source, cfg, force, model, ema, opt, len(images))
             log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
@@ -1348,8 +1369,11 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         if tr["warmup"] > total_steps:
             log(f"warning: train.warmup ({tr['warmup']} steps) is longer than the run ({total_steps} steps): the "
                 "learning rate never reaches train.lr; lower train.warmup for a short run")
-        checkpoint = lambda snapshot: checkpoint_run(
-            run, ckpt_path, snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"),
+        def checkpoint(snapshot):
+            checkpoint_run(run, ckpt_path, snapshot and tr["snapshots"] and os.path.join(
+                out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"), ckpt_good[0], **checkpoint_state())
+            ckpt_good[0] = True
+        checkpoint_state = lambda: dict(
             mask=mask, birth=birth, score=score, step=step, epoch=step / steps_per_epoch, config=cfg,
             image_shape=list(shape), num_images=len(images), wall_seconds=wall + time.perf_counter() - t_start)
 
@@ -1375,8 +1399,6 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             model.train()
             train_step(next(batches), step, i, mask, score, run)
             step += 1
-            if world == 1 and stop.is_set():
-                raise StopRequested
 
             # Log: one all-reduce of the running sums, every log_intv steps.
             if step % tr["log_intv"] == 0 or step == total_steps:
@@ -1401,6 +1423,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                         "img_s": round(img_s, 1), "bucket_mse": s["bucket_mse"]})
                 if s["stop"]:
                     raise StopRequested
+            if world == 1 and stop.is_set():                # after this step's record, if it has one
+                raise StopRequested
 
             # Checkpoint: every chkpt_intv epochs, every save_every steps, and at the end.
             epoch_end = step % ckpt_every == 0 or step == total_steps
@@ -1541,8 +1565,9 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
     try:
         append_jsonl(os.path.join(folder, "eval.jsonl"), result)
-    except OSError as e:
-        raise RunError(f"could not append to {folder}/eval.jsonl ({e.strerror}); the result is the line above")
+    except RunError:
+        raise RunError(f"could not append to {folder}/eval.jsonl (not writable, or a full disk); the result is the "
+                       "line above") from None
     return result
 
 
@@ -1802,81 +1827,82 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are found);
     write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
     prepare_out_dir(out)
-    path = os.path.join(out, "compare.json")
-    unknown = [m for m in modes if m not in MODES and m not in CONTROLS]
-    if unknown or "base" not in modes:
-        raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
-    epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
-    held_out(load_config(mode_config(dataset, "base")[0], overrides), 1)   # a held-out split exists and is unseen
-    weights, note = None, ""
-    if fid_num:
-        try:
-            weights = fid.find_weights(inception)
-        except fid.FIDError as e:
-            note = f"FID skipped: {e}"
-            print(note, flush=True)
-    settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
-                "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
-    runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in modes}
-    saved = read_compare_json(path) or {"runs": {}, "settings": settings}
-    results = saved["runs"]
-    todo = {k: v for k, v in runs.items() if k not in results}
-    # Scores made with other settings must never be mixed in; a request without FID may reuse scores with FID.
-    differ = [k for k in settings if results and saved.get("settings", {}).get(k) != settings[k]
-              and not (not todo and k in ("fid_num", "sample_steps") and not settings["fid_num"])]
-    if differ:
-        raise RunError(f"{path} holds results made with other settings ({', '.join(differ)}); "
-                       "use another --out, or delete that folder to start over")
+    with lock_run_folder(out, "compare"):                   # two compares would train into each other's runs
+        path = os.path.join(out, "compare.json")
+        unknown = [m for m in modes if m not in MODES and m not in CONTROLS]
+        if unknown or "base" not in modes:
+            raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
+        epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
+        held_out(load_config(mode_config(dataset, "base")[0], overrides), 1)   # a held-out split exists and is unseen
+        weights, note = None, ""
+        if fid_num:
+            try:
+                weights = fid.find_weights(inception)
+            except fid.FIDError as e:
+                note = f"FID skipped: {e}"
+                print(note, flush=True)
+        settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
+                    "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
+        runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in modes}
+        saved = read_compare_json(path) or {"runs": {}, "settings": settings}
+        results = saved["runs"]
+        todo = {k: v for k, v in runs.items() if k not in results}
+        # Scores made with other settings must never be mixed in; a request without FID may reuse scores with FID.
+        differ = [k for k in settings if results and saved.get("settings", {}).get(k) != settings[k]
+                  and not (not todo and k in ("fid_num", "sample_steps") and not settings["fid_num"])]
+        if differ:
+            raise RunError(f"{path} holds results made with other settings ({', '.join(differ)}); "
+                           "use another --out, or delete that folder to start over")
 
-    # Train every unfinished run (train itself resumes an interrupted one); base gets the curriculum's epochs.
-    train_jobs = []
-    for key, (mode, seed, run_dir) in todo.items():
-        config, overlay = mode_config(dataset, mode)
-        args = [*overlay, *overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
-        if not load_config(config, overlay)["curriculum"]["enabled"]:
-            args.append(f"--train.epochs={epochs}")
-        load_config(config, args)                            # a bad override fails here, before any work
-        train_jobs.append((key, ["train", config, *args], run_dir))
-    print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
-          f"{jobs} at a time", flush=True)
-    train_seconds = run_jobs(train_jobs, jobs, "train.log")
-    if weights and todo:
-        run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
-                         str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
-                  for key, (_, _, d) in todo.items()], jobs, "sample.log")
+        # Train every unfinished run (train itself resumes an interrupted one); base gets the curriculum's epochs.
+        train_jobs = []
+        for key, (mode, seed, run_dir) in todo.items():
+            config, overlay = mode_config(dataset, mode)
+            args = [*overlay, *overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
+            if not load_config(config, overlay)["curriculum"]["enabled"]:
+                args.append(f"--train.epochs={epochs}")
+            load_config(config, args)                            # a bad override fails here, before any work
+            train_jobs.append((key, ["train", config, *args], run_dir))
+        print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
+              f"{jobs} at a time", flush=True)
+        train_seconds = run_jobs(train_jobs, jobs, "train.log")
+        if weights and todo:
+            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
+                             str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
+                      for key, (_, _, d) in todo.items()], jobs, "sample.log")
 
-    # Score: held-out loss per bucket, FID-n against held-out statistics, wall time and training FLOPs.
-    device, cpu = torch.device(device_kind()), torch.device("cpu")
-    inception_model, ref, floor = None, None, None
-    if weights:
-        inception_model = fid.load_inception(weights, device=device)
-        cfg = load_config(mode_config(dataset, "base")[0], overrides)
-        held = held_out(cfg, 2 * fid_num)
-        other = held[fid_num:] if len(held) >= 2 * fid_num else data.load_images(
-            cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None, log=lambda *a: None)
-        name = cfg["dataset"].replace(":", "_").replace("/", "_")
-        ref, floor = (os.path.join(out, f"{p}_{name}_{fid_num}.npz") for p in ("ref", "floor"))
-        floor = fid.reference_and_floor(held[:fid_num], other[:fid_num], ref, floor, inception_model, device)
-    for key, (mode, seed, run_dir) in todo.items():
-        state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
-        net, cfg, mask, _ = model_from_state(state, run_dir, device)
-        seen = state["step"] * cfg["train"]["batch_size"]
-        entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out(cfg, held_out_n), n=held_out_n),
-                 "steps": state["step"], "images_seen": seen,
-                 "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
-                 "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
+        # Score: held-out loss per bucket, FID-n against held-out statistics, wall time and training FLOPs.
+        device, cpu = torch.device(device_kind()), torch.device("cpu")
+        inception_model, ref, floor = None, None, None
         if weights:
-            images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
-            entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
-        results[key] = entry
-        data.atomic_write(path, json.dumps({"dataset": dataset, "epochs": epochs, "seeds": seeds,
-                                            "fid_num": settings["fid_num"], "fid_floor": floor, "settings": settings,
-                                            "runs": results}, indent=1))
-        print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
-              + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
-    saved = read_compare_json(path) or {"fid_num": 0, "fid_floor": None, "settings": settings}
-    return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
-                            saved.get("settings", settings)["sample_steps"], note, modes)
+            inception_model = fid.load_inception(weights, device=device)
+            cfg = load_config(mode_config(dataset, "base")[0], overrides)
+            held = held_out(cfg, 2 * fid_num)
+            other = held[fid_num:] if len(held) >= 2 * fid_num else data.load_images(
+                cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None, log=lambda *a: None)
+            name = cfg["dataset"].replace(":", "_").replace("/", "_")
+            ref, floor = (os.path.join(out, f"{p}_{name}_{fid_num}.npz") for p in ("ref", "floor"))
+            floor = fid.reference_and_floor(held[:fid_num], other[:fid_num], ref, floor, inception_model, device)
+        for key, (mode, seed, run_dir) in todo.items():
+            state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+            net, cfg, mask, _ = model_from_state(state, run_dir, device)
+            seen = state["step"] * cfg["train"]["batch_size"]
+            entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out(cfg, held_out_n), n=held_out_n),
+                     "steps": state["step"], "images_seen": seen,
+                     "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
+                     "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
+            if weights:
+                images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
+                entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
+            results[key] = entry
+            data.atomic_write(path, json.dumps({"dataset": dataset, "epochs": epochs, "seeds": seeds,
+                                                "fid_num": settings["fid_num"], "fid_floor": floor, "settings": settings,
+                                                "runs": results}, indent=1))
+            print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
+                  + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
+        saved = read_compare_json(path) or {"fid_num": 0, "fid_floor": None, "settings": settings}
+        return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
+                                saved.get("settings", settings)["sample_steps"], note, modes)
 
 
 def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note="", modes=MODES):
@@ -1935,8 +1961,10 @@ def summarise(run_dirs, out, held_out_images):
     for label, d in run_dirs.items():
         net, cfg, mask, _ = model_from_checkpoint(os.path.join(d, "ckpt.pt"), torch.device("cpu"))
         buckets[label] = bucket_loss(net, cfg, mask, held_out_images, n=len(held_out_images))
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        metrics = os.path.join(d, "metrics.jsonl")
+        if not os.path.isfile(metrics):
+            raise RunError(f"{metrics} is missing; rerun the demo with --out pointing at a fresh folder")
+        records = [r for _, r in read_jsonl(metrics)]
         stages = [r for r in records if r["kind"] == "stage"]
         starts |= {r["step"] for r in stages if r["step"] > 0}
         curves[label] = [(r["step"], r["mse"]) for r in records if r["kind"] == "train"]
@@ -2102,13 +2130,13 @@ def parse_cli(argv):
         add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
         add("--ckpt", required=cmd == "sample")
-        add("--num", type=count, default=64 if cmd == "sample" else 10000)
+        add("--num", type=whole_number(1, 10 ** 8, "a whole number in [1, 10^8]"), default=64 if cmd == "sample" else 10000)
         add("--out", default=None, help="image folder to write")
         add("--ddim", action="store_true")
         add("--steps", type=count, default=50)
         add("--eta", type=eta_arg, default=0.0)
         add("--skip", choices=("uniform", "quadratic"), default="uniform")
-        add("--batch-size", type=count, default=256)
+        add("--batch-size", type=whole_number(1, 1 << 20, "a whole number in [1, 2^20]"), default=256)
         add("--seed", type=whole_number(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
         add("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":

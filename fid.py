@@ -575,9 +575,14 @@ def claim_image_folder(out, made_by, replace_stale):
         for f in pngs:
             os.remove(os.path.join(out, f))
     tmp = f"{path}.{os.getpid()}.tmp"
-    with os.fdopen(new_file(tmp), "w") as f:
-        json.dump(made_by, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(new_file(tmp), "w") as f:
+            json.dump(made_by, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:                                  # a full disk, or manifest.json is a folder
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise FIDError(f"cannot write {path} ({one_line(e)}); free disk space or move that path away") from None
 
 
 def write_png(image, path):

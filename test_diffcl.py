@@ -14,6 +14,7 @@ import io
 import json
 import math
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -3075,3 +3076,74 @@ def test_cuda_resident_batches_equal_the_host_path_bit_for_bit():
         host = list(data.epoch_batches(images, 16, rank, 2, 3, 1, "cuda", start=1))
         dev = list(data.epoch_batches(resident, 16, rank, 2, 3, 1, "cuda", start=1))
         assert len(host) == len(dev) == 3 and all(torch.equal(a, b) for a, b in zip(host, dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults found by trying the commands as a hostile user would
+
+def test_resuming_from_ckpt_prev_never_rotates_a_torn_ckpt_over_it(tmp_path):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 2})
+    out = D.train(cfg)
+    ckpt, prev = os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_prev.pt")
+    assert torch.load(prev)["step"] == 10
+    with open(ckpt, "wb") as f:
+        f.write(b"PK torn")
+    D.train(cfg, resume=prev)
+    assert torch.load(ckpt)["step"] == 12 and torch.load(prev)["step"] == 10      # the good one survives
+
+
+def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 0})
+    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+    real = D.train_step
+
+    def interrupted(x0, step, *a):
+        real(x0, step, *a)
+        if step == 7:                                       # step 8 is a log step (log_intv 2)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(D, "train_step", interrupted)
+    with pytest.raises(SystemExit):
+        D.train(cfg)
+    monkeypatch.setattr(D, "train_step", real)
+    D.train(cfg)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "img_s"} for r in rs]
+    assert strip(records(cfg["out_dir"], "train")) == strip(records(full, "train"))
+
+
+def test_hostile_inputs_found_by_probing_are_one_line_errors(tmp_path, cs_checkpoint, monkeypatch, capsys):
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "99999999999999999999"]) == 2
+    assert "must be a whole number in [1, 10^8]" in capsys.readouterr().err
+    for env, message in (({"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "need LOCAL_RANK <= RANK < WORLD_SIZE"),
+                         ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "abc"}, "not all whole")):
+        for k, v in {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500", **env}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(D.ConfigError, match=message):
+            D.setup_dist()
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k)
+    with pytest.raises(D.ConfigError, match=r"12x12 cannot be halved 3 times.*divisible by 8"):
+        D.check_memory(D.merge_config({"resolution": 12, "model": {"ch_multipliers": [1, 2, 2, 2],
+                                                                   "apply_attn": False}}), torch.device("cpu"), 1)
+    out = tmp_path / "m"
+    (out / "manifest.json").mkdir(parents=True)
+    with pytest.raises(fid.FIDError, match="cannot write .*manifest.json"):
+        D.sample(cs_checkpoint, 1, str(out), ddim=True, steps=2)
+    assert sorted(os.listdir(out)) == [".lock", "manifest.json"]                   # no temporary left behind
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_bytes(b'{"kind": "train", "step": 2}\nnull\n\xff\xfe{"step": 3\n{"kind": "train", "step": 4}\n')
+    assert [r["step"] for _, r in D.read_jsonl(str(bad))] == [2, 4]
+    D.truncate_jsonl(str(bad), 3)
+    assert [r["step"] for _, r in D.read_jsonl(str(bad))] == [2]
+
+
+def test_a_folder_cache_notices_swapped_files(tmp_path):
+    folder = tmp_path / "swap"
+    folder.mkdir()
+    for name, v in (("a.png", 0), ("b.png", 255)):
+        Image.fromarray(np.full((8, 8, 3), v, np.uint8)).save(folder / name)
+    load = lambda: data.load_images(f"folder:{folder}", resolution=8, cache_dir=str(tmp_path / "c"), log=lambda *a: None)
+    assert [int(x.mean()) for x in load()] == [0, 255]
+    os.rename(folder / "a.png", folder / "t.png")
+    os.rename(folder / "b.png", folder / "a.png")
+    os.rename(folder / "t.png", folder / "b.png")
+    assert [int(x.mean()) for x in load()] == [255, 0]
