@@ -33,6 +33,7 @@ import resource
 import subprocess
 import threading
 import time
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -866,7 +867,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():                     # torch warns before refusing a foreign pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or resume "
                        "from the previous one with --resume <out_dir>/ckpt_prev.pt")

@@ -567,7 +567,8 @@ def claim_image_folder(out, made_by, replace_stale):
     if old == made_by:
         return
     if pngs or old is not None:
-        what = ", ".join(k for k in made_by if not isinstance(old, dict) or old.get(k) != made_by[k])
+        what = ", ".join(k for k in made_by if isinstance(old, dict) and old.get(k) != made_by[k])
+        what = what or ("a damaged manifest.json" if os.path.lexists(path) else "")
         if not replace_stale:
             raise FIDError(f"{out} already holds images made differently ({what or 'no manifest.json'}); "
                            "choose another --out, delete the folder, or pass --replace-stale to regenerate")
