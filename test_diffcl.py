@@ -7,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # These tests mean CPU (fp32, gloo), also on a machine with a GPU; subprocesses inherit the pin.
 os.environ["DIFFCL_DEVICE"] = "cpu"
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -3147,3 +3148,20 @@ def test_a_folder_cache_notices_swapped_files(tmp_path):
     os.rename(folder / "b.png", folder / "a.png")
     os.rename(folder / "t.png", folder / "b.png")
     assert [int(x.mean()) for x in load()] == [255, 0]
+
+
+def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(tmp_path):
+    """SIGINT as soon as the process maps libtorch (mid-import); wherever it lands, the exit is 130 and quiet."""
+    import time
+    proc = subprocess.Popen([sys.executable, str(HERE / "diffcl.py"), "train", str(HERE / "configs" / "shapes.json"),
+                             f"--out_dir={tmp_path / 'run'}", "--data_limit=16", "--train.batch_size=8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
