@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import datetime
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -597,14 +598,19 @@ def sample_t_soft(n, alpha, beta, T, generator):
     return torch.from_numpy(np.minimum(np.floor(x * T), T - 1).astype(np.int64))
 
 
+@functools.lru_cache(maxsize=16)
+def mixture_tables(windows, weights, device):
+    """(lo, hi, weights) as tensors on `device`, made once per run rather than copied from the host every step."""
+    lo, hi = (torch.tensor(v, device=device) for v in zip(*windows))
+    return lo, hi, torch.tensor(weights, dtype=torch.float64, device=device)
+
+
 def sample_t_mixture(n, windows, weights, generator):
     """(n,) timesteps from the mixture of uniform windows [lo_k, hi_k) with probabilities weights_k / sum: a
     window index per sample, then a uniform position inside it; on the generator's device."""
-    dev = generator.device
-    lo, hi = (torch.tensor(v, device=dev) for v in zip(*windows))
-    k = torch.multinomial(torch.tensor(weights, dtype=torch.float64, device=dev), n, replacement=True,
-                          generator=generator)
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev)
+    lo, hi, w = mixture_tables(tuple(windows), tuple(weights), generator.device)
+    k = torch.multinomial(w, n, replacement=True, generator=generator)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
     return lo[k] + (u * (hi - lo)[k]).long()                # u < 1, so t < hi_k
 
 
