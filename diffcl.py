@@ -1342,6 +1342,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by world size {world} "
                           f"x train.num_accum {tr['num_accum']}")
     check_memory(cfg, device, world)
+    if resume and not os.path.isfile(resume):               # before any folder is made
+        raise RunError(f"checkpoint not found: {resume}")
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
     if is_main:
@@ -1831,10 +1833,10 @@ def read_compare_json(path):
 
 def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, held_out_n=256, jobs=1,
             sample_steps=50, modes=MODES):
-    """Train `modes` (base, C, CS, CR and the CONTROLS) for `seeds` paired seeds at equal work (same data, batch, optimizer steps; seed s
-    shares initialisation, data order and noise streams across modes), `jobs` runs at a time; score each final
-    checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are found);
-    write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
+    """Train `modes` (base, C, CS, CR and the CONTROLS) for `seeds` paired seeds at equal work (same data, batch,
+    optimizer steps; seed s shares initialisation, data order and noise streams across modes), `jobs` runs at a time;
+    score each final checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are
+    found); write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
     prepare_out_dir(out)
     with lock_run_folder(out, "compare"):                   # two compares would train into each other's runs
         path = os.path.join(out, "compare.json")
