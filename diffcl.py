@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from scipy import stats as scipy_stats
-from scipy.special import betaincinv
+from scipy.special import betainc
 
 import data
 import fid
@@ -99,7 +99,8 @@ DEFAULTS = {
         "log_intv": 100,            # optimizer steps between progress lines / metrics records
         "precision": "auto",        # auto (fp32, TF32 on CUDA: the fastest eager path on an H100) | fp32 | bf16
         "channels_last": "auto",    # auto (off: its layout conversions cost more than it saved on an H100) | on | off
-        "compile": False,           # torch.compile the UNet
+        "compile": False,           # torch.compile the step's loss (forward, loss, backward) and the sampler's UNet
+        "cuda_graphs": False,       # with compile, on CUDA: replay them as CUDA graphs (mode "reduce-overhead")
         "snapshots": False,         # also keep ckpt_epochNNNN.pt at every checkpoint epoch
     },
     "curriculum": {
@@ -504,10 +505,10 @@ def key_seed(*key):
     return int(low) | int(high) << 32
 
 
-def step_generators(seed, step, rank, device, t_device="cpu"):
-    """(timestep generator on `t_device`, noise generator on `device`) for one optimizer step of one rank.
-    Drawing t where it is used saves a host->device copy per step (a CUDA graph cannot contain one)."""
-    t_gen = torch.Generator(device=t_device).manual_seed(key_seed(TIMESTEPS, seed, step, rank))
+def step_generators(seed, step, rank, device, t_device=None):
+    """(timestep generator, noise generator) for one optimizer step of one rank, on `device` (t on `t_device` if
+    given). Drawing t where it is used saves a host->device copy and a sync per step."""
+    t_gen = torch.Generator(device=t_device or device).manual_seed(key_seed(TIMESTEPS, seed, step, rank))
     return t_gen, torch.Generator(device=device).manual_seed(key_seed(NOISE, seed, step, rank))
 
 
@@ -590,12 +591,17 @@ def sample_t(n, lo, hi, generator):
     return torch.randint(lo, hi, (n,), generator=generator, device=generator.device)
 
 
+@functools.lru_cache(maxsize=64)
+def beta_cdf_grid(alpha, beta, T, device):
+    """(T-1,) float64 Beta(alpha, beta) CDF at 1/T, ..., (T-1)/T on `device`, made once per stage and device."""
+    return torch.tensor(betainc(alpha, beta, np.arange(1, T) / T), dtype=torch.float64, device=device)
+
+
 def sample_t_soft(n, alpha, beta, T, generator):
-    """(n,) int64 timesteps t = floor(u T), u ~ Beta(alpha, beta), by inverting the Beta CDF of
-    uniforms from `generator` (so every rank's own keyed stream is used)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
-    x = betaincinv(alpha, beta, u)
-    return torch.from_numpy(np.minimum(np.floor(x * T), T - 1).astype(np.int64))
+    """(n,) int64 timesteps t = floor(x T), x ~ Beta(alpha, beta), on the generator's device. x = F^-1(u) for a uniform
+    u, and floor(x T) >= k iff u >= F(k/T), so t counts the grid CDF values <= u: exact, with no trip to the host."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
+    return torch.searchsorted(beta_cdf_grid(alpha, beta, T, generator.device), u, right=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -624,7 +630,7 @@ def mixture_probabilities(windows, weights, T):
 
 def draw_timesteps(stages, i, n, T, soft, generator, positions=None, weights=None):
     """(n,) timesteps for stage i on the generator's device: U[window) (hard; plain DDPM's window is [0, T)),
-    floor(T Beta(alpha, beta)) (soft; inverted by scipy, so it needs a CPU generator), or with per-stage
+    floor(T Beta(alpha, beta)) (soft), or with per-stage
     `weights` (curriculum.order "mixture") the weighted mixture of every stage's window, whatever i is."""
     if soft:
         return sample_t_soft(n, stages[i]["alpha"], stages[i]["beta"], T, generator)
@@ -828,7 +834,7 @@ class StopRequested(Exception):
 # Keys that may differ between a checkpoint's config and the resuming command.
 RESUMABLE_KEYS = {"out_dir", "train.log_intv", "train.image_intv", "train.chkpt_intv", "train.save_every",
                   "train.num_samples", "train.sample_steps", "train.precision", "train.channels_last",
-                  "train.compile", "train.snapshots", "train.epochs", "data_root"}
+                  "train.compile", "train.cuda_graphs", "train.snapshots", "train.epochs", "data_root"}
 CHECKPOINT_KEYS = {"model": dict, "ema": (dict, type(None)), "opt": dict, "mask": torch.Tensor,
                    "birth": torch.Tensor, "score": torch.Tensor, "step": int, "config": dict, "image_shape": list}
 
@@ -1014,6 +1020,7 @@ def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0
     T = dif["timesteps"]
     ts = ddim_timesteps(T, ddim_steps, skip) if ddim_steps else list(range(T - 1, -1, -1))
     for k, t_ in enumerate(ts):
+        torch.compiler.cudagraph_mark_step_begin()          # a compiled net's last output is consumed: reuse it
         t = torch.full((count,), t_, device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = net(x, t, mask).float()
@@ -1063,13 +1070,15 @@ def build_model(cfg, device):
 @dataclasses.dataclass
 class Run:
     """What stays fixed for a training run, decided once from the config. `fwd` computes the forward (the DDP
-    wrapper on several ranks, compiled with train.compile); `model` is the module whose parameters it updates."""
+    wrapper on several ranks); `model` is the module whose parameters it updates; `loss` is step_loss, compiled with
+    train.compile; `net` is the sampler's network (the EMA copy, compiled with train.compile)."""
     cfg: dict
     stages: list                    # the curriculum; plain DDPM is one stage on [0, 1)
     mode: str                       # base | c | cs | cr
     lambdas: list                   # CR's lambda per stage (zeros in the other modes)
+    lam: torch.Tensor               # the same on the device, so a new stage changes a value, not a compiled constant
     regrowth: str                   # CS's regrowth method, "" in the other modes
-    soft: bool                      # soft curriculum: t ~ T Beta(alpha, beta), drawn on the host
+    soft: bool                      # soft curriculum: t = floor(T x), x ~ Beta(alpha, beta)
     positions: object               # curriculum.window "logsnr": each t's log-SNR position; None for "t"
     mix_weights: object             # curriculum.order "mixture": steps per stage; None otherwise
     model: torch.nn.Module
@@ -1081,7 +1090,9 @@ class Run:
     stats: "StepStats"
     rank: int = 0
     world: int = 1
-    graphs: list = dataclasses.field(default_factory=list)   # graphs compiled for the forward (train.compile)
+    graphs: list = dataclasses.field(default_factory=list)   # graphs compiled for the loss (train.compile)
+    loss: object = None
+    net: object = None
 
 
 def new_state(cfg, device):
@@ -1106,30 +1117,53 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
     mode, stages, cur = run_mode(cfg), stages_of(cfg), cfg["curriculum"]
     tab = tables_on(cfg, device)
     starts = [stage_start(stages, i, steps_per_epoch, cfg["train"]["length_scale"]) for i in range(len(stages) + 1)]
-    fwd, graphs = model, []
+    fwd = model
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["train"]["compile"]:
-        fwd = torch.compile(fwd, backend=counting_inductor(graphs))
     lambdas = [stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
                for i in range(len(stages))]
-    return Run(cfg=cfg, stages=stages, mode=mode, lambdas=lambdas,
+    run = Run(cfg=cfg, stages=stages, mode=mode, lambdas=lambdas, lam=torch.tensor(lambdas, device=device),
                regrowth=cfg["sparsity"]["regrowth_method"] if mode == "cs" else "",
                soft=cur["enabled"] and cur["mode"] == "soft", model=model, fwd=fwd,
                positions=logsnr_positions(tab["alpha_bar"].cpu()) if cur["window"] == "logsnr" else None,
                mix_weights=[b - a for a, b in zip(starts, starts[1:])] if cur["order"] == "mixture" else None,
                ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
-               stats=StepStats(device), rank=rank, world=world, graphs=graphs)
+               stats=StepStats(device), rank=rank, world=world)
+    run.loss, run.net = functools.partial(step_loss, run), ema if ema is not None else model
+    if cfg["train"]["compile"]:
+        run.loss = torch.compile(run.loss, backend=counting_inductor(run.graphs, cuda_graphs(cfg, device)))
+        run.net = compiled_net(run.net, cfg, device)
+    return run
 
 
-def counting_inductor(graphs):
-    """torch.compile's default backend (inductor), noting each graph dynamo hands it: one graph for the whole run
-    means no graph break and no recompilation (bench reports the count)."""
+def compile_label(cfg, device):
+    """How the step runs: eager, compiled, or compiled as CUDA graphs (with the CPU fallback named)."""
+    if not cfg["train"]["compile"]:
+        return "eager"
+    if cfg["train"]["cuda_graphs"] and not cuda_graphs(cfg, device):
+        return f"compiled (no CUDA graphs on {device.type}: plain compilation)"
+    return "compiled + CUDA graphs" if cuda_graphs(cfg, device) else "compiled"
+
+
+def cuda_graphs(cfg, device):
+    """Whether compiled code is replayed as CUDA graphs: train.compile and train.cuda_graphs on a CUDA device (on the
+    CPU there are none, and compilation is plain; the banner and bench's path say so)."""
+    return cfg["train"]["compile"] and cfg["train"]["cuda_graphs"] and device.type == "cuda"
+
+
+def compiled_net(net, cfg, device):
+    """The sampler's network through torch.compile (as CUDA graphs when cuda_graphs), for grids, sample, eval, compare."""
+    return torch.compile(net, mode="reduce-overhead" if cuda_graphs(cfg, device) else None)
+
+
+def counting_inductor(graphs, replay=False):
+    """torch.compile's default backend (inductor; `replay`: with CUDA graphs, as mode "reduce-overhead"), noting each
+    graph dynamo hands it: one graph for the whole run means no graph break and no recompilation (bench reports it)."""
     inductor = torch._dynamo.lookup_backend("inductor")
 
     def backend(gm, example_inputs):
         graphs.append(len(gm.graph.nodes))
-        return inductor(gm, example_inputs)
+        return inductor(gm, example_inputs, config_patches={"triton.cudagraphs": True} if replay else None)
     return backend
 
 
@@ -1144,30 +1178,37 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def step_loss(run, xb, t, eps, mask, lam):
+    """(objective, unweighted per-sample mse, reg) of one micro-batch: q_sample, the forward, the simple loss weighted
+    per timestep (all ones unless Min-SNR) and CR's lam P / B. Every stage-dependent input (t, mask, lam) is a
+    tensor, so a compiled step sees new values at a stage change, never new constants or shapes."""
+    xt = q_sample(xb, t, eps, run.tab)
+    with torch.autocast(xb.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        out = run.fwd(xt, t, mask)
+    mse = mse_per_sample(out, training_target(xb, xt, t, eps, run.tab, run.cfg["diffusion"]["model_mean_type"]))
+    penalty = group_l1(run.model) if run.mode == "cr" else mse.new_zeros(())
+    loss, reg = objective(mse * run.tab["loss_weight"][t].float(), penalty, lam, run.cfg["train"]["batch_size"])
+    return loss, mse, reg
+
+
 def train_step(x0, step, i, mask, score, run):
     """One optimizer step on this rank's batch x0 in stage i: micro-steps (DDP's no_sync on all but the last),
     clipping, Adam, EMA, and the CS regrowth evidence added into `score` in place. Statistics stay on the
-    device (no host sync)."""
+    device (no host sync). Clipping, Adam (fused on CUDA) and the EMA are a few multi-tensor kernels; they stay
+    outside the compiled region because the LR and the EMA decay change every step."""
     cfg, tr = run.cfg, run.cfg["train"]
-    T, lam = cfg["diffusion"]["timesteps"], run.lambdas[i]
-    t_gen, noise_gen = step_generators(cfg["seed"], step, run.rank, x0.device, "cpu" if run.soft else x0.device)
+    T = cfg["diffusion"]["timesteps"]
+    torch.compiler.cudagraph_mark_step_begin()              # CUDA graphs: last step's outputs may be overwritten
+    t_gen, noise_gen = step_generators(cfg["seed"], step, run.rank, x0.device)
     if cfg["model"]["drop_rate"] > 0:
         torch.manual_seed(key_seed(DROPOUT, cfg["seed"], step, run.rank))
     micro = x0.chunk(tr["num_accum"])
-    ddp = getattr(run.fwd, "_orig_mod", run.fwd)            # no_sync lives on the DDP wrapper, not the compiled one
     for k, xb in enumerate(micro):
         t = draw_timesteps(run.stages, i, len(xb), T, run.soft, t_gen, run.positions, run.mix_weights)
-        if t.device != xb.device:                           # soft curriculum on CUDA: one pinned async copy
-            t = t.pin_memory().to(xb.device, non_blocking=True)
         eps = torch.randn(xb.shape, generator=noise_gen, device=xb.device)
-        xt = q_sample(xb, t, eps, run.tab)
-        sync = ddp.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
-        with sync, torch.autocast(xb.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-            out = run.fwd(xt, t, mask)
-        mse = mse_per_sample(out, training_target(xb, xt, t, eps, run.tab, cfg["diffusion"]["model_mean_type"]))
-        weighted = mse * run.tab["loss_weight"][t].float()      # all ones for the uniform (simple) loss
-        loss, reg = objective(weighted, group_l1(run.model) if lam > 0 else mse.new_zeros(()), lam, tr["batch_size"])
+        sync = run.fwd.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
         with sync:
+            loss, mse, reg = run.loss(xb, t, eps, mask, run.lam[i])
             (loss / len(micro)).backward()
         run.stats.add(t, mse.detach(), loss.detach(), reg.detach(), T)
     if run.regrowth:
@@ -1376,7 +1417,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         log(f"diffcl train | mode {run.mode} | {len(images)} images {shape} | world {world} x "
             f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {epochs:g} epochs{note}, "
             f"{total_steps} steps | {sum(p.numel() for p in model.parameters()):,} params | {device} "
-            f"{'bf16' if run.amp else 'fp32'} | out {out_dir}")
+            f"{'bf16' if run.amp else 'fp32'} {compile_label(cfg, device)} | out {out_dir}")
         if tr["warmup"] > total_steps:
             log(f"warning: train.warmup ({tr['warmup']} steps) is longer than the run ({total_steps} steps): the "
                 "learning rate never reaches train.lr; lower train.warmup for a short run")
@@ -1444,8 +1485,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
 
             # Sample grid (rank 0 alone): after the checkpoint, so drawing it can never cost the epoch.
             if grid_every and step % grid_every == 0 and is_main and tr["num_samples"]:
-                net = ema if ema is not None else model.eval()
-                x = torch.cat([generate(net, cfg, shape, a, n, seed, mask.detach(), run.tab,
+                model.eval()                                # sampled by run.net: the EMA, else the model itself
+                x = torch.cat([generate(run.net, cfg, shape, a, n, seed, mask.detach(), run.tab,
                                         ddim_steps=tr["sample_steps"], amp=run.amp)
                                for a, n in rank_chunks(tr["num_samples"], 64, 0, 1)])
                 save_grid(to_uint8(x), os.path.join(out_dir, "samples", f"epoch{step // steps_per_epoch:04d}_"
@@ -1482,7 +1523,9 @@ def model_from_state(state, path, device, raw=False):
     net = build_model(cfg, device)
     use_ema = state["ema"] is not None and not raw
     load_weights(net, state["ema"] if use_ema else state["model"], path)
-    return net.eval().requires_grad_(False), cfg, state["mask"].to(device), tuple(state["image_shape"])
+    net = net.eval().requires_grad_(False)
+    return compiled_net(net, cfg, device) if cfg["train"]["compile"] else net, cfg, state["mask"].to(device), \
+        tuple(state["image_shape"])
 
 
 def progress(done, total, t0, what):
@@ -1693,8 +1736,8 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     step_s = sorted(times)[len(times) // 2]
     kernels = kernels_per_step(x0, 3 + windows * steps, mask, score, run)
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    path = (f"{'bf16' if run.amp else 'fp32/tf32' if tf32 else 'fp32'} "
-            f"{'channels_last' if uses_channels_last(cfg) else 'NCHW'} {'compiled' if tr['compile'] else 'eager'}")
+    path = (f"{'bf16' if run.amp else 'fp32/tf32' if tf32 else 'fp32'} {'channels_last' if uses_channels_last(cfg) else 'NCHW'} "
+            + compile_label(cfg, device))
     gflop = train_flops_per_image(cfg, model, device) / 1e9
     peak = matmul_rate(device, run.amp or torch.float32)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
@@ -1705,12 +1748,13 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
               "matmul_tflops": float(f"{peak / 1e12:.4g}"), "utilisation": float(f"{B * gflop * 1e9 / step_s / peak:.4g}"),
               "warmup_s": round(t_warm, 2), "kernels_per_step": kernels,
               "compiled_graphs": len(run.graphs) if tr["compile"] else None,
+              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if tr["compile"] else None,
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if soak:
         result.update(soak_memory(x0, mask, score, run, soak, first_step=4 + windows * steps))
     if do_sample:
-        net, n = (ema or model).eval(), min(B, 64)
+        net, n = run.net.eval(), B
         for k, ddim in enumerate((2, sample_steps)):        # the first call is a warm-up
             sync(device)
             t0 = time.perf_counter()
@@ -1917,8 +1961,9 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
 
 
 def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note="", modes=MODES):
-    """compare.md and the charts: per mode mean +- std and 95% t-interval over seeds, and the paired difference
-    to base (mode minus base, seed by seed) with its interval: the number the question is about."""
+    """compare.md and its charts: per mode mean +- std and 95% t-interval over seeds; the paired difference to base
+    (mode minus base, seed by seed) with its interval, the number the question is about; the held-out loss per t
+    bucket; seed 0's training curves, CS channel births and CR small-norm counts."""
     metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
     if fid_num:
         metrics.append((f"FID-{fid_num}", lambda r: r["fid"], "%.2f"))
@@ -1953,53 +1998,34 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     lines += ["", "Held-out eps-MSE per t bucket (b0: t < T/10, least noisy), mean over seeds:", "",
               "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " |", "|---" * 11 + "|"]
     lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in b) + " |" for m, b in means.items()]
-    table = "\n".join(lines)
+    curves, marks, notes = {}, set(), []                    # seed 0's metrics.jsonl: curves, CS births, CR norms
+    for mode in means:
+        path = os.path.join(out, f"{mode}_seed0", "metrics.jsonl")
+        records = [r for _, r in read_jsonl(path)] if os.path.isfile(path) else []
+        stages = [r for r in records if r.get("kind") == "stage"]
+        curves[mode] = [(r["step"], r["mse"]) for r in records if r.get("kind") == "train"]
+        marks |= {r["step"] for r in stages if r["step"] > 0}
+        if mode == "cs" and stages:
+            birth = stages[-1]["birth_stage"]                # masks change only at stage starts
+            notes.append("- cs, seed 0: active per stage " + "/".join(str(r["active"]) for r in stages)
+                         + "; channels born in stage " + ", ".join(f"{'never' if k < 0 else k + 1}: {birth.count(k)}"
+                                                                    for k in sorted(set(birth))))
+        if mode == "cr" and stages:
+            notes.append("- cr, seed 0: channels with norm<1e-3 per stage "
+                         + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
+    table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
         bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket (log scale), mean +- std "
                   "over seeds", spread=spreads, log=True)
+        line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step, seed 0 (grey: stage "
+                   "starts)", marks=sorted(marks))
     if fids:
         bar_chart({f"FID-{fid_num}": [v[0] for v in fids.values()]}, os.path.join(out, "compare_fid.png"),
                   f"FID-{fid_num} per mode, 95% interval (floor {floor:.2f})", labels=list(fids),
                   spread={f"FID-{fid_num}": [0 if math.isnan(v[2]) else v[2] for v in fids.values()]})
     print("\n" + table, flush=True)
     return table
-
-
-def summarise(run_dirs, out, held_out_images):
-    """Summary table (markdown) + two PNG charts from finished runs {label: out_dir}."""
-    rows, curves, buckets, starts = [], {}, {}, set()
-    for label, d in run_dirs.items():
-        net, cfg, mask, _ = model_from_checkpoint(os.path.join(d, "ckpt.pt"), torch.device("cpu"))
-        buckets[label] = bucket_loss(net, cfg, mask, held_out_images, n=len(held_out_images))
-        metrics = os.path.join(d, "metrics.jsonl")
-        if not os.path.isfile(metrics):
-            raise RunError(f"{metrics} is missing; rerun the demo with --out pointing at a fresh folder")
-        records = [r for _, r in read_jsonl(metrics)]
-        stages = [r for r in records if r["kind"] == "stage"]
-        starts |= {r["step"] for r in stages if r["step"] > 0}
-        curves[label] = [(r["step"], r["mse"]) for r in records if r["kind"] == "train"]
-        extra = ""
-        if run_mode(cfg) == "cs":
-            birth = stages[-1]["birth_stage"]                # masks only change at stage starts
-            extra = "active per stage " + "/".join(str(r["active"]) for r in stages) + "; channels born in stage " + \
-                ", ".join(f"{'never' if k < 0 else k + 1}: {birth.count(k)}" for k in sorted(set(birth)))
-        if run_mode(cfg) == "cr":
-            extra = "channels with norm<1e-3 per stage " + "/".join(
-                str(sum(r.get("small_norm_channels", {}).values())) for r in stages)
-        rows.append((label, buckets[label], extra))
-    lines = [f"Held-out eps-MSE per timestep bucket (t in [k*T/10, (k+1)*T/10), {len(held_out_images)} test images, "
-             "EMA weights, mask applied)", "",
-             "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " | mean | notes |", "|---" * 13 + "|"]
-    for label, b, extra in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in b) + f" | {sum(b) / 10:.4f} | {extra} |")
-    table = "\n".join(lines)
-    line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step (grey: stage starts)",
-               marks=sorted(starts))
-    bar_chart(buckets, os.path.join(out, "loss_by_bucket.png"), "held-out mse per t bucket (0 = least noisy, log "
-              "scale)", log=True)
-    data.atomic_write(os.path.join(out, "summary.md"), table + "\n")
-    return table, buckets
 
 
 # Charts: plain pillow drawings, 720 x 420, legend on the right.
@@ -2069,14 +2095,11 @@ def bar_chart(groups, path, title, spread=None, log=False, labels=None):
 
 
 def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2):
-    """compare with one seed and no FID, then the detailed per-bucket summary and the two charts."""
+    """compare with one seed and no FID: every mode on a small dataset, for a first look."""
     t0 = time.time()
     compare(out, dataset, 1, overrides, fid_num=0, held_out_n=held_out_n, jobs=jobs)
-    dirs = {mode: os.path.join(out, f"{mode}_seed0") for mode in MODES}
-    table, _ = summarise(dirs, out, held_out(load_config(mode_config(dataset, "base")[0], overrides), held_out_n))
-    print("\n" + table, flush=True)
-    print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, charts "
-          f"{out}/loss_by_bucket.png and {out}/loss_over_steps.png, table {out}/summary.md", flush=True)
+    print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, table {out}/compare.md, "
+          f"charts {out}/compare.png and {out}/loss_over_steps.png", flush=True)
     return out
 
 
@@ -2166,7 +2189,9 @@ def parse_cli(argv):
         add("--soak", type=count, help="also report host/GPU memory after N and after 10 N steps")
         add("--precision", choices=("fp32", "bf16"))
         add("--compile", action="store_true")
-        add("--sample", action="store_true", help="also time DDIM sampling")
+        add("--cuda-graphs", action="store_true", help="with --compile on CUDA: as CUDA graphs")
+        add("--sample", action="store_true", help="also time DDIM sampling of a batch")
+        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample")
         add("--data", action="store_true", help="also time the data path")
     if cmd in ("demo", "compare"):
         add("--out", default=f"runs/{cmd}")
@@ -2200,10 +2225,11 @@ def run_command(cmd, args, rest):
             raise ConfigError("train needs a config: python diffcl.py train --config-path configs/celeba32_cs.json")
         if cmd == "bench":
             rest = rest + [f"--train.precision={args.precision}"] * bool(args.precision) + \
-                ["--train.compile=true"] * args.compile
+                ["--train.compile=true"] * args.compile + ["--train.cuda_graphs=true"] * args.cuda_graphs
         cfg = load_config(path, rest)
         if cmd == "bench":
             return bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample,
+                         sample_steps=args.sample_steps,
                          data_check=args.data, soak=args.soak)
         if args.distributed and "RANK" not in os.environ:
             raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "

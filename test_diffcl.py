@@ -334,6 +334,10 @@ def test_soft_curriculum_draws_follow_the_beta_distribution():
     assert stats.kstest(u.numpy(), stats.beta(5.0, 1.0).cdf).pvalue > 1e-3
     a = D.sample_t_soft(100, 2.0, 2.0, 1000, torch.Generator().manual_seed(7))
     assert torch.equal(a, D.sample_t_soft(100, 2.0, 2.0, 1000, torch.Generator().manual_seed(7)))
+    # The device-side inversion equals floor(T F^-1(u)) by scipy in float64 for the same uniforms.
+    from scipy.special import betaincinv
+    u = torch.rand(100, generator=torch.Generator().manual_seed(7), dtype=torch.float64).numpy()
+    assert a.tolist() == np.minimum(np.floor(betaincinv(2.0, 2.0, u) * 1000), 999).astype(int).tolist()
 
 
 def step_draws(seed, step, rank):
@@ -2259,16 +2263,15 @@ def test_gpu_timesteps_are_drawn_on_the_generators_device_keyed_and_in_the_windo
     assert torch.equal(t, old)
 
 
-def test_gpu_train_step_draws_hard_timesteps_where_x0_lives_and_soft_ones_on_the_host(tmp_path, monkeypatch):
+def test_gpu_train_step_draws_every_timestep_where_x0_lives(tmp_path, monkeypatch):
     where, real = [], D.step_generators
-    monkeypatch.setattr(D, "step_generators", lambda *a: where.append(a[4]) or real(*a))
+    monkeypatch.setattr(D, "step_generators", lambda *a: where.append(real(*a)[0].device) or real(*a))
     soft = {"mode": "soft", "stages": [{**s, "alpha": 2.0, "beta": 1.0} for s in TINY_RUN["curriculum"]["stages"]]}
     for mode, extra in (("c", {}), ("base", {}), ("c", {"curriculum": {**TINY_RUN["curriculum"], **soft}})):
         where.clear()
         cfg = gpu_tiny_cfg(tmp_path, mode, out_dir=str(tmp_path / f"{mode}{len(extra)}"), **extra)
         D.train(cfg)
-        want = "cpu" if extra else torch.device("cpu")    # hard/plain: x0.device; soft: the host, always
-        assert len(where) == 12 and all(w == want and type(w) is type(want) for w in where)
+        assert len(where) == 12 and all(w == torch.device("cpu") for w in where)   # hard, plain and soft alike
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2282,6 +2285,20 @@ def test_gpu_bench_reports_kernels_per_step_warmup_and_path(capsys):
     assert isinstance(result["kernels_per_step"], int) and result["kernels_per_step"] > 10
     assert result["warmup_s"] >= 0 and result["path"] == "fp32 NCHW eager"
     assert "kernels_per_step" in out and "path  fp32 NCHW eager" in out   # also in the printed table
+
+
+def test_cuda_graphs_need_compile_and_cuda_and_the_cpu_fallback_is_named(monkeypatch):
+    cfg = lambda **tr: D.merge_config({"train": tr}, "t")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert D.compile_label(cfg(), cpu) == "eager" and D.compile_label(cfg(compile=True), cpu) == "compiled"
+    assert D.compile_label(cfg(compile=True, cuda_graphs=True), cpu) == "compiled (no CUDA graphs on cpu: plain compilation)"
+    assert D.compile_label(cfg(compile=True, cuda_graphs=True), cuda) == "compiled + CUDA graphs"
+    assert not D.cuda_graphs(cfg(cuda_graphs=True), cuda) and D.cuda_graphs(cfg(compile=True, cuda_graphs=True), cuda)
+    seen = []
+    monkeypatch.setattr(torch._dynamo, "lookup_backend", lambda name: lambda gm, x, **kw: seen.append((name, kw)))
+    for replay in (False, True):
+        D.counting_inductor([], replay)(torch.fx.symbolic_trace(torch.nn.Identity()), [])
+    assert seen == [("inductor", {"config_patches": None}), ("inductor", {"config_patches": {"triton.cudagraphs": True}})]
 
 
 def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
@@ -2340,9 +2357,9 @@ def test_gpu_cuda_timesteps_are_drawn_on_the_device_keyed_and_in_the_window():
     t = draw(7)
     assert t.device == cuda and t.min() == 10 and t.max() == 19
     assert torch.equal(t, draw(7)) and not torch.equal(t, draw(8))
-    with pytest.raises(RuntimeError):                      # soft draws need the host generator: loud, not silent
-        D.draw_timesteps([{**stages[0], "alpha": 2.0, "beta": 1.0}], 0, 8, 20, True,
-                         D.step_generators(3, 7, 0, cuda, cuda)[0])
+    soft = lambda gen: D.draw_timesteps([{**stages[0], "alpha": 2.0, "beta": 1.0}], 0, 4096, 20, True, gen)
+    on_gpu, on_cpu = soft(D.step_generators(3, 7, 0, cuda)[0]), soft(torch.Generator().manual_seed(0))
+    assert on_gpu.device == cuda and 0 <= on_gpu.min() and on_gpu.max() <= 19 and on_cpu.device.type == "cpu"
 
 
 @needs_cuda
@@ -2400,8 +2417,8 @@ def test_gpu_compiled_training_matches_eager_on_cuda(tmp_path, monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["cs", "cr"])
-def test_gpu_compiled_path_sees_mask_and_lambda_changes_at_the_stage_boundary(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,graphs", [("cs", False), ("cr", False), ("cs", True), ("cr", True)])
+def test_gpu_compiled_path_sees_mask_and_lambda_changes_at_the_stage_boundary(tmp_path, monkeypatch, mode, graphs):
     """CS regrows 32 -> 48 of 64 channels (by gradient score) and CR's lambda drops 0.05 -> 0 after step 6:
     a graph that had captured the old mask or lambda would give other losses from step 7 on."""
     monkeypatch.setenv("DIFFCL_DEVICE", "cuda")
@@ -2410,7 +2427,8 @@ def test_gpu_compiled_path_sees_mask_and_lambda_changes_at_the_stage_boundary(tm
     cfg = gpu_tiny_cfg(tmp_path, mode, train={**GPU_TRAIN, "warmup": 1},
                        **({"curriculum": cur} if mode == "cs" else {}))
     eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
-    compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
+    compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"),
+                            train={**cfg["train"], "compile": True, "cuda_graphs": graphs}))
     a, b = records(eager, "train"), records(compiled, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
     for x, y in zip(a, b):
@@ -2654,7 +2672,8 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
         assert f"| {mode} | " in text
     assert "active per stage 6/13/19/26/32" in text and "channels born in stage 1: 6, 2: 7" in text
     assert "channels with norm<1e-3 per stage" in text
-    for chart in ("loss_by_bucket.png", "loss_over_steps.png"):
+    assert "active per stage 6/13/19/26/32" in open(os.path.join(out, "compare.md")).read()
+    for chart in ("compare.png", "loss_over_steps.png"):
         assert Image.open(os.path.join(out, chart)).size == (720, 420)
     with pytest.raises(D.RunError, match=r"results made with other settings \(overrides\)"):
         D.compare(out, "shapes", 2, [*DEMO_OVERRIDES, "--train.lr=0.001"], fid_num=2, held_out_n=8, sample_steps=2)
@@ -2668,19 +2687,22 @@ def test_interval_and_paired_difference_match_scipy():
     assert math.isnan(D.interval([3.0])[2])
 
 
-def test_compiled_training_step_matches_eager(tmp_path, monkeypatch):
-    """torch.compile (inductor, C++ on CPU) of the smallest UNet at 8x8. A cold compile is mostly g++ (~45 kernel
-    files, ~45 s here); scalar kernels in one C++ wrapper build in ~15-20 s and compute the same thing."""
+def test_compiled_training_and_sampling_match_eager_across_a_stage_boundary(tmp_path, monkeypatch):
+    """torch.compile (inductor, C++ on CPU) of the smallest UNet at 8x8, in CR: lambda drops 0.05 -> 0 at the stage
+    boundary inside the compiled loss. A cold compile is mostly g++ (~45 kernel files, ~45 s here); scalar kernels in
+    one C++ wrapper build in ~15-20 s and compute the same thing."""
     import torch._inductor.config as inductor
     monkeypatch.setattr(inductor, "cpp_wrapper", True)
     monkeypatch.setattr(inductor.cpp, "vec_isa_ok", False)
     small = {"model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1], "num_res_blocks": 1,
-                       "apply_attn": False}, "curriculum": {"enabled": False, "stages": []}, "resolution": 8}
-    cfg = tiny_cfg(tmp_path, "base", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1, "warmup": 1}, **small)
+                       "apply_attn": False}, "resolution": 8}
+    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1}, **small)
     eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
     compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
     a, b = records(eager, "train"), records(compiled, "train")
-    assert all(math.isfinite(r["loss"]) and r["loss"] == pytest.approx(s["loss"], rel=1e-3) for r, s in zip(a, b))
+    assert [r["lambda"] for r in a] == [r["lambda"] for r in b] == [0.05] * 3 + [0.0] * 3
+    for r, s in zip(a, b):
+        assert math.isfinite(r["loss"]) and all(r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-9) for k in ("loss", "reg"))
     pa = torch.load(os.path.join(eager, "ckpt.pt"), weights_only=True)["model"]
     pb = torch.load(os.path.join(compiled, "ckpt.pt"), weights_only=True)["model"]
     assert pa.keys() == pb.keys()                               # no `_orig_mod.` prefix in checkpoints
@@ -2955,9 +2977,10 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line():
 
 
 @pytest.mark.parametrize("mode", ["cs", "cr"])
-def test_the_compiled_forward_is_traced_once_across_every_stage_boundary(tmp_path, mode, monkeypatch):
-    """Stage changes (window, lambda, mask values, regrown channels) must not change what the compiled forward sees:
-    one graph, no graph break, no recompilation. A counting backend sees every graph dynamo hands over (no codegen)."""
+def test_the_compiled_loss_and_sampler_are_traced_once_across_every_stage_boundary(tmp_path, mode, monkeypatch):
+    """Stage changes (window, lambda, mask values, regrown channels) must not change what the compiled step or sampler
+    sees: one graph each, no graph break, no recompilation. A counting backend sees every graph dynamo hands over and
+    runs it as traced, so the run must also be bit-identical to eager, grids (drawn with the current mask) included."""
     graphs, real_compile = [], torch.compile
 
     def counting(gm, example_inputs):
@@ -2967,12 +2990,18 @@ def test_the_compiled_forward_is_traced_once_across_every_stage_boundary(tmp_pat
     torch._dynamo.reset()
     stages = [{"t_min": f, "t_max": 1.0, "epochs": 1} for f in (0.8, 0.6, 0.4, 0.2, 0.0)]
     cfg = tiny_cfg(tmp_path, mode, curriculum={"enabled": True, "stages": stages},
-                   train={**TINY_RUN["train"], "image_intv": 0, "compile": True, "epochs": 1}, data_limit=16)
-    out = D.train(cfg)
+                   train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, data_limit=16)
+    eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
+    out = D.train(dict(cfg, train={**cfg["train"], "compile": True}))
     assert [r["step"] for r in records(out, "stage")] == [0, 2, 4, 6, 8]
     if mode == "cs":
         assert [r["active"] for r in records(out, "stage")] == [32, 40, 48, 56, 64]   # the mask changed 4 times
-    assert len(graphs) == 1
+    assert len(graphs) == 2                                    # the loss (forward + backward) and the sampler's UNet
+    assert records(out, "train") == [dict(r, img_s=s["img_s"]) for r, s in zip(records(eager, "train"), records(out, "train"))]
+    grids = sorted(os.listdir(os.path.join(out, "samples")))
+    assert len(grids) == 5 and grids == sorted(os.listdir(os.path.join(eager, "samples")))
+    for name in grids:
+        assert open(os.path.join(out, "samples", name), "rb").read() == open(os.path.join(eager, "samples", name), "rb").read()
 
 
 @needs_cuda
