@@ -20,7 +20,7 @@ Batches (`epoch_batches`): a permutation and flip coins keyed by (seed, epoch); 
 global batch, so the union of the ranks' batches is the one-GPU batch; uint8 gathered with numpy, pinned for CUDA,
 converted on the device (4x fewer bytes to copy than float32).
 """
-import contextlib, gzip, hashlib, json, os, pickle, shutil, tarfile, time, urllib.request, zlib
+import contextlib, fcntl, gzip, hashlib, json, os, pickle, shutil, tarfile, time, urllib.request, zlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -82,6 +82,10 @@ def one_line(e):
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
+# ---------------------------------------------------------------------------- files
+# The primitives every writer in diffcl uses: a file is created exclusively (never through a planted link), written
+# whole or not at all, appended one record at a time; a folder is proven writable and locked by one process.
+
 def exclusive_file(path):
     """Create `path` as a new empty file of ours, never through a link someone planted there (a shared folder)."""
     with contextlib.suppress(FileNotFoundError):
@@ -106,6 +110,67 @@ def atomic_write(path, content):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def append_jsonl(path, record):
+    """One JSON object per line, written with a single call and flushed (never half a record)."""
+    try:                                                    # O_NOFOLLOW: never append through a planted link
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:                                    # disk full, a link, or the path became a folder
+        raise DataError(f"cannot append to {path} ({e.strerror}); free disk space or fix that file, then rerun "
+                       "to resume from the last checkpoint")
+
+
+def read_jsonl(path):
+    """[(line, record)] of a metrics file's JSON objects; torn or foreign lines (a hard kill, a bad edit) are left out."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step", 0), int):
+                out.append((line if line.endswith("\n") else line + "\n", r))
+    return out
+
+
+def prepare_out_dir(out_dir, *subdirs):
+    """Create a folder (and subfolders) and prove it is writable before any work starts."""
+    try:
+        for sub in subdirs or ("",):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test.{os.getpid()}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"folder {out_dir} is not writable ({e.strerror}); choose another output path")
+
+
+def lock_run_folder(out_dir, holder_kind="trainer"):
+    """Take an exclusive lock on a run or image folder, or refuse with the holder's pid. The kernel drops the lock
+    when its process dies, so a SIGKILLed run never leaves a stale lock. Keep the returned file open."""
+    try:
+        f = os.fdopen(os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), "r+")
+    except OSError as e:
+        raise DataError(f"cannot open the lock file {out_dir}/.lock ({e.strerror}); it must be a plain file "
+                       "this run made: delete it, or pass --out_dir=OTHER")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = f.read().strip() or "?"
+        f.close()
+        raise DataError(f"folder {out_dir} is in use by another {holder_kind} (pid {holder}); wait for it to "
+                       f"finish, or choose another {'--out_dir' if holder_kind == 'trainer' else '--out'}")
+    try:
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError as e:                                    # a full disk
+        f.close()
+        raise DataError(f"cannot write {out_dir}/.lock ({e.strerror}); free disk space or choose another folder")
+    return f
 
 
 # ---------------------------------------------------------------------------- load_images

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import fcntl
 import functools
 import gc
 import json
@@ -821,7 +820,8 @@ def assert_ranks_agree(model, mask, world):
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: checkpoints, metrics.jsonl, images, the run-folder lock. Every file is written by data.atomic_write.
+# Files: checkpoints, metrics.jsonl records, sample grids. data.py has the primitives: atomic and exclusive writes,
+# append-only JSONL, the folder lock.
 
 class RunError(Exception):
     """A problem with a run (checkpoint, output folder, NaN); printed as one line, exit 2."""
@@ -852,12 +852,6 @@ def config_diff(old, new):
     return [k for k in keys if k not in RESUMABLE_KEYS]
 
 
-def hard_link(src, dst):
-    """dst becomes a second name of src (os.link never follows or overwrites: the fresh empty dst goes first)."""
-    os.remove(dst)
-    os.link(src, dst)
-
-
 def save_checkpoint(path, state, keep_previous=False):
     """Write atomically so a crash never leaves a torn checkpoint. With keep_previous, the checkpoint being
     replaced stays as <name>_prev.pt (a hard link: no copy)."""
@@ -865,7 +859,7 @@ def save_checkpoint(path, state, keep_previous=False):
         def write(tmp):
             torch.save(state, tmp)
             if keep_previous and os.path.exists(path):
-                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: hard_link(path, prev))
+                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
         data.atomic_write(path, write)
     except Exception as e:                                  # disk full is a RuntimeError from torch.save
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
@@ -902,16 +896,6 @@ def load_weights(module, weights, path):
         raise RunError(f"{path} does not fit this model ({first}); it was written for another model config")
 
 
-def append_jsonl(path, record):
-    """One JSON object per line, written with a single call and flushed (never half a record)."""
-    try:                                                    # O_NOFOLLOW: never append through a planted link
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:                                    # disk full, a link, or the path became a folder
-        raise RunError(f"cannot append to {path} ({e.strerror}); free disk space or fix that file, then rerun "
-                       "to resume from the last checkpoint")
-
-
 def truncate_jsonl(path, step):
     """Drop records that a killed run wrote after its checkpoint at `step`: training records after it,
     and stage records at or after it (a stage record at step s is written after the checkpoint at s, so
@@ -920,23 +904,9 @@ def truncate_jsonl(path, step):
         raise RunError(f"{path} is not a plain file (a folder or a link); move it away, then rerun")
     if not os.path.exists(path):
         return
-    keep = [line for line, r in read_jsonl(path)
+    keep = [line for line, r in data.read_jsonl(path)
             if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage")]
     data.atomic_write(path, "".join(keep))
-
-
-def read_jsonl(path):
-    """[(line, record)] of a metrics file's JSON objects; torn or foreign lines (a hard kill, a bad edit) are left out."""
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict) and isinstance(r.get("step", 0), int):
-                out.append((line if line.endswith("\n") else line + "\n", r))
-    return out
 
 
 def to_uint8(x):
@@ -957,43 +927,6 @@ def save_grid(images, path):
     scale = max(1, 64 // h)                                 # blow small images up (nearest) so they can be seen
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def prepare_out_dir(out_dir, *subdirs):
-    """Create a folder (and subfolders) and prove it is writable before any work starts."""
-    try:
-        for sub in subdirs or ("",):
-            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test.{os.getpid()}")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
-        os.remove(probe)
-    except OSError as e:
-        raise RunError(f"folder {out_dir} is not writable ({e.strerror}); choose another output path")
-
-
-def lock_run_folder(out_dir, holder_kind="trainer"):
-    """Take an exclusive lock on a run or image folder, or refuse with the holder's pid. The kernel drops the lock
-    when its process dies, so a SIGKILLed run never leaves a stale lock. Keep the returned file open."""
-    try:
-        f = os.fdopen(os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), "r+")
-    except OSError as e:
-        raise RunError(f"cannot open the lock file {out_dir}/.lock ({e.strerror}); it must be a plain file "
-                       "this run made: delete it, or pass --out_dir=OTHER")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = f.read().strip() or "?"
-        f.close()
-        raise RunError(f"folder {out_dir} is in use by another {holder_kind} (pid {holder}); wait for it to "
-                       f"finish, or choose another {'--out_dir' if holder_kind == 'trainer' else '--out'}")
-    try:
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-    except OSError as e:                                    # a full disk
-        f.close()
-        raise RunError(f"cannot write {out_dir}/.lock ({e.strerror}); free disk space or choose another folder")
-    return f
 
 
 def fmt_time(seconds):
@@ -1388,8 +1321,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
     if is_main:
-        prepare_out_dir(out_dir, "samples")
-    lock = lock_run_folder(out_dir) if is_main else None
+        data.prepare_out_dir(out_dir, "samples")
+    lock = data.lock_run_folder(out_dir) if is_main else None
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
         images = load_training_data(cfg, rank, world, download, log)
@@ -1445,7 +1378,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                     score.zero_()
                 log(stage_banner(run, i, mask.detach(), regrown, scale))
                 if is_main and step == starts[i]:
-                    append_jsonl(metrics_path, stage_record(run, i, step, steps_per_epoch, mask, regrown, birth))
+                    data.append_jsonl(metrics_path, stage_record(run, i, step, steps_per_epoch, mask, regrown, birth))
 
             # One optimizer step.
             model.train()
@@ -1468,7 +1401,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                     f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
                     f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                 if is_main:
-                    append_jsonl(metrics_path, {
+                    data.append_jsonl(metrics_path, {
                         "kind": "train", "step": step, "epoch": epoch, "stage": i, "name": name,
                         "lr": lr_at(step - 1, tr["lr"], tr["warmup"]), "loss": s["loss"], "mse": s["mse"],
                         "reg": s["reg"], "lambda": run.lambdas[i], "active": int(mask.sum()),
@@ -1552,8 +1485,8 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
     if rank == 0:
-        prepare_out_dir(out)
-    lock = lock_run_folder(out, "sample or eval") if rank == 0 else None   # two writers would delete each other's images
+        data.prepare_out_dir(out)
+    lock = data.lock_run_folder(out, "sample or eval") if rank == 0 else None   # two writers: lost images
     try:
         if rank == 0:
             fid.claim_image_folder(out, made_by, replace_stale)
@@ -1618,8 +1551,8 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     print(json.dumps(result), flush=True)
     folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
     try:
-        append_jsonl(os.path.join(folder, "eval.jsonl"), result)
-    except RunError:
+        data.append_jsonl(os.path.join(folder, "eval.jsonl"), result)
+    except data.DataError:
         raise RunError(f"could not append to {folder}/eval.jsonl (not writable, or a full disk); the result is the "
                        "line above") from None
     return result
@@ -1642,28 +1575,6 @@ def matmul_rate(device, dtype, n=None, reps=5):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def resident_mb():
-    """This process's resident host memory now (not the peak), in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def soak_memory(x0, mask, score, run, n, first_step):
-    """Host and GPU memory after n and after 10 n more training steps: equal within noise unless
-    something (an autograd graph, a list of tensors) grows with the step count."""
-    figures = {}
-    for label, count in ((f"after_{n}", n), (f"after_{10 * n}", 9 * n)):
-        for s in range(count):
-            train_step(x0, first_step + s, 0, mask, score, run)
-        first_step += count
-        gc.collect()
-        figures[f"host_mb_{label}"] = round(resident_mb(), 1)
-        if x0.is_cuda:
-            sync(x0.device)
-            figures[f"gpu_mb_{label}"] = round(torch.cuda.memory_allocated() / 2 ** 20, 1)
-    return figures
 
 
 @contextlib.contextmanager
@@ -1707,7 +1618,7 @@ def train_flops_per_image(cfg, model, device):
     return counter.get_total_flops() / 2
 
 
-def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False, soak=0):
+def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_steps=20, data_check=False):
     """Throughput of the real training step (`train_step`) on synthetic images at the dataset's resolution,
     FLOPs, utilisation, memory."""
     rank, world, device = setup_dist()
@@ -1751,8 +1662,6 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
               "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if tr["compile"] else None,
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
-    if soak:
-        result.update(soak_memory(x0, mask, score, run, soak, first_step=4 + windows * steps))
     if do_sample:
         net, n = run.net.eval(), B
         for k, ddim in enumerate((2, sample_steps)):        # the first call is a warm-up
@@ -1881,8 +1790,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     optimizer steps; seed s shares initialisation, data order and noise streams across modes), `jobs` runs at a time;
     score each final checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are
     found); write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
-    prepare_out_dir(out)
-    with lock_run_folder(out, "compare"):                   # two compares would train into each other's runs
+    data.prepare_out_dir(out)
+    with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
         path = os.path.join(out, "compare.json")
         unknown = [m for m in modes if m not in MODES and m not in CONTROLS]
         if unknown or "base" not in modes:
@@ -2001,7 +1910,7 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     curves, marks, notes = {}, set(), []                    # seed 0's metrics.jsonl: curves, CS births, CR norms
     for mode in means:
         path = os.path.join(out, f"{mode}_seed0", "metrics.jsonl")
-        records = [r for _, r in read_jsonl(path)] if os.path.isfile(path) else []
+        records = [r for _, r in data.read_jsonl(path)] if os.path.isfile(path) else []
         stages = [r for r in records if r.get("kind") == "stage"]
         curves[mode] = [(r["step"], r["mse"]) for r in records if r.get("kind") == "train"]
         marks |= {r["step"] for r in stages if r["step"] > 0}
@@ -2115,7 +2024,10 @@ USAGE = """usage: python diffcl.py COMMAND [options] [--section.key=value ...]
   demo                       all four modes on a small dataset, one seed
   compare  --dataset D       base vs C vs CS vs CR, paired seeds, held-out loss and FID
 python diffcl.py COMMAND --help lists a command's options."""
-DESCRIPTION_FLAGS = ("--num-gpus", "--rigid-launch")
+LAUNCHER = ("the description's mp.spawn launcher; use torchrun instead: torchrun --standalone --nproc_per_node N "
+            "diffcl.py train CONFIG (or bash run.sh MODE N)")
+REMOVED_FLAGS = {"--num-gpus": LAUNCHER, "--rigid-launch": LAUNCHER,   # each: what to use instead
+                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb"}
 
 
 def whole_number(lo, hi=None, what="a whole number"):
@@ -2186,7 +2098,6 @@ def parse_cli(argv):
     if cmd == "bench":
         add("--batch-size", type=count)
         add("--steps", type=count, default=10)
-        add("--soak", type=count, help="also report host/GPU memory after N and after 10 N steps")
         add("--precision", choices=("fp32", "bf16"))
         add("--compile", action="store_true")
         add("--cuda-graphs", action="store_true", help="with --compile on CUDA: as CUDA graphs")
@@ -2207,11 +2118,9 @@ def parse_cli(argv):
             help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required)")
         add("--inception")
     args, rest = p.parse_known_args(argv[1:])
-    for flag in DESCRIPTION_FLAGS:
+    for flag, instead in REMOVED_FLAGS.items():
         if any(r.split("=")[0] == flag for r in rest):
-            raise ConfigError(f"{flag} is the description's mp.spawn launcher; use torchrun instead: "
-                              "torchrun --standalone --nproc_per_node N diffcl.py train CONFIG "
-                              "(or bash run.sh MODE N)")
+            raise ConfigError(f"{flag} is {instead}")
     if cmd in ("sample", "eval") and rest:
         raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
     return cmd, args, rest
@@ -2230,7 +2139,7 @@ def run_command(cmd, args, rest):
         if cmd == "bench":
             return bench(cfg, batch_size=args.batch_size, steps=args.steps, do_sample=args.sample,
                          sample_steps=args.sample_steps,
-                         data_check=args.data, soak=args.soak)
+                         data_check=args.data)
         if args.distributed and "RANK" not in os.environ:
             raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
                               "train ... (or bash run.sh MODE N); plain python runs one process")
