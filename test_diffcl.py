@@ -2688,7 +2688,7 @@ def test_interval_and_paired_difference_match_scipy():
     assert math.isnan(D.interval([3.0])[2])
 
 
-def test_compiled_training_and_sampling_match_eager_across_a_stage_boundary(tmp_path, monkeypatch):
+def test_compiled_training_matches_eager_across_a_stage_boundary(tmp_path, monkeypatch):
     """torch.compile (inductor, C++ on CPU) of the smallest UNet at 8x8, in CR: lambda drops 0.05 -> 0 at the stage
     boundary inside the compiled loss. A cold compile is mostly g++ (~45 kernel files, ~45 s here); scalar kernels in
     one C++ wrapper build in ~15-20 s and compute the same thing."""
@@ -3006,12 +3006,15 @@ def test_the_compiled_loss_and_sampler_are_traced_once_across_every_stage_bounda
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["base", "cs", "cr"])
+@pytest.mark.parametrize("mode", ["base", "cs", "cr", "soft", "mixture"])
 def test_cuda_training_steps_never_wait_for_the_host(tmp_path, mode, monkeypatch):
     """Between log steps nothing may read a device value on the host: CUDA's sync debug mode turns any
-    synchronising call (an .item(), a blocking copy) inside train_step into an error."""
+    synchronising call (an .item(), a blocking copy) inside train_step into an error. Soft and mixture stages too."""
     monkeypatch.setenv("DIFFCL_DEVICE", "cuda")
-    cfg = gpu_tiny_cfg(tmp_path, mode)
+    soft = {"mode": "soft", "stages": [{**s, "alpha": 2.0, "beta": 1.0} for s in TINY_RUN["curriculum"]["stages"]]}
+    extra = {"soft": {"curriculum": {**TINY_RUN["curriculum"], **soft}},
+             "mixture": {"curriculum": {**TINY_RUN["curriculum"], "order": "mixture"}}}.get(mode, {})
+    cfg = gpu_tiny_cfg(tmp_path, mode if mode in D.MODES else "c", **extra)
     device = torch.device("cuda")
     model, ema, opt, mask, _, score = D.new_state(cfg, device)
     run = D.make_run(cfg, model, ema, opt, device)
