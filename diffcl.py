@@ -1056,12 +1056,12 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
     lambdas = [stage_lambda(stages, i, cfg["regularization"]["lambda_max"]) if mode == "cr" else 0.0
                for i in range(len(stages))]
     run = Run(cfg=cfg, stages=stages, mode=mode, lambdas=lambdas, lam=torch.tensor(lambdas, device=device),
-               regrowth=cfg["sparsity"]["regrowth_method"] if mode == "cs" else "",
-               soft=cur["enabled"] and cur["mode"] == "soft", model=model, fwd=fwd,
-               positions=logsnr_positions(tab["alpha_bar"].cpu()) if cur["window"] == "logsnr" else None,
-               mix_weights=[b - a for a, b in zip(starts, starts[1:])] if cur["order"] == "mixture" else None,
-               ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
-               stats=StepStats(device), rank=rank, world=world)
+              regrowth=cfg["sparsity"]["regrowth_method"] if mode == "cs" else "",
+              soft=cur["enabled"] and cur["mode"] == "soft", model=model, fwd=fwd,
+              positions=logsnr_positions(tab["alpha_bar"].cpu()) if cur["window"] == "logsnr" else None,
+              mix_weights=[b - a for a, b in zip(starts, starts[1:])] if cur["order"] == "mixture" else None,
+              ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
+              stats=StepStats(device), rank=rank, world=world)
     run.loss, run.net = functools.partial(step_loss, run), ema if ema is not None else model
     if cfg["train"]["compile"]:
         run.loss = torch.compile(run.loss, backend=counting_inductor(run.graphs, cuda_graphs(cfg, device)))
