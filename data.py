@@ -119,7 +119,7 @@ def append_jsonl(path, record):
             f.write(json.dumps(record) + "\n")
     except OSError as e:                                    # disk full, a link, or the path became a folder
         raise DataError(f"cannot append to {path} ({e.strerror}); free disk space or fix that file, then rerun "
-                       "to resume from the last checkpoint")
+                        "to resume from the last checkpoint")
 
 
 def read_jsonl(path):
@@ -155,14 +155,14 @@ def lock_run_folder(out_dir, holder_kind="trainer"):
         f = os.fdopen(os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW), "r+")
     except OSError as e:
         raise DataError(f"cannot open the lock file {out_dir}/.lock ({e.strerror}); it must be a plain file "
-                       "this run made: delete it, or pass --out_dir=OTHER")
+                        "this run made: delete it, or pass --out_dir=OTHER")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = f.read().strip() or "?"
         f.close()
         raise DataError(f"folder {out_dir} is in use by another {holder_kind} (pid {holder}); wait for it to "
-                       f"finish, or choose another {'--out_dir' if holder_kind == 'trainer' else '--out'}")
+                        f"finish, or choose another {'--out_dir' if holder_kind == 'trainer' else '--out'}")
     try:
         f.truncate(0)
         f.write(str(os.getpid()))

@@ -1442,13 +1442,10 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
 # ----------------------------------------------------------------------------------------------
 # sample / eval / bench
 
-def model_from_checkpoint(path, device, raw=False):
-    """(net, cfg, mask, image_shape) from a checkpoint: EMA weights unless raw, the CS mask applied."""
-    return model_from_state(load_checkpoint(path), path, device, raw)
-
-
-def model_from_state(state, path, device, raw=False):
-    """model_from_checkpoint for a checkpoint already loaded by load_checkpoint."""
+def model_from_checkpoint(path, device, raw=False, state=None):
+    """(net, cfg, mask, image_shape) from a checkpoint (or its `state`, already loaded): EMA weights unless raw, the
+    CS mask to pass it, compiled when it was trained with train.compile."""
+    state = state or load_checkpoint(path)
     try:
         cfg = merge_config(state["config"], path)
     except ConfigError as e:
@@ -1474,7 +1471,7 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     depend on the number of GPUs."""
     rank, world, device = setup_dist()
     state = load_checkpoint(ckpt)
-    net, cfg, mask, shape = model_from_state(state, ckpt, device, raw)
+    net, cfg, mask, shape = model_from_checkpoint(ckpt, device, raw, state)
     T = cfg["diffusion"]["timesteps"]
     if ddim and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
@@ -1849,7 +1846,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             floor = fid.reference_and_floor(held[:fid_num], other[:fid_num], ref, floor, inception_model, device)
         for key, (mode, seed, run_dir) in todo.items():
             state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
-            net, cfg, mask, _ = model_from_state(state, run_dir, device)
+            net, cfg, mask, _ = model_from_checkpoint(run_dir, device, state=state)
             seen = state["step"] * cfg["train"]["batch_size"]
             entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out(cfg, held_out_n), n=held_out_n),
                      "steps": state["step"], "images_seen": seen,
