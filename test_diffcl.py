@@ -364,7 +364,7 @@ def test_ema_update_keeps_no_autograd_history_and_memory_does_not_grow(tmp_path)
     cfg = tiny_cfg(tmp_path, "cs")
     model, ema, opt, mask, _, score = D.new_state(cfg, torch.device("cpu"))
     run = D.make_run(cfg, model, ema, opt, torch.device("cpu"))
-    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     live = lambda: sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
     counts = []
     for n in (3, 12):
@@ -1405,7 +1405,7 @@ def test_real_weights_match_torchscript():
 # Training (tiny CPU runs on the built-in dataset)
 
 TINY_RUN = {
-    "dataset": "shapes", "resolution": 16, "data_limit": 48, "seed": 1,
+    "dataset": "shapes", "resolution": 8, "data_limit": 48, "seed": 1,
     "diffusion": {"timesteps": 20},
     "model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1, 2], "num_res_blocks": 1,
               "apply_attn": [False, False]},
@@ -2289,7 +2289,7 @@ def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
     device = torch.device("cpu")
     model, ema, opt, mask, _, score = D.new_state(cfg, device)
     run = D.make_run(cfg, model, ema, opt, device)
-    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     D.train_step(x0, 0, 0, mask, score, run)             # warm-up
     a, b = (D.kernels_per_step(x0, s, mask, score, run) for s in (1, 2))
     assert a == b > 10                                     # the same step shape launches the same ops
@@ -2467,7 +2467,7 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     files = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert files == [f"{i:06d}.png" for i in range(5)] and (out / "manifest.json").exists()
     imgs = [read_png(out / f) for f in files]
-    assert imgs[0].shape == (16, 16, 3) and len({im.tobytes() for im in imgs}) == 5
+    assert imgs[0].shape == (8, 8, 3) and len({im.tobytes() for im in imgs}) == 5
     os.remove(out / "000003.png")
     (out / "000001.png").write_bytes(b"keep me")                # finished chunks are not redone
     D.sample(cs_checkpoint, 5, str(out), ddim=True, steps=4, batch_size=2)
@@ -2476,7 +2476,7 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     D.sample(cs_checkpoint, 5, str(other), ddim=True, steps=4, batch_size=5)   # eta = 0: batch does not matter
     assert all(np.array_equal(read_png(other / f"{i:06d}.png"), imgs[i]) for i in (0, 2, 3, 4))
     net, cfg, mask, shape = D.model_from_checkpoint(cs_checkpoint, torch.device("cpu"))
-    assert mask.sum() == D.active_count(64, 0.25) < 64 and shape == (3, 16, 16)
+    assert mask.sum() == D.active_count(64, 0.25) < 64 and shape == (3, 8, 8)
     x = torch.randn(2, *shape)
     t = torch.tensor([5, 15])
     assert not torch.equal(net(x, t, mask), net(x, t))           # the mask matters, and sampling applies it
@@ -2519,7 +2519,7 @@ def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path, capsys):
     assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
     out = capsys.readouterr().out
     assert "DDPM 20 steps" in out and "raw weights" in out
-    assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 16, 16, 3)
+    assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 8, 8, 3)
     assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
     assert "DDIM needs between 1 and T = 20 steps" in capsys.readouterr().err
 
