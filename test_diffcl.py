@@ -2562,8 +2562,8 @@ def test_bf16_training_step_tracks_fp32(tmp_path):
     assert 0 < diff / norm < 1e-2                               # close, but bf16 really was used
 
 
-# Tiny runs: 8 images (16x16), 1 step per epoch, a one-level UNet (32 bottleneck channels), T = 20.
-DEMO_OVERRIDES = ["--data_limit=8", "--train.batch_size=8", "--train.log_intv=2", "--train.image_intv=5", "--train.chkpt_intv=5",
+# Tiny runs: 8 images (12x12), 1 step per epoch, a one-level UNet (32 bottleneck channels), T = 20.
+DEMO_OVERRIDES = ["--data_limit=8", "--resolution=12", "--train.batch_size=8", "--train.log_intv=2", "--train.image_intv=5", "--train.chkpt_intv=5",
                   "--train.sample_steps=2", "--train.num_samples=2", "--model.ch_multipliers=[1]",
                   "--model.apply_attn=false", "--diffusion.timesteps=20"]
 
