@@ -41,6 +41,58 @@ F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------
+# Child processes, started early. torch runs on one thread here, so a second core idles while the in-process tests
+# run. A test that is about a process (signals, torchrun, run.sh, the real command line) registers a launcher with
+# @starts_early: when that test is selected, its children start with the session, and the test waits for them.
+
+class Child:
+    """A command started now, its output written to files in `folder`; result() waits and gives the outcome."""
+    running = []
+
+    def __init__(self, args, folder, **popen):
+        self.folder = folder
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=HERE, **popen)
+        Child.running.append(self.proc)
+
+    def result(self, timeout=300):
+        self.proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, (self.folder / "stdout").read_text(),
+                                           (self.folder / "stderr").read_text())
+
+
+EARLY = {}                  # test name -> launch(folder, cases): what that test waits for
+
+
+def starts_early(test_name):
+    def register(launch):
+        EARLY[test_name] = launch
+        return launch
+    return register
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children(request, tmp_path_factory):
+    """test name -> what its launcher started, for the selected tests; `cases` are their parameters (after -k)."""
+    cases = {}
+    for item in request.session.items:
+        cases.setdefault(item.originalname, []).append(item.callspec.params if hasattr(item, "callspec") else {})
+    started = {name: launch(tmp_path_factory.mktemp("early"), cases[name]) for name, launch in EARLY.items()
+               if name in cases}
+    yield started
+    for proc in Child.running:                              # a test that failed early may not have waited
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def child(request, children):
+    """What this test's @starts_early launcher started."""
+    return children[request.node.originalname]
+
+
+# ---------------------------------------------------------------------------------------------
 # Config
 
 def test_every_shipped_config_loads_with_the_mode_its_name_says():
@@ -1500,10 +1552,9 @@ sys.exit(diffcl.main(sys.argv[1:]))
 """
 
 
-def self_killing_run(cmd_args, how, at):
+def self_killing_child(cmd_args, how, at, folder):
     env = dict(os.environ, KILL_HOW=how, KILL_AT=str(at))
-    return subprocess.run([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args],
-                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    return Child([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args], folder, env=env)
 
 
 RESUME_VARIANTS = {
@@ -1518,6 +1569,13 @@ def resume_cfg(tmp_path, variant, save_every):
     mode, extra = RESUME_VARIANTS[variant]
     return tiny_cfg(tmp_path, mode, **{"train": {**TINY_RUN["train"], "image_intv": 0, "save_every": save_every}},
                     **extra)
+
+
+def run_to_interrupt(folder, variant, save_every):
+    """(config, run folder, command line) of a run in `folder` to interrupt, then resume with the same command."""
+    cfg, run = resume_cfg(folder, variant, save_every), folder / "run"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return cfg, run, ["train", str(folder / "cfg.json"), f"--out_dir={run}"]
 
 
 @pytest.fixture(scope="module")
@@ -1543,16 +1601,24 @@ RESUME_CASES = [("cs", "crash", 1, 2), ("cs", "crash", 7, 2), ("cs", "crash", 8,
                 ("cs", "sigkill-in-save", 5, 1), ("cs", "sigint", 8, 0)]
 
 
+@starts_early("test_interrupted_run_resumes_bit_identical_and_writes_each_record_once")
+def start_self_killing_trainers(folder, cases):
+    """(variant, how, at, save_every) -> (child, run folder, command line) of every selected child-process case."""
+    started = {}
+    for c in cases:
+        if c["how"] != "crash":
+            (folder / c["how"]).mkdir()
+            _, run, args = run_to_interrupt(folder / c["how"], c["variant"], c["save_every"])
+            started[c["variant"], c["how"], c["at"], c["save_every"]] = (
+                self_killing_child(args, c["how"], c["at"], folder / c["how"]), run, args)
+    return started
+
+
 @pytest.mark.parametrize("variant,how,at,save_every", RESUME_CASES)
-def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys,
+def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys, child,
                                                                           uninterrupted, variant, how, at, save_every):
-    cfg = resume_cfg(tmp_path, variant, save_every)
-    run = tmp_path / "run"
-    ckpt = run / "ckpt.pt"
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    args = ["train", str(path), f"--out_dir={run}"]
     if how == "crash":
+        cfg, run, args = run_to_interrupt(tmp_path, variant, save_every)
         real_step, calls = D.train_step, {"n": 0}
 
         def crashing_step(*a, **kw):
@@ -1566,15 +1632,17 @@ def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_p
         monkeypatch.setattr(D, "train_step", real_step)
         step_at_kill = {1: None, 7: 6, 8: 6}[at]
     else:
-        r = self_killing_run(args, how, at)
+        killed, run, args = child[variant, how, at, save_every]
+        r = killed.result()
         if how == "sigint":
             assert r.returncode == 130 and "interrupted at step 9;" in r.stdout and "Traceback" not in r.stderr, r.stderr
             step_at_kill = 9                                  # saved at the step boundary after the Ctrl-C
         else:
             assert r.returncode == -9, r.stderr[-500:]
             step_at_kill = 6 if how == "sigkill" else 4       # the 5th save was the one torn: step 5's
-            assert not (run / "ckpt.pt.tmp").exists() or how == "sigkill-in-save"
-        assert torch.load(ckpt, weights_only=True)["step"] == step_at_kill
+            assert bool(list(run.glob("*.tmp"))) == (how == "sigkill-in-save")   # only a torn write leaves one
+        assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step_at_kill
+    ckpt = run / "ckpt.pt"
     capsys.readouterr()
     assert D.main(args) == 0                                  # the same command again resumes and finishes
     printed = capsys.readouterr().out
@@ -1618,21 +1686,25 @@ sys.exit(rc)
 """
 
 
-def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(tmp_path):
-    cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 2})
-    path, out, script = tmp_path / "cfg.json", tmp_path / "ddp", tmp_path / "two_ranks.py"
-    path.write_text(json.dumps(cfg))
-    script.write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "train", str(path), f"--out_dir={out}"],
-                       capture_output=True, text=True, cwd=HERE, timeout=300)
+@starts_early("test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match")
+def start_two_ranks(folder, cases):
+    cfg = tiny_cfg(folder, "cs", train={**TINY_RUN["train"], "image_intv": 2})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "two_ranks.py").write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(folder)))
+    return Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(folder / "two_ranks.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"], folder)
+
+
+def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(child):
+    r, folder = child.result(), child.folder
+    out = folder / "ddp"
     assert r.returncode == 0, r.stderr[-2000:]
     assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
     assert len(records(out, "train")) == 6 and (out / "samples" / "epoch0002_full.png").exists()
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["world"] == 2 and state["mask"].sum() == 64
 
-    t0, t1 = (torch.load(tmp_path / f"t{r}.pt", weights_only=True) for r in (0, 1))
+    t0, t1 = (torch.load(folder / f"t{r}.pt", weights_only=True) for r in (0, 1))
     assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
     assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
     assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
@@ -1644,7 +1716,7 @@ def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and
     eps = torch.randn(8, 3, 8, 8, generator=g)
     loss, _ = D.objective(D.mse_per_sample(model(x, t), eps), D.group_l1(model), 0.3, 8)
     loss.backward()
-    ddp_grads = torch.load(tmp_path / "g.pt", weights_only=True)
+    ddp_grads = torch.load(folder / "g.pt", weights_only=True)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
 
@@ -1652,9 +1724,6 @@ def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and
 # ---------------------------------------------------------------------------------------------
 # Things that go wrong in real runs: each is one clear line, and nothing written is destroyed
 
-def run_cli(*args, cwd=HERE):
-    return subprocess.run([sys.executable, str(HERE / "diffcl.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypatch, capsys):
@@ -1670,10 +1739,14 @@ def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypa
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
-    cfg_path = tmp_path / "bad.json"
-    cfg_path.write_text('{"train": {"lrr": 1}}')
-    r = run_cli("train", "--config-path", cfg_path)                # the real command line, once
+@starts_early("test_cli_errors_are_one_line_without_traceback")
+def start_cli_with_a_bad_config(folder, cases):
+    (folder / "bad.json").write_text('{"train": {"lrr": 1}}')
+    return Child([sys.executable, str(HERE / "diffcl.py"), "train", "--config-path", str(folder / "bad.json")], folder)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
+    r = child.result()                                            # the real command line, once
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in r.stderr
     bad_ckpt = tmp_path / "ckpt.pt"
     bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
@@ -2946,9 +3019,13 @@ def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
     assert [int(im.mean()) for im in images] == [0, 128, 255]
 
 
-def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line():
-    r = subprocess.run(["bash", str(HERE / "run.sh"), "base", "3"], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, DATASET="shapes"))
+@starts_early("test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line")
+def start_run_sh_with_3_processes(folder, cases):
+    return Child(["bash", str(HERE / "run.sh"), "base", "3"], folder, env=dict(os.environ, DATASET="shapes"))
+
+
+def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(child):
+    r = child.result(timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
                                              "train.num_accum 1: change NGPUS or --train.batch_size"]
