@@ -1461,8 +1461,7 @@ TINY_RUN = {
     "diffusion": {"timesteps": 20},
     "model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1, 2], "num_res_blocks": 1,
               "apply_attn": [False, False]},
-    "train": {"epochs": 2, "batch_size": 8, "warmup": 5, "log_intv": 2, "num_samples": 4, "image_intv": 1, "sample_steps": 3,
-              "save_every": 2},
+    "train": {"epochs": 2, "batch_size": 8, "warmup": 5, "log_intv": 2, "num_samples": 4, "image_intv": 1, "sample_steps": 3},
     "curriculum": {"enabled": True, "stages": [
         {"t_min": 0.5, "t_max": 1.0, "epochs": 1, "name": "high"},
         {"t_min": 0.0, "t_max": 1.0, "epochs": 1, "name": "full"}]},
@@ -1499,10 +1498,11 @@ def same_state(a, b):
 
 @pytest.mark.parametrize("mode", ["base", "c", "cs", "cr"])
 def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
-    cfg = tiny_cfg(tmp_path, mode)
+    cfg = tiny_cfg(tmp_path, mode, train={**TINY_RUN["train"], "save_every": 2})   # mid-epoch checkpoints too
     out = D.train(cfg)
     log = capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "config.json"))
+    assert torch.load(os.path.join(out, "ckpt_prev.pt"), weights_only=True)["step"] == 10
     grids = sorted(os.listdir(os.path.join(out, "samples")))
     assert grids == (["epoch0001_plain.png", "epoch0002_plain.png"] if mode == "base"
                      else ["epoch0001_high.png", "epoch0002_full.png"])
