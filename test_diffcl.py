@@ -15,6 +15,7 @@ import io
 import json
 import math
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -1558,7 +1559,7 @@ def self_killing_child(cmd_args, how, at, folder):
 
 
 RESUME_VARIANTS = {
-    "cs": ("cs", {}), "cs-taylor": ("cs", {"sparsity": {"regrowth_method": "taylor"}}),
+    "c": ("c", {}), "cs": ("cs", {}), "cs-taylor": ("cs", {"sparsity": {"regrowth_method": "taylor"}}),
     "cr-dropout": ("cr", {"model": {"drop_rate": 0.1}}),
     "c-soft": ("c", {"curriculum": {"mode": "soft", "stages": [
         {"t_min": 0.5, "t_max": 1.0, "epochs": 1, "alpha": 3.0, "beta": 1.0},
@@ -1581,7 +1582,8 @@ def run_to_interrupt(folder, variant, save_every):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """variant -> out_dir of the uninterrupted run, trained once per module (checkpoint frequency and the
-    out_dir are the only differences to the interrupted runs, and neither changes what is trained)."""
+    out_dir are the only differences to the interrupted runs, and neither changes what is trained). Tests that
+    only need some finished run use it too, through finished_run_copy."""
     runs = {}
 
     def get(variant):
@@ -1590,6 +1592,13 @@ def uninterrupted(tmp_path_factory):
             runs[variant] = D.train(dict(resume_cfg(tmp, variant, 0), out_dir=str(tmp / "full")))
         return runs[variant]
     return get
+
+
+def finished_run_copy(uninterrupted, tmp_path, variant="c"):
+    """(config, out_dir): a copy in tmp_path of the uninterrupted run of `variant`, for a test that writes into it."""
+    cfg = resume_cfg(tmp_path, variant, 0)
+    shutil.copytree(uninterrupted(variant), cfg["out_dir"])
+    return cfg, cfg["out_dir"]
 
 
 # (variant, how, at, save_every). crash: train_step raises at its at-th call, in this process (1: before any
@@ -1726,9 +1735,8 @@ def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and
 
 
 
-def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypatch, capsys):
-    cfg = tiny_cfg(tmp_path, "c")
-    out = D.train(cfg)
+def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypatch, capsys, uninterrupted):
+    cfg, out = finished_run_copy(uninterrupted, tmp_path)
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
     real = D.mse_per_sample
     monkeypatch.setattr(D, "mse_per_sample", lambda o, t: real(o, t) * float("nan"))
@@ -1761,13 +1769,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
     assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
 
 
-def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path):
+def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path, uninterrupted):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(D.RunError, match="not writable"):
         D.train(tiny_cfg(tmp_path, "c", out_dir=str(blocker / "sub")))
-    cfg = tiny_cfg(tmp_path, "c")
-    D.train(cfg)
+    cfg, _ = finished_run_copy(uninterrupted, tmp_path)
     with pytest.raises(D.RunError, match=r"different config \(train.lr\)"):
         D.train(dict(cfg, train={**cfg["train"], "lr": 1e-3}))
 
@@ -2280,9 +2287,8 @@ def test_a_failing_sample_grid_never_costs_the_epoch_checkpoint(tmp_path, monkey
     assert torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=True)["step"] == 6   # epoch 1 saved
 
 
-def test_malformed_or_foreign_checkpoints_are_refused_in_one_line(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
-    out = D.train(cfg)
+def test_malformed_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, uninterrupted):
+    cfg, out = finished_run_copy(uninterrupted, tmp_path)
     good = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     for name, state, message in [("cfg.pt", dict(good, config=[1]), "malformed .*config"),
                                  ("noopt.pt", {k: v for k, v in good.items() if k != "opt"}, "malformed .*opt"),
@@ -3170,9 +3176,8 @@ def test_resuming_from_ckpt_prev_never_rotates_a_torn_ckpt_over_it(tmp_path):
     assert torch.load(ckpt)["step"] == 12 and torch.load(prev)["step"] == 10      # the good one survives
 
 
-def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 0})
-    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch, uninterrupted):
+    cfg, full = resume_cfg(tmp_path, "c", 0), uninterrupted("c")    # checkpoints at epoch ends only
     real = D.train_step
 
     def interrupted(x0, step, *a):
