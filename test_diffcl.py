@@ -1566,8 +1566,12 @@ RESUME_VARIANTS = {
         {"t_min": 0.0, "t_max": 1.0, "epochs": 1, "alpha": 1.0, "beta": 1.0}]}})}
 
 
+RESUME_MODEL = {**TINY_RUN["model"], "ch_multipliers": [1], "apply_attn": [False]}    # one level: half the cost
+
+
 def resume_cfg(tmp_path, variant, save_every):
     mode, extra = RESUME_VARIANTS[variant]
+    extra = {**extra, "model": {**RESUME_MODEL, **extra.get("model", {})}}
     return tiny_cfg(tmp_path, mode, **{"train": {**TINY_RUN["train"], "image_intv": 0, "save_every": save_every}},
                     **extra)
 
