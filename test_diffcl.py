@@ -45,6 +45,7 @@ F64 = torch.float64
 # Child processes, started early. torch runs on one thread here, so a second core idles while the in-process tests
 # run. A test that is about a process (signals, torchrun, run.sh, the real command line) registers a launcher with
 # @starts_early: when that test is selected, its children start with the session, and the test waits for them.
+# They run at a lower priority (nice 10), so that they take the idle core and never the one the tests run on.
 
 class Child:
     """A command started now, its output written to files in `folder`; result() waits and gives the outcome."""
@@ -54,6 +55,7 @@ class Child:
         self.folder = folder
         with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
             self.proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=HERE, **popen)
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)   # inherited by what it starts (torchrun's ranks)
         Child.running.append(self.proc)
 
     def result(self, timeout=300):
@@ -1531,33 +1533,6 @@ def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
         assert "lambda 0.05" in log and "small_norm_channels" in records(out, "stage")[1]
 
 
-# A child trainer that kills itself at a known point, so the tests do not depend on the machine's speed.
-SELF_KILLING_TRAINER = """
-import os, signal, sys
-sys.path.insert(0, {here!r})
-import diffcl, torch
-how, at = os.environ["KILL_HOW"], int(os.environ["KILL_AT"])
-real_step, real_save, saves = diffcl.train_step, torch.save, [0]
-def step(x0, step, *a, **k):
-    if how in ("sigkill", "sigint") and step == at:
-        os.kill(os.getpid(), signal.SIGKILL if how == "sigkill" else signal.SIGINT)
-    return real_step(x0, step, *a, **k)
-def save(obj, path):
-    saves[0] += 1
-    if how == "sigkill-in-save" and saves[0] == at:
-        open(path, "wb").write(b"PK half a checkpoint")
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path)
-diffcl.train_step, diffcl.torch.save = step, save
-sys.exit(diffcl.main(sys.argv[1:]))
-"""
-
-
-def self_killing_child(cmd_args, how, at, folder):
-    env = dict(os.environ, KILL_HOW=how, KILL_AT=str(at))
-    return Child([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args], folder, env=env)
-
-
 RESUME_VARIANTS = {
     "c": ("c", {}), "cs": ("cs", {}), "cs-taylor": ("cs", {"sparsity": {"regrowth_method": "taylor"}}),
     "cr-dropout": ("cr", {"model": {"drop_rate": 0.1}}),
@@ -1612,126 +1587,44 @@ def finished_run_copy(uninterrupted, tmp_path, variant="c"):
 RESUME_CASES = [("cs", "crash", 1, 2), ("cs", "crash", 7, 2), ("cs", "crash", 8, 2), ("cs-taylor", "crash", 8, 2),
                 ("cr-dropout", "crash", 8, 2), ("c-soft", "crash", 8, 2), ("cs", "sigkill", 6, 1),
                 ("cs", "sigkill-in-save", 5, 1), ("cs", "sigint", 8, 0)]
+CRASH_CASES = [c for c in RESUME_CASES if c[1] == "crash"]
+KILL_CASES = [c for c in RESUME_CASES if c[1] != "crash"]      # tested last, in "Process-level tests"
 
 
-@starts_early("test_interrupted_run_resumes_bit_identical_and_writes_each_record_once")
-def start_self_killing_trainers(folder, cases):
-    """(variant, how, at, save_every) -> (child, run folder, command line) of every selected child-process case."""
-    started = {}
-    for c in cases:
-        if c["how"] != "crash":
-            (folder / c["how"]).mkdir()
-            _, run, args = run_to_interrupt(folder / c["how"], c["variant"], c["save_every"])
-            started[c["variant"], c["how"], c["at"], c["save_every"]] = (
-                self_killing_child(args, c["how"], c["at"], folder / c["how"]), run, args)
-    return started
-
-
-@pytest.mark.parametrize("variant,how,at,save_every", RESUME_CASES)
-def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys, child,
-                                                                          uninterrupted, variant, how, at, save_every):
-    if how == "crash":
-        cfg, run, args = run_to_interrupt(tmp_path, variant, save_every)
-        real_step, calls = D.train_step, {"n": 0}
-
-        def crashing_step(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] == at:
-                raise RuntimeError("simulated crash")
-            return real_step(*a, **kw)
-        monkeypatch.setattr(D, "train_step", crashing_step)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            D.train(dict(cfg, out_dir=str(run)))
-        monkeypatch.setattr(D, "train_step", real_step)
-        step_at_kill = {1: None, 7: 6, 8: 6}[at]
-    else:
-        killed, run, args = child[variant, how, at, save_every]
-        r = killed.result()
-        if how == "sigint":
-            assert r.returncode == 130 and "interrupted at step 9;" in r.stdout and "Traceback" not in r.stderr, r.stderr
-            step_at_kill = 9                                  # saved at the step boundary after the Ctrl-C
-        else:
-            assert r.returncode == -9, r.stderr[-500:]
-            step_at_kill = 6 if how == "sigkill" else 4       # the 5th save was the one torn: step 5's
-            assert bool(list(run.glob("*.tmp"))) == (how == "sigkill-in-save")   # only a torn write leaves one
-        assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step_at_kill
+def check_resume(args, run, step_at_kill, full, capsys, ctrl_c=False):
+    """The interrupted command, run again, resumes at step_at_kill (None: starts over) and ends bit-identical to
+    the uninterrupted run `full`, every record written once."""
     ckpt = run / "ckpt.pt"
     capsys.readouterr()
     assert D.main(args) == 0                                  # the same command again resumes and finishes
     printed = capsys.readouterr().out
     assert (f"resumed from {ckpt} at step {step_at_kill}" in printed) == (step_at_kill is not None), printed
-    full = uninterrupted(variant)
     assert same_state(os.path.join(full, "ckpt.pt"), ckpt)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "img_s"} for r in rs]
-    if how != "sigint":               # a Ctrl-C between log steps drops that window's running sums (by design)
+    if not ctrl_c:                    # a Ctrl-C between log steps drops that window's running sums (by design)
         assert strip(records(full, "train")) == strip(records(run, "train"))
     kinds = lambda d: [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]
     assert kinds(run) == kinds(full) and kinds(full).count(("stage", 6)) == 1   # no duplicate or missing records
 
 
-# One torchrun launch of 2 ranks checks three things: DDP gradients of the CR objective equal one process's,
-# the real `train` keeps ranks identical, and the ranks draw different timesteps (recorded by a spy).
-TWO_RANK_TRAINER = """
-import os, sys
-sys.path.insert(0, {here!r})
-import torch, torch.distributed as dist
-import diffcl as D
-from unet import UNet
-from torch.nn.parallel import DistributedDataParallel
-rank, out = int(os.environ["RANK"]), {out!r}
-dist.init_process_group("gloo")                     # train's setup_dist reuses it; main destroys it at the end
-torch.manual_seed(0)
-model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
-g = torch.Generator().manual_seed(5)
-x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
-eps = torch.randn(8, 3, 8, 8, generator=g)
-half = slice(rank * 4, rank * 4 + 4)
-ddp = DistributedDataParallel(model)                  # kept alive: its hooks all-reduce in backward
-mse = D.mse_per_sample(ddp(x[half], t[half]), eps[half])
-D.objective(mse, D.group_l1(model), 0.3, 8)[0].backward()
-if rank == 0:
-    torch.save({{n: p.grad for n, p in model.named_parameters()}}, os.path.join(out, "g.pt"))
-drawn, real = [], D.draw_timesteps
-D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
-rc = D.main(sys.argv[1:])
-torch.save(torch.stack(drawn), os.path.join(out, f"t{{rank}}.pt"))
-sys.exit(rc)
-"""
+@pytest.mark.parametrize("variant,how,at,save_every", CRASH_CASES)
+def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys,
+                                                                          uninterrupted, variant, how, at, save_every):
+    cfg, run, args = run_to_interrupt(tmp_path, variant, save_every)
+    real_step, calls = D.train_step, {"n": 0}
+
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise RuntimeError("simulated crash")
+        return real_step(*a, **kw)
+    monkeypatch.setattr(D, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        D.train(dict(cfg, out_dir=str(run)))
+    monkeypatch.setattr(D, "train_step", real_step)
+    check_resume(args, run, {1: None, 7: 6, 8: 6}[at], uninterrupted(variant), capsys)
 
 
-@starts_early("test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match")
-def start_two_ranks(folder, cases):
-    cfg = tiny_cfg(folder, "cs", train={**TINY_RUN["train"], "image_intv": 2})
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    (folder / "two_ranks.py").write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(folder)))
-    return Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  str(folder / "two_ranks.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"], folder)
-
-
-def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(child):
-    r, folder = child.result(), child.folder
-    out = folder / "ddp"
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
-    assert len(records(out, "train")) == 6 and (out / "samples" / "epoch0002_full.png").exists()
-    state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert state["world"] == 2 and state["mask"].sum() == 64
-
-    t0, t1 = (torch.load(folder / f"t{r}.pt", weights_only=True) for r in (0, 1))
-    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
-    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
-    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
-
-    torch.manual_seed(0)                                        # the same objective on one process, full batch
-    model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
-    eps = torch.randn(8, 3, 8, 8, generator=g)
-    loss, _ = D.objective(D.mse_per_sample(model(x, t), eps), D.group_l1(model), 0.3, 8)
-    loss.backward()
-    ddp_grads = torch.load(folder / "g.pt", weights_only=True)
-    for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1749,28 +1642,6 @@ def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypa
     with pytest.raises(D.RunError, match=r"loss is nan at step 14 \(epoch 3, stage full\).*ckpt.pt \(intact\)"):
         D.train(cfg2, force=True)
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
-
-
-@starts_early("test_cli_errors_are_one_line_without_traceback")
-def start_cli_with_a_bad_config(folder, cases):
-    (folder / "bad.json").write_text('{"train": {"lrr": 1}}')
-    return Child([sys.executable, str(HERE / "diffcl.py"), "train", "--config-path", str(folder / "bad.json")], folder)
-
-
-def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
-    r = child.result()                                            # the real command line, once
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in r.stderr
-    bad_ckpt = tmp_path / "ckpt.pt"
-    bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
-    for args, message in [
-            (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
-            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
-            (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
-              f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
-        assert D.main(args) == 2                                 # in-process: nothing escapes main
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
-    assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
 
 
 def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path, uninterrupted):
@@ -3029,18 +2900,6 @@ def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
     assert [int(im.mean()) for im in images] == [0, 128, 255]
 
 
-@starts_early("test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line")
-def start_run_sh_with_3_processes(folder, cases):
-    return Child(["bash", str(HERE / "run.sh"), "base", "3"], folder, env=dict(os.environ, DATASET="shapes"))
-
-
-def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(child):
-    r = child.result(timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
-                                             "train.num_accum 1: change NGPUS or --train.batch_size"]
-
-
 @pytest.mark.parametrize("mode", ["cs", "cr"])
 def test_the_compiled_forward_is_traced_once_across_every_stage_boundary(tmp_path, mode, monkeypatch):
     """Stage changes (window, lambda, mask values, regrown channels) must not change what the compiled forward sees:
@@ -3250,3 +3109,162 @@ def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-level tests: interrupted child trainers, torchrun, the real command line and run.sh. Their children
+# started with the session (Child, @starts_early) and ran on the idle core meanwhile: these tests come last, so that
+# they seldom wait.
+
+# A child trainer that kills itself at a known point, so the tests do not depend on the machine's speed.
+SELF_KILLING_TRAINER = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import diffcl, torch
+how, at = os.environ["KILL_HOW"], int(os.environ["KILL_AT"])
+real_step, real_save, saves = diffcl.train_step, torch.save, [0]
+def step(x0, step, *a, **k):
+    if how in ("sigkill", "sigint") and step == at:
+        os.kill(os.getpid(), signal.SIGKILL if how == "sigkill" else signal.SIGINT)
+    return real_step(x0, step, *a, **k)
+def save(obj, path):
+    saves[0] += 1
+    if how == "sigkill-in-save" and saves[0] == at:
+        open(path, "wb").write(b"PK half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path)
+diffcl.train_step, diffcl.torch.save = step, save
+sys.exit(diffcl.main(sys.argv[1:]))
+"""
+
+
+def self_killing_child(cmd_args, how, at, folder):
+    env = dict(os.environ, KILL_HOW=how, KILL_AT=str(at))
+    return Child([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args], folder, env=env)
+
+
+@starts_early("test_interrupted_child_resumes_bit_identical_and_writes_each_record_once")
+def start_self_killing_trainers(folder, cases):
+    """(variant, how, at, save_every) -> (child, run folder, command line) of every selected case."""
+    started = {}
+    for c in cases:
+        (folder / c["how"]).mkdir()
+        _, run, args = run_to_interrupt(folder / c["how"], c["variant"], c["save_every"])
+        started[c["variant"], c["how"], c["at"], c["save_every"]] = (
+            self_killing_child(args, c["how"], c["at"], folder / c["how"]), run, args)
+    return started
+
+
+@pytest.mark.parametrize("variant,how,at,save_every", KILL_CASES)
+def test_interrupted_child_resumes_bit_identical_and_writes_each_record_once(capsys, child, uninterrupted,
+                                                                            variant, how, at, save_every):
+    killed, run, args = child[variant, how, at, save_every]
+    r = killed.result()
+    if how == "sigint":
+        assert r.returncode == 130 and "interrupted at step 9;" in r.stdout and "Traceback" not in r.stderr, r.stderr
+        step_at_kill = 9                                      # saved at the step boundary after the Ctrl-C
+    else:
+        assert r.returncode == -9, r.stderr[-500:]
+        step_at_kill = 6 if how == "sigkill" else 4           # the 5th save was the one torn: step 5's
+        assert bool(list(run.glob("*.tmp"))) == (how == "sigkill-in-save")   # only a torn write leaves one
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step_at_kill
+    check_resume(args, run, step_at_kill, uninterrupted(variant), capsys, ctrl_c=how == "sigint")
+
+
+# One torchrun launch of 2 ranks checks three things: DDP gradients of the CR objective equal one process's,
+# the real `train` keeps ranks identical, and the ranks draw different timesteps (recorded by a spy).
+TWO_RANK_TRAINER = """
+import os, sys
+sys.path.insert(0, {here!r})
+import torch, torch.distributed as dist
+import diffcl as D
+from unet import UNet
+from torch.nn.parallel import DistributedDataParallel
+rank, out = int(os.environ["RANK"]), {out!r}
+dist.init_process_group("gloo")                     # train's setup_dist reuses it; main destroys it at the end
+torch.manual_seed(0)
+model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
+g = torch.Generator().manual_seed(5)
+x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
+eps = torch.randn(8, 3, 8, 8, generator=g)
+half = slice(rank * 4, rank * 4 + 4)
+ddp = DistributedDataParallel(model)                  # kept alive: its hooks all-reduce in backward
+mse = D.mse_per_sample(ddp(x[half], t[half]), eps[half])
+D.objective(mse, D.group_l1(model), 0.3, 8)[0].backward()
+if rank == 0:
+    torch.save({{n: p.grad for n, p in model.named_parameters()}}, os.path.join(out, "g.pt"))
+drawn, real = [], D.draw_timesteps
+D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
+rc = D.main(sys.argv[1:])
+torch.save(torch.stack(drawn), os.path.join(out, f"t{{rank}}.pt"))
+sys.exit(rc)
+"""
+
+
+@starts_early("test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match")
+def start_two_ranks(folder, cases):
+    cfg = tiny_cfg(folder, "cs", train={**TINY_RUN["train"], "image_intv": 2})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "two_ranks.py").write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(folder)))
+    return Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(folder / "two_ranks.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"], folder)
+
+
+def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(child):
+    r, folder = child.result(), child.folder
+    out = folder / "ddp"
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
+    assert len(records(out, "train")) == 6 and (out / "samples" / "epoch0002_full.png").exists()
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["world"] == 2 and state["mask"].sum() == 64
+
+    t0, t1 = (torch.load(folder / f"t{r}.pt", weights_only=True) for r in (0, 1))
+    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
+    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
+    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
+
+    torch.manual_seed(0)                                        # the same objective on one process, full batch
+    model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
+    eps = torch.randn(8, 3, 8, 8, generator=g)
+    loss, _ = D.objective(D.mse_per_sample(model(x, t), eps), D.group_l1(model), 0.3, 8)
+    loss.backward()
+    ddp_grads = torch.load(folder / "g.pt", weights_only=True)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
+
+
+@starts_early("test_cli_errors_are_one_line_without_traceback")
+def start_cli_with_a_bad_config(folder, cases):
+    (folder / "bad.json").write_text('{"train": {"lrr": 1}}')
+    return Child([sys.executable, str(HERE / "diffcl.py"), "train", "--config-path", str(folder / "bad.json")], folder)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
+    r = child.result()                                            # the real command line, once
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in r.stderr
+    bad_ckpt = tmp_path / "ckpt.pt"
+    bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
+    for args, message in [
+            (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
+            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
+            (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
+              f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
+        assert D.main(args) == 2                                 # in-process: nothing escapes main
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
+    assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
+
+
+@starts_early("test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line")
+def start_run_sh_with_3_processes(folder, cases):
+    return Child(["bash", str(HERE / "run.sh"), "base", "3"], folder, env=dict(os.environ, DATASET="shapes"))
+
+
+def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(child):
+    r = child.result(timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
+                                             "train.num_accum 1: change NGPUS or --train.batch_size"]
