@@ -15,6 +15,7 @@ import io
 import json
 import math
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -2549,22 +2550,9 @@ def test_low_rank_fd_equals_the_full_computation():
                                                                  rel=1e-7)
 
 
-def test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures(tmp_path, capsys):
-    jobs = [("a", ["train", "--help"], str(tmp_path / "a")), ("b", ["sample", "--ckpt", str(tmp_path / "none.pt")],
-                                                                  str(tmp_path / "b")), ("c", ["bench", "--help"], str(tmp_path / "c"))]
-    with pytest.raises(D.RunError, match=r"1 run\(s\) failed: b \(see .*b/x.log\)"):
-        D.run_jobs(jobs, 2, "x.log")
-    lines = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
-    assert lines[:2] == [["started", "a"], ["started", "b"]]      # two at a time: b starts before a ends
-    assert ["started", "c"] in lines and ["FAILED", "b"] in lines and ["finished", "a"] in lines
-    first_end = min(lines.index(["finished", "a"]), lines.index(["FAILED", "b"]))
-    assert lines.index(["started", "c"]) > first_end                  # and never more than two
-    assert "usage:" in open(tmp_path / "a" / "x.log").read() and "error:" in open(tmp_path / "b" / "x.log").read()
-
-
 def in_process_jobs(calls):
     """run_jobs' contract, each job run by D.main in this process one after the other (a subprocess costs ~3 s
-    of imports here; run_jobs itself is tested above)."""
+    of imports here; run_jobs itself is tested in "Process-level tests")."""
     def run(jobs, parallel, log_name):
         calls.append((parallel, log_name, [label for label, _, _ in jobs]))
         for label, argv, run_dir in jobs:
@@ -3112,7 +3100,7 @@ def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Process-level tests: interrupted child trainers, torchrun, the real command line and run.sh. Their children
+# Process-level tests: interrupted child trainers, torchrun, the real command line, run_jobs and run.sh. Their children
 # started with the session (Child, @starts_early) and ran on the idle core meanwhile: these tests come last, so that
 # they seldom wait.
 
@@ -3256,6 +3244,38 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
     assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
+
+
+# run_jobs as compare calls it, in a child: three jobs, two at a time, one failing (exit 3 when run_jobs says so).
+RUN_THREE_JOBS = """
+import sys
+sys.path.insert(0, {here!r})
+import diffcl as D
+tmp = {tmp!r}
+jobs = [("a", ["train", "--help"], tmp + "/a"), ("b", ["sample", "--ckpt", tmp + "/none.pt"], tmp + "/b"),
+        ("c", ["bench", "--help"], tmp + "/c")]
+try:
+    D.run_jobs(jobs, 2, "x.log")
+except D.RunError as e:
+    print("RunError:", e)
+    sys.exit(3)
+"""
+
+
+@starts_early("test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures")
+def start_three_jobs(folder, cases):
+    return Child([sys.executable, "-c", RUN_THREE_JOBS.format(here=str(HERE), tmp=str(folder))], folder)
+
+
+def test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures(child):
+    r, tmp_path = child.result(), child.folder
+    assert r.returncode == 3 and re.search(r"RunError: 1 run\(s\) failed: b \(see .*b/x.log\)", r.stdout), r.stderr
+    lines = [line.split()[:2] for line in r.stdout.splitlines()]
+    assert lines[:2] == [["started", "a"], ["started", "b"]]      # two at a time: b starts before a ends
+    assert ["started", "c"] in lines and ["FAILED", "b"] in lines and ["finished", "a"] in lines
+    first_end = min(lines.index(["finished", "a"]), lines.index(["FAILED", "b"]))
+    assert lines.index(["started", "c"]) > first_end                  # and never more than two
+    assert "usage:" in open(tmp_path / "a" / "x.log").read() and "error:" in open(tmp_path / "b" / "x.log").read()
 
 
 @starts_early("test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line")
