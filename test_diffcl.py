@@ -1465,11 +1465,14 @@ TINY_RUN = {
     "diffusion": {"timesteps": 20},
     "model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1, 2], "num_res_blocks": 1,
               "apply_attn": [False, False]},
-    "train": {"epochs": 2, "batch_size": 8, "warmup": 5, "log_intv": 2, "num_samples": 4, "image_intv": 1, "sample_steps": 3},
+    "train": {"epochs": 2, "batch_size": 8, "warmup": 5, "log_intv": 2, "num_samples": 4, "image_intv": 1,
+              "sample_steps": 3},
     "curriculum": {"enabled": True, "stages": [
         {"t_min": 0.5, "t_max": 1.0, "epochs": 1, "name": "high"},
         {"t_min": 0.0, "t_max": 1.0, "epochs": 1, "name": "full"}]},
 }
+# For runs whose checks do not depend on the channel counts: half the cost of TINY_RUN's two levels.
+ONE_LEVEL = {**TINY_RUN["model"], "ch_multipliers": [1], "apply_attn": [False]}
 MODE_FLAGS = {"base": {"curriculum": {"enabled": False, "stages": []}},
               "c": {}, "cs": {"sparsity": {"enabled": True, "initial_sparsity": 0.5}},
               "cr": {"regularization": {"enabled": True, "lambda_max": 0.05}}}
@@ -1542,12 +1545,9 @@ RESUME_VARIANTS = {
         {"t_min": 0.0, "t_max": 1.0, "epochs": 1, "alpha": 1.0, "beta": 1.0}]}})}
 
 
-RESUME_MODEL = {**TINY_RUN["model"], "ch_multipliers": [1], "apply_attn": [False]}    # one level: half the cost
-
-
 def resume_cfg(tmp_path, variant, save_every):
     mode, extra = RESUME_VARIANTS[variant]
-    extra = {**extra, "model": {**RESUME_MODEL, **extra.get("model", {})}}
+    extra = {**extra, "model": {**ONE_LEVEL, **extra.get("model", {})}}
     return tiny_cfg(tmp_path, mode, **{"train": {**TINY_RUN["train"], "image_intv": 0, "save_every": save_every}},
                     **extra)
 
@@ -2103,7 +2103,7 @@ def test_bad_inception_weights_are_fid_errors_and_run_nothing(tmp_path, case):
 
 def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
     import fcntl
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1}, model=ONE_LEVEL)
     os.makedirs(cfg["out_dir"])
     with open(os.path.join(cfg["out_dir"], ".lock"), "w") as held:   # what a running trainer holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2117,7 +2117,8 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
 
 
 def test_non_finite_parameters_never_reach_a_checkpoint_and_the_previous_one_is_kept(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1, "log_intv": 100})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1, "log_intv": 100},
+                   model=ONE_LEVEL)
     real_step = D.train_step
 
     def blowing_up(x0, step, *a, **kw):
@@ -2518,7 +2519,8 @@ def test_bf16_training_step_tracks_fp32(tmp_path):
 
 
 # Tiny runs: 8 images (12x12), 1 step per epoch, a one-level UNet (32 bottleneck channels), T = 20.
-DEMO_OVERRIDES = ["--data_limit=8", "--resolution=12", "--train.batch_size=8", "--train.log_intv=2", "--train.image_intv=5", "--train.chkpt_intv=5",
+DEMO_OVERRIDES = ["--data_limit=8", "--resolution=12", "--train.batch_size=8", "--train.log_intv=2",
+                  "--train.image_intv=5", "--train.chkpt_intv=5",
                   "--train.sample_steps=2", "--train.num_samples=2", "--model.ch_multipliers=[1]",
                   "--model.apply_attn=false", "--diffusion.timesteps=20"]
 
@@ -2631,7 +2633,7 @@ def test_compiled_training_step_matches_eager(tmp_path, monkeypatch):
 
 
 def test_gradient_accumulation_trains_and_keeps_loss_bookkeeping(tmp_path):
-    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "num_accum": 2})
+    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "num_accum": 2}, model=ONE_LEVEL)
     out = D.train(cfg)
     train = records(out, "train")
     assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
@@ -2654,8 +2656,9 @@ def test_length_scale_scales_every_stage_and_epochs_overrides_that_cannot_act_ar
             D.load_config(cs, [flag])
     assert D.load_config(str(HERE / "configs" / "fashion32.json"), ["--epochs=3"])["train"]["epochs"] == 3
     # A scaled run: C and plain DDPM at the same scale do the same number of steps (compare's equal work).
-    c = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, data_limit=32)
-    base = tiny_cfg(tmp_path, "base", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, data_limit=32)
+    scaled = {"train": {**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, "data_limit": 32,
+              "model": ONE_LEVEL}
+    c, base = tiny_cfg(tmp_path, "c", **scaled), tiny_cfg(tmp_path, "base", **scaled)
     for cfg in (c, base):                                   # 4 steps per epoch, 2 epochs, x 0.5
         out = D.train(cfg)
         assert records(out, "train")[-1]["step"] == 4 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 4
@@ -2668,7 +2671,8 @@ def test_length_scale_scales_every_stage_and_epochs_overrides_that_cannot_act_ar
 def test_short_runs_warn_about_warmup_and_soft_stages_need_no_window(tmp_path, capsys):
     soft = {"enabled": True, "mode": "soft", "stages": [{"epochs": 1, "alpha": 3.0, "beta": 1.0, "name": "a"},
                                                          {"epochs": 1, "alpha": 1.0, "beta": 1.0, "name": "b"}]}
-    cfg = tiny_cfg(tmp_path, "c", curriculum=soft, train={**TINY_RUN["train"], "image_intv": 0, "warmup": 50})
+    cfg = tiny_cfg(tmp_path, "c", curriculum=soft, train={**TINY_RUN["train"], "image_intv": 0, "warmup": 50},
+                   model=ONE_LEVEL)
     out = D.train(cfg)
     log = capsys.readouterr().out
     assert "warning: train.warmup (50 steps) is longer than the run (12 steps)" in log and "20*Beta(3.0, 1.0)" in log
@@ -2786,7 +2790,7 @@ def test_controls_train_resume_and_log_unweighted_mse(tmp_path):
             "minsnr": {"diffusion": {"timesteps": 20, "loss_weight": "min_snr"}}}
     for name, extra in over.items():
         cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, out_dir=str(tmp_path / name),
-                       data_limit=16, **extra)              # 2 steps per stage, one record each
+                       data_limit=16, model=ONE_LEVEL, **extra)              # 2 steps per stage, one record each
         out = D.train(cfg)
         train, stage = records(out, "train"), records(out, "stage")
         if name == "anti":                                  # stage 1 is [0, 10): low noise first
@@ -2827,7 +2831,7 @@ def test_a_resume_after_the_dataset_changed_is_refused_with_both_counts(tmp_path
     folder.mkdir()
     for k, im in enumerate(data.load_images("shapes", resolution=16, num_images=48, log=lambda *a: None)):
         Image.fromarray(im).save(folder / f"{k:03d}.png")
-    cfg = tiny_cfg(tmp_path, "cs", dataset=f"folder:{folder}", data_limit=0,
+    cfg = tiny_cfg(tmp_path, "cs", dataset=f"folder:{folder}", data_limit=0, model=ONE_LEVEL,
                    train={**TINY_RUN["train"], "image_intv": 0, "save_every": 0})
     D.train(cfg)
     for k in range(16):
@@ -2934,7 +2938,7 @@ def test_cuda_training_steps_never_wait_for_the_host(tmp_path, mode, monkeypatch
 
 
 def test_files_written_into_a_run_folder_never_follow_planted_links(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, model=ONE_LEVEL)
     os.makedirs(os.path.join(cfg["out_dir"], "samples"))
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -2992,7 +2996,7 @@ def test_readers_skip_torn_temporaries_and_the_wall_time_survives_a_resume(tmp_p
     D.sample(cs_checkpoint, 2, str(out), ddim=True, steps=2)
     (out / "000003.png.4242.tmp").write_bytes((out / "000001.png").read_bytes())   # left by a kill before rename
     assert len(fid.load_image_folder(str(out))) == 2
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, model=ONE_LEVEL)
     first = D.train(dict(cfg, train={**cfg["train"], "epochs": 1},
                          curriculum={**cfg["curriculum"], "stages": cfg["curriculum"]["stages"][:1]}))
     wall = torch.load(os.path.join(first, "ckpt.pt"))["wall_seconds"]
@@ -3017,7 +3021,7 @@ def test_cuda_resident_batches_equal_the_host_path_bit_for_bit():
 # Faults found by trying the commands as a hostile user would
 
 def test_resuming_from_ckpt_prev_never_rotates_a_torn_ckpt_over_it(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 2})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 2}, model=ONE_LEVEL)
     out = D.train(cfg)
     ckpt, prev = os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_prev.pt")
     assert torch.load(prev)["step"] == 10
@@ -3195,7 +3199,8 @@ def start_two_ranks(folder, cases):
     (folder / "cfg.json").write_text(json.dumps(cfg))
     (folder / "two_ranks.py").write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(folder)))
     return Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  str(folder / "two_ranks.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"], folder)
+                  str(folder / "two_ranks.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"],
+                 folder)
 
 
 def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(child):
