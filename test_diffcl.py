@@ -417,7 +417,7 @@ def test_key_seed_mixes_every_part_into_the_low_32_bits():
 
 def test_ema_update_keeps_no_autograd_history_and_memory_does_not_grow(tmp_path):
     import gc
-    cfg = tiny_cfg(tmp_path, "cs")
+    cfg = tiny_cfg(tmp_path, "cs", model=ONE_LEVEL)
     model, ema, opt, mask, _, score = D.new_state(cfg, torch.device("cpu"))
     run = D.make_run(cfg, model, ema, opt, torch.device("cpu"))
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
@@ -2157,7 +2157,7 @@ def test_disk_full_or_a_second_ctrl_c_during_a_checkpoint_write_leaves_no_tmp_an
 
 
 def test_a_failing_sample_grid_never_costs_the_epoch_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "save_every": 0})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "save_every": 0}, model=ONE_LEVEL)
     monkeypatch.setattr(D, "save_grid", lambda *a, **k: (_ for _ in ()).throw(MemoryError("grid")))
     with pytest.raises(MemoryError):
         D.train(cfg)
@@ -2221,7 +2221,8 @@ def test_gpu_train_step_draws_hard_timesteps_where_x0_lives_and_soft_ones_on_the
     soft = {"mode": "soft", "stages": [{**s, "alpha": 2.0, "beta": 1.0} for s in TINY_RUN["curriculum"]["stages"]]}
     for mode, extra in (("c", {}), ("base", {}), ("c", {"curriculum": {**TINY_RUN["curriculum"], **soft}})):
         where.clear()
-        cfg = gpu_tiny_cfg(tmp_path, mode, out_dir=str(tmp_path / f"{mode}{len(extra)}"), data_limit=16, **extra)
+        cfg = gpu_tiny_cfg(tmp_path, mode, out_dir=str(tmp_path / f"{mode}{len(extra)}"), data_limit=16,
+                           model=ONE_LEVEL, **extra)
         D.train(cfg)                                      # 2 stages x 2 steps
         want = "cpu" if extra else torch.device("cpu")    # hard/plain: x0.device; soft: the host, always
         assert len(where) == 4 and all(w == want and type(w) is type(want) for w in where)
@@ -2505,7 +2506,8 @@ def test_bench_runs_the_training_step_and_prints_json(capsys):
 
 
 def test_bf16_training_step_tracks_fp32(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "precision": "fp32"})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "precision": "fp32"},
+                   model=ONE_LEVEL)
     fp32 = D.train(dict(cfg, out_dir=str(tmp_path / "fp32")))
     bf16 = D.train(dict(cfg, out_dir=str(tmp_path / "bf16"), train={**cfg["train"], "precision": "bf16"}))
     a, b = records(fp32, "train"), records(bf16, "train")
