@@ -46,7 +46,7 @@ F64 = torch.float64
 # Child processes, started early. torch runs on one thread here, so a second core idles while the in-process tests
 # run. A test that is about a process (signals, torchrun, run.sh, the real command line) registers a launcher with
 # @starts_early: when that test is selected, its children start with the session, and the test waits for them.
-# They run at a lower priority (nice 10), so that they take the idle core and never the one the tests run on.
+# They run at the lowest priority (nice 19), so that they take the idle core and never the one the tests run on.
 
 class Child:
     """A command started now, its output written to files in `folder`; result() waits and gives the outcome."""
@@ -56,7 +56,7 @@ class Child:
         self.folder = folder
         with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
             self.proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=HERE, **popen)
-        os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)   # inherited by what it starts (torchrun's ranks)
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)   # inherited by what it starts (torchrun's ranks)
         Child.running.append(self.proc)
 
     def result(self, timeout=300):
