@@ -1626,12 +1626,8 @@ def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_p
     check_resume(args, run, {1: None, 7: 6, 8: 6}[at], uninterrupted(variant), capsys)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Things that go wrong in real runs: each is one clear line, and nothing written is destroyed
-
-
 
 def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypatch, capsys, uninterrupted):
     cfg, out = finished_run_copy(uninterrupted, tmp_path)
@@ -2792,7 +2788,7 @@ def test_controls_train_resume_and_log_unweighted_mse(tmp_path):
             "minsnr": {"diffusion": {"timesteps": 20, "loss_weight": "min_snr"}}}
     for name, extra in over.items():
         cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, out_dir=str(tmp_path / name),
-                       data_limit=16, model=ONE_LEVEL, **extra)              # 2 steps per stage, one record each
+                       data_limit=16, model=ONE_LEVEL, **extra)     # 2 steps per stage, one record each
         out = D.train(cfg)
         train, stage = records(out, "train"), records(out, "stage")
         if name == "anti":                                  # stage 1 is [0, 10): low noise first
