@@ -15,6 +15,8 @@ import io
 import json
 import math
 import pickle
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -38,6 +40,60 @@ from unet import AttentionBlock, SamePad2d, UNet, timestep_embedding
 
 HERE = Path(__file__).resolve().parent
 F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes, started early. torch runs on one thread here, so a second core idles while the in-process tests
+# run. A test that is about a process (signals, torchrun, run.sh, the real command line) registers a launcher with
+# @starts_early: when that test is selected, its children start with the session, and the test waits for them.
+# They run at the lowest priority (nice 19), so that they take the idle core and never the one the tests run on.
+
+class Child:
+    """A command started now, its output written to files in `folder`; result() waits and gives the outcome."""
+    running = []
+
+    def __init__(self, args, folder, **popen):
+        self.folder = folder
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=HERE, **popen)
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)   # inherited by what it starts (torchrun's ranks)
+        Child.running.append(self.proc)
+
+    def result(self, timeout=300):
+        self.proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, (self.folder / "stdout").read_text(),
+                                           (self.folder / "stderr").read_text())
+
+
+EARLY = {}                  # test name -> launch(folder, cases): what that test waits for
+
+
+def starts_early(test_name):
+    def register(launch):
+        EARLY[test_name] = launch
+        return launch
+    return register
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children(request, tmp_path_factory):
+    """test name -> what its launcher started, for the selected tests; `cases` are their parameters (after -k)."""
+    cases = {}
+    for item in request.session.items:
+        cases.setdefault(item.originalname, []).append(item.callspec.params if hasattr(item, "callspec") else {})
+    started = {name: launch(tmp_path_factory.mktemp("early"), cases[name]) for name, launch in EARLY.items()
+               if name in cases}
+    yield started
+    for proc in Child.running:                              # a test that failed early may not have waited
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def child(request, children):
+    """What this test's @starts_early launcher started."""
+    return children[request.node.originalname]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,10 +421,10 @@ def test_key_seed_mixes_every_part_into_the_low_32_bits():
 
 def test_ema_update_keeps_no_autograd_history_and_memory_does_not_grow(tmp_path):
     import gc
-    cfg = tiny_cfg(tmp_path, "cs")
+    cfg = tiny_cfg(tmp_path, "cs", model=ONE_LEVEL)
     model, ema, opt, mask, _, score = D.new_state(cfg, torch.device("cpu"))
     run = D.make_run(cfg, model, ema, opt, torch.device("cpu"))
-    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     live = lambda: sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects())
     counts = []
     for n in (3, 12):
@@ -1409,16 +1465,18 @@ def test_real_weights_match_torchscript():
 # Training (tiny CPU runs on the built-in dataset)
 
 TINY_RUN = {
-    "dataset": "shapes", "resolution": 16, "data_limit": 48, "seed": 1,
+    "dataset": "shapes", "resolution": 8, "data_limit": 48, "seed": 1,
     "diffusion": {"timesteps": 20},
     "model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1, 2], "num_res_blocks": 1,
               "apply_attn": [False, False]},
-    "train": {"epochs": 2, "batch_size": 8, "warmup": 5, "log_intv": 2, "num_samples": 4, "image_intv": 1, "sample_steps": 3,
-              "save_every": 2},
+    "train": {"epochs": 2, "batch_size": 8, "warmup": 5, "log_intv": 2, "num_samples": 4, "image_intv": 1,
+              "sample_steps": 3},
     "curriculum": {"enabled": True, "stages": [
         {"t_min": 0.5, "t_max": 1.0, "epochs": 1, "name": "high"},
         {"t_min": 0.0, "t_max": 1.0, "epochs": 1, "name": "full"}]},
 }
+# For runs whose checks do not depend on the channel counts: half the cost of TINY_RUN's two levels.
+ONE_LEVEL = {**TINY_RUN["model"], "ch_multipliers": [1], "apply_attn": [False]}
 MODE_FLAGS = {"base": {"curriculum": {"enabled": False, "stages": []}},
               "c": {}, "cs": {"sparsity": {"enabled": True, "initial_sparsity": 0.5}},
               "cr": {"regularization": {"enabled": True, "lambda_max": 0.05}}}
@@ -1451,10 +1509,11 @@ def same_state(a, b):
 
 @pytest.mark.parametrize("mode", ["base", "c", "cs", "cr"])
 def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
-    cfg = tiny_cfg(tmp_path, mode)
+    cfg = tiny_cfg(tmp_path, mode, train={**TINY_RUN["train"], "save_every": 2})   # mid-epoch checkpoints too
     out = D.train(cfg)
     log = capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "config.json"))
+    assert torch.load(os.path.join(out, "ckpt_prev.pt"), weights_only=True)["step"] == 10
     grids = sorted(os.listdir(os.path.join(out, "samples")))
     assert grids == (["epoch0001_plain.png", "epoch0002_plain.png"] if mode == "base"
                      else ["epoch0001_high.png", "epoch0002_full.png"])
@@ -1482,36 +1541,8 @@ def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
         assert "lambda 0.05" in log and "small_norm_channels" in records(out, "stage")[1]
 
 
-# A child trainer that kills itself at a known point, so the tests do not depend on the machine's speed.
-SELF_KILLING_TRAINER = """
-import os, signal, sys
-sys.path.insert(0, {here!r})
-import diffcl, torch
-how, at = os.environ["KILL_HOW"], int(os.environ["KILL_AT"])
-real_step, real_save, saves = diffcl.train_step, torch.save, [0]
-def step(x0, step, *a, **k):
-    if how in ("sigkill", "sigint") and step == at:
-        os.kill(os.getpid(), signal.SIGKILL if how == "sigkill" else signal.SIGINT)
-    return real_step(x0, step, *a, **k)
-def save(obj, path):
-    saves[0] += 1
-    if how == "sigkill-in-save" and saves[0] == at:
-        open(path, "wb").write(b"PK half a checkpoint")
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path)
-diffcl.train_step, diffcl.torch.save = step, save
-sys.exit(diffcl.main(sys.argv[1:]))
-"""
-
-
-def self_killing_run(cmd_args, how, at):
-    env = dict(os.environ, KILL_HOW=how, KILL_AT=str(at))
-    return subprocess.run([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args],
-                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
-
-
 RESUME_VARIANTS = {
-    "cs": ("cs", {}), "cs-taylor": ("cs", {"sparsity": {"regrowth_method": "taylor"}}),
+    "c": ("c", {}), "cs": ("cs", {}), "cs-taylor": ("cs", {"sparsity": {"regrowth_method": "taylor"}}),
     "cr-dropout": ("cr", {"model": {"drop_rate": 0.1}}),
     "c-soft": ("c", {"curriculum": {"mode": "soft", "stages": [
         {"t_min": 0.5, "t_max": 1.0, "epochs": 1, "alpha": 3.0, "beta": 1.0},
@@ -1520,14 +1551,23 @@ RESUME_VARIANTS = {
 
 def resume_cfg(tmp_path, variant, save_every):
     mode, extra = RESUME_VARIANTS[variant]
+    extra = {**extra, "model": {**ONE_LEVEL, **extra.get("model", {})}}
     return tiny_cfg(tmp_path, mode, **{"train": {**TINY_RUN["train"], "image_intv": 0, "save_every": save_every}},
                     **extra)
+
+
+def run_to_interrupt(folder, variant, save_every):
+    """(config, run folder, command line) of a run in `folder` to interrupt, then resume with the same command."""
+    cfg, run = resume_cfg(folder, variant, save_every), folder / "run"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return cfg, run, ["train", str(folder / "cfg.json"), f"--out_dir={run}"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """variant -> out_dir of the uninterrupted run, trained once per module (checkpoint frequency and the
-    out_dir are the only differences to the interrupted runs, and neither changes what is trained)."""
+    out_dir are the only differences to the interrupted runs, and neither changes what is trained). Tests that
+    only need some finished run use it too, through finished_run_copy."""
     runs = {}
 
     def get(variant):
@@ -1538,6 +1578,13 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
+def finished_run_copy(uninterrupted, tmp_path, variant="c"):
+    """(config, out_dir): a copy in tmp_path of the uninterrupted run of `variant`, for a test that writes into it."""
+    cfg = resume_cfg(tmp_path, variant, 0)
+    shutil.copytree(uninterrupted(variant), cfg["out_dir"])
+    return cfg, cfg["out_dir"]
+
+
 # (variant, how, at, save_every). crash: train_step raises at its at-th call, in this process (1: before any
 # checkpoint; 7: the first step of stage 2, just after the step-6 save and stage record; 8: mid-stage 2).
 # sigkill: a child trainer kills itself at step `at` (6: the stage boundary); sigkill-in-save: during its at-th
@@ -1545,125 +1592,49 @@ def uninterrupted(tmp_path_factory):
 RESUME_CASES = [("cs", "crash", 1, 2), ("cs", "crash", 7, 2), ("cs", "crash", 8, 2), ("cs-taylor", "crash", 8, 2),
                 ("cr-dropout", "crash", 8, 2), ("c-soft", "crash", 8, 2), ("cs", "sigkill", 6, 1),
                 ("cs", "sigkill-in-save", 5, 1), ("cs", "sigint", 8, 0)]
+CRASH_CASES = [c for c in RESUME_CASES if c[1] == "crash"]
+KILL_CASES = [c for c in RESUME_CASES if c[1] != "crash"]      # tested last, in "Process-level tests"
 
 
-@pytest.mark.parametrize("variant,how,at,save_every", RESUME_CASES)
-def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys,
-                                                                          uninterrupted, variant, how, at, save_every):
-    cfg = resume_cfg(tmp_path, variant, save_every)
-    run = tmp_path / "run"
+def check_resume(args, run, step_at_kill, full, capsys, ctrl_c=False):
+    """The interrupted command, run again, resumes at step_at_kill (None: starts over) and ends bit-identical to
+    the uninterrupted run `full`, every record written once."""
     ckpt = run / "ckpt.pt"
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    args = ["train", str(path), f"--out_dir={run}"]
-    if how == "crash":
-        real_step, calls = D.train_step, {"n": 0}
-
-        def crashing_step(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] == at:
-                raise RuntimeError("simulated crash")
-            return real_step(*a, **kw)
-        monkeypatch.setattr(D, "train_step", crashing_step)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            D.train(dict(cfg, out_dir=str(run)))
-        monkeypatch.setattr(D, "train_step", real_step)
-        step_at_kill = {1: None, 7: 6, 8: 6}[at]
-    else:
-        r = self_killing_run(args, how, at)
-        if how == "sigint":
-            assert r.returncode == 130 and "interrupted at step 9;" in r.stdout and "Traceback" not in r.stderr, r.stderr
-            step_at_kill = 9                                  # saved at the step boundary after the Ctrl-C
-        else:
-            assert r.returncode == -9, r.stderr[-500:]
-            step_at_kill = 6 if how == "sigkill" else 4       # the 5th save was the one torn: step 5's
-            assert not (run / "ckpt.pt.tmp").exists() or how == "sigkill-in-save"
-        assert torch.load(ckpt, weights_only=True)["step"] == step_at_kill
     capsys.readouterr()
     assert D.main(args) == 0                                  # the same command again resumes and finishes
     printed = capsys.readouterr().out
     assert (f"resumed from {ckpt} at step {step_at_kill}" in printed) == (step_at_kill is not None), printed
-    full = uninterrupted(variant)
     assert same_state(os.path.join(full, "ckpt.pt"), ckpt)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "img_s"} for r in rs]
-    if how != "sigint":               # a Ctrl-C between log steps drops that window's running sums (by design)
+    if not ctrl_c:                    # a Ctrl-C between log steps drops that window's running sums (by design)
         assert strip(records(full, "train")) == strip(records(run, "train"))
     kinds = lambda d: [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]
     assert kinds(run) == kinds(full) and kinds(full).count(("stage", 6)) == 1   # no duplicate or missing records
 
 
-# One torchrun launch of 2 ranks checks three things: DDP gradients of the CR objective equal one process's,
-# the real `train` keeps ranks identical, and the ranks draw different timesteps (recorded by a spy).
-TWO_RANK_TRAINER = """
-import os, sys
-sys.path.insert(0, {here!r})
-import torch, torch.distributed as dist
-import diffcl as D
-from unet import UNet
-from torch.nn.parallel import DistributedDataParallel
-rank, out = int(os.environ["RANK"]), {out!r}
-dist.init_process_group("gloo")                     # train's setup_dist reuses it; main destroys it at the end
-torch.manual_seed(0)
-model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
-g = torch.Generator().manual_seed(5)
-x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
-eps = torch.randn(8, 3, 8, 8, generator=g)
-half = slice(rank * 4, rank * 4 + 4)
-ddp = DistributedDataParallel(model)                  # kept alive: its hooks all-reduce in backward
-mse = D.mse_per_sample(ddp(x[half], t[half]), eps[half])
-D.objective(mse, D.group_l1(model), 0.3, 8)[0].backward()
-if rank == 0:
-    torch.save({{n: p.grad for n, p in model.named_parameters()}}, os.path.join(out, "g.pt"))
-drawn, real = [], D.draw_timesteps
-D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
-rc = D.main(sys.argv[1:])
-torch.save(torch.stack(drawn), os.path.join(out, f"t{{rank}}.pt"))
-sys.exit(rc)
-"""
+@pytest.mark.parametrize("variant,how,at,save_every", CRASH_CASES)
+def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys,
+                                                                          uninterrupted, variant, how, at, save_every):
+    cfg, run, args = run_to_interrupt(tmp_path, variant, save_every)
+    real_step, calls = D.train_step, {"n": 0}
 
-
-def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(tmp_path):
-    cfg = tiny_cfg(tmp_path, "cs", train={**TINY_RUN["train"], "image_intv": 2})
-    path, out, script = tmp_path / "cfg.json", tmp_path / "ddp", tmp_path / "two_ranks.py"
-    path.write_text(json.dumps(cfg))
-    script.write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "train", str(path), f"--out_dir={out}"],
-                       capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
-    assert len(records(out, "train")) == 6 and (out / "samples" / "epoch0002_full.png").exists()
-    state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert state["world"] == 2 and state["mask"].sum() == 64
-
-    t0, t1 = (torch.load(tmp_path / f"t{r}.pt", weights_only=True) for r in (0, 1))
-    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
-    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
-    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
-
-    torch.manual_seed(0)                                        # the same objective on one process, full batch
-    model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
-    eps = torch.randn(8, 3, 8, 8, generator=g)
-    loss, _ = D.objective(D.mse_per_sample(model(x, t), eps), D.group_l1(model), 0.3, 8)
-    loss.backward()
-    ddp_grads = torch.load(tmp_path / "g.pt", weights_only=True)
-    for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise RuntimeError("simulated crash")
+        return real_step(*a, **kw)
+    monkeypatch.setattr(D, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        D.train(dict(cfg, out_dir=str(run)))
+    monkeypatch.setattr(D, "train_step", real_step)
+    check_resume(args, run, {1: None, 7: 6, 8: 6}[at], uninterrupted(variant), capsys)
 
 
 # ---------------------------------------------------------------------------------------------
 # Things that go wrong in real runs: each is one clear line, and nothing written is destroyed
 
-def run_cli(*args, cwd=HERE):
-    return subprocess.run([sys.executable, str(HERE / "diffcl.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypatch, capsys):
-    cfg = tiny_cfg(tmp_path, "c")
-    out = D.train(cfg)
+def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypatch, capsys, uninterrupted):
+    cfg, out = finished_run_copy(uninterrupted, tmp_path)
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
     real = D.mse_per_sample
     monkeypatch.setattr(D, "mse_per_sample", lambda o, t: real(o, t) * float("nan"))
@@ -1674,32 +1645,12 @@ def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypa
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
-    cfg_path = tmp_path / "bad.json"
-    cfg_path.write_text('{"train": {"lrr": 1}}')
-    r = run_cli("train", "--config-path", cfg_path)                # the real command line, once
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in r.stderr
-    bad_ckpt = tmp_path / "ckpt.pt"
-    bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
-    for args, message in [
-            (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
-            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
-            (["bench", "--soak", "5"], "--soak is removed from bench: the suite tests that memory does not grow"),
-            (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
-              f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
-        assert D.main(args) == 2                                 # in-process: nothing escapes main
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
-    assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
-
-
-def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path):
+def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path, uninterrupted):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(data.DataError, match="not writable"):
         D.train(tiny_cfg(tmp_path, "c", out_dir=str(blocker / "sub")))
-    cfg = tiny_cfg(tmp_path, "c")
-    D.train(cfg)
+    cfg, _ = finished_run_copy(uninterrupted, tmp_path)
     with pytest.raises(D.RunError, match=r"different config \(train.lr\)"):
         D.train(dict(cfg, train={**cfg["train"], "lr": 1e-3}))
 
@@ -2152,7 +2103,7 @@ def test_bad_inception_weights_are_fid_errors_and_run_nothing(tmp_path, case):
 
 def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
     import fcntl
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1}, model=ONE_LEVEL)
     os.makedirs(cfg["out_dir"])
     with open(os.path.join(cfg["out_dir"], ".lock"), "w") as held:   # what a running trainer holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2166,7 +2117,8 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
 
 
 def test_non_finite_parameters_never_reach_a_checkpoint_and_the_previous_one_is_kept(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1, "log_intv": 100})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1, "log_intv": 100},
+                   model=ONE_LEVEL)
     real_step = D.train_step
 
     def blowing_up(x0, step, *a, **kw):
@@ -2205,16 +2157,15 @@ def test_disk_full_or_a_second_ctrl_c_during_a_checkpoint_write_leaves_no_tmp_an
 
 
 def test_a_failing_sample_grid_never_costs_the_epoch_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "save_every": 0})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "save_every": 0}, model=ONE_LEVEL)
     monkeypatch.setattr(D, "save_grid", lambda *a, **k: (_ for _ in ()).throw(MemoryError("grid")))
     with pytest.raises(MemoryError):
         D.train(cfg)
     assert torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=True)["step"] == 6   # epoch 1 saved
 
 
-def test_malformed_or_foreign_checkpoints_are_refused_in_one_line(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
-    out = D.train(cfg)
+def test_malformed_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, uninterrupted):
+    cfg, out = finished_run_copy(uninterrupted, tmp_path)
     good = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     for name, state, message in [("cfg.pt", dict(good, config=[1]), "malformed .*config"),
                                  ("noopt.pt", {k: v for k, v in good.items() if k != "opt"}, "malformed .*opt"),
@@ -2270,9 +2221,10 @@ def test_gpu_train_step_draws_every_timestep_where_x0_lives(tmp_path, monkeypatc
     soft = {"mode": "soft", "stages": [{**s, "alpha": 2.0, "beta": 1.0} for s in TINY_RUN["curriculum"]["stages"]]}
     for mode, extra in (("c", {}), ("base", {}), ("c", {"curriculum": {**TINY_RUN["curriculum"], **soft}})):
         where.clear()
-        cfg = gpu_tiny_cfg(tmp_path, mode, out_dir=str(tmp_path / f"{mode}{len(extra)}"), **extra)
-        D.train(cfg)
-        assert len(where) == 12 and all(w == torch.device("cpu") for w in where)   # hard, plain and soft alike
+        cfg = gpu_tiny_cfg(tmp_path, mode, out_dir=str(tmp_path / f"{mode}{len(extra)}"), data_limit=16,
+                           model=ONE_LEVEL, **extra)
+        D.train(cfg)                                      # 2 stages x 2 steps
+        assert len(where) == 4 and all(w == torch.device("cpu") for w in where)   # hard, plain and soft alike
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2307,7 +2259,7 @@ def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
     device = torch.device("cpu")
     model, ema, opt, mask, _, score = D.new_state(cfg, device)
     run = D.make_run(cfg, model, ema, opt, device)
-    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     D.train_step(x0, 0, 0, mask, score, run)             # warm-up
     a, b = (D.kernels_per_step(x0, s, mask, score, run) for s in (1, 2))
     assert a == b > 10                                     # the same step shape launches the same ops
@@ -2486,7 +2438,7 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     files = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert files == [f"{i:06d}.png" for i in range(5)] and (out / "manifest.json").exists()
     imgs = [read_png(out / f) for f in files]
-    assert imgs[0].shape == (16, 16, 3) and len({im.tobytes() for im in imgs}) == 5
+    assert imgs[0].shape == (8, 8, 3) and len({im.tobytes() for im in imgs}) == 5
     os.remove(out / "000003.png")
     (out / "000001.png").write_bytes(b"keep me")                # finished chunks are not redone
     D.sample(cs_checkpoint, 5, str(out), ddim=True, steps=4, batch_size=2)
@@ -2495,7 +2447,7 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     D.sample(cs_checkpoint, 5, str(other), ddim=True, steps=4, batch_size=5)   # eta = 0: batch does not matter
     assert all(np.array_equal(read_png(other / f"{i:06d}.png"), imgs[i]) for i in (0, 2, 3, 4))
     net, cfg, mask, shape = D.model_from_checkpoint(cs_checkpoint, torch.device("cpu"))
-    assert mask.sum() == D.active_count(64, 0.25) < 64 and shape == (3, 16, 16)
+    assert mask.sum() == D.active_count(64, 0.25) < 64 and shape == (3, 8, 8)
     x = torch.randn(2, *shape)
     t = torch.tensor([5, 15])
     assert not torch.equal(net(x, t, mask), net(x, t))           # the mask matters, and sampling applies it
@@ -2538,7 +2490,7 @@ def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path, capsys):
     assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
     out = capsys.readouterr().out
     assert "DDPM 20 steps" in out and "raw weights" in out
-    assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 16, 16, 3)
+    assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 8, 8, 3)
     assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
     assert "DDIM needs between 1 and T = 20 steps" in capsys.readouterr().err
 
@@ -2568,7 +2520,8 @@ def test_bench_runs_the_training_step_and_prints_json(capsys):
 
 
 def test_bf16_training_step_tracks_fp32(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "precision": "fp32"})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "precision": "fp32"},
+                   model=ONE_LEVEL)
     fp32 = D.train(dict(cfg, out_dir=str(tmp_path / "fp32")))
     bf16 = D.train(dict(cfg, out_dir=str(tmp_path / "bf16"), train={**cfg["train"], "precision": "bf16"}))
     a, b = records(fp32, "train"), records(bf16, "train")
@@ -2581,8 +2534,9 @@ def test_bf16_training_step_tracks_fp32(tmp_path):
     assert 0 < diff / norm < 1e-2                               # close, but bf16 really was used
 
 
-# Tiny runs: 8 images (16x16), 1 step per epoch, a one-level UNet (32 bottleneck channels), T = 20.
-DEMO_OVERRIDES = ["--data_limit=8", "--train.batch_size=8", "--train.log_intv=2", "--train.image_intv=5", "--train.chkpt_intv=5",
+# Tiny runs: 8 images (12x12), 1 step per epoch, a one-level UNet (32 bottleneck channels), T = 20.
+DEMO_OVERRIDES = ["--data_limit=8", "--resolution=12", "--train.batch_size=8", "--train.log_intv=2",
+                  "--train.image_intv=5", "--train.chkpt_intv=5",
                   "--train.sample_steps=2", "--train.num_samples=2", "--model.ch_multipliers=[1]",
                   "--model.apply_attn=false", "--diffusion.timesteps=20"]
 
@@ -2614,22 +2568,9 @@ def test_low_rank_fd_equals_the_full_computation():
                                                                  rel=1e-7)
 
 
-def test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures(tmp_path, capsys):
-    jobs = [("a", ["train", "--help"], str(tmp_path / "a")), ("b", ["sample", "--ckpt", str(tmp_path / "none.pt")],
-                                                                  str(tmp_path / "b")), ("c", ["bench", "--help"], str(tmp_path / "c"))]
-    with pytest.raises(D.RunError, match=r"1 run\(s\) failed: b \(see .*b/x.log\)"):
-        D.run_jobs(jobs, 2, "x.log")
-    lines = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
-    assert lines[:2] == [["started", "a"], ["started", "b"]]      # two at a time: b starts before a ends
-    assert ["started", "c"] in lines and ["FAILED", "b"] in lines and ["finished", "a"] in lines
-    first_end = min(lines.index(["finished", "a"]), lines.index(["FAILED", "b"]))
-    assert lines.index(["started", "c"]) > first_end                  # and never more than two
-    assert "usage:" in open(tmp_path / "a" / "x.log").read() and "error:" in open(tmp_path / "b" / "x.log").read()
-
-
 def in_process_jobs(calls):
     """run_jobs' contract, each job run by D.main in this process one after the other (a subprocess costs ~3 s
-    of imports here; run_jobs itself is tested above)."""
+    of imports here; run_jobs itself is tested in "Process-level tests")."""
     def run(jobs, parallel, log_name):
         calls.append((parallel, log_name, [label for label, _, _ in jobs]))
         for label, argv, run_dir in jobs:
@@ -2712,7 +2653,7 @@ def test_compiled_training_matches_eager_across_a_stage_boundary(tmp_path, monke
 
 
 def test_gradient_accumulation_trains_and_keeps_loss_bookkeeping(tmp_path):
-    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "num_accum": 2})
+    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "num_accum": 2}, model=ONE_LEVEL)
     out = D.train(cfg)
     train = records(out, "train")
     assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
@@ -2735,8 +2676,9 @@ def test_length_scale_scales_every_stage_and_epochs_overrides_that_cannot_act_ar
             D.load_config(cs, [flag])
     assert D.load_config(str(HERE / "configs" / "fashion32.json"), ["--epochs=3"])["train"]["epochs"] == 3
     # A scaled run: C and plain DDPM at the same scale do the same number of steps (compare's equal work).
-    c = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, data_limit=32)
-    base = tiny_cfg(tmp_path, "base", train={**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, data_limit=32)
+    scaled = {"train": {**TINY_RUN["train"], "image_intv": 0, "length_scale": 0.5}, "data_limit": 32,
+              "model": ONE_LEVEL}
+    c, base = tiny_cfg(tmp_path, "c", **scaled), tiny_cfg(tmp_path, "base", **scaled)
     for cfg in (c, base):                                   # 4 steps per epoch, 2 epochs, x 0.5
         out = D.train(cfg)
         assert records(out, "train")[-1]["step"] == 4 and torch.load(os.path.join(out, "ckpt.pt"))["step"] == 4
@@ -2749,7 +2691,8 @@ def test_length_scale_scales_every_stage_and_epochs_overrides_that_cannot_act_ar
 def test_short_runs_warn_about_warmup_and_soft_stages_need_no_window(tmp_path, capsys):
     soft = {"enabled": True, "mode": "soft", "stages": [{"epochs": 1, "alpha": 3.0, "beta": 1.0, "name": "a"},
                                                          {"epochs": 1, "alpha": 1.0, "beta": 1.0, "name": "b"}]}
-    cfg = tiny_cfg(tmp_path, "c", curriculum=soft, train={**TINY_RUN["train"], "image_intv": 0, "warmup": 50})
+    cfg = tiny_cfg(tmp_path, "c", curriculum=soft, train={**TINY_RUN["train"], "image_intv": 0, "warmup": 50},
+                   model=ONE_LEVEL)
     out = D.train(cfg)
     log = capsys.readouterr().out
     assert "warning: train.warmup (50 steps) is longer than the run (12 steps)" in log and "20*Beta(3.0, 1.0)" in log
@@ -2867,7 +2810,7 @@ def test_controls_train_resume_and_log_unweighted_mse(tmp_path):
             "minsnr": {"diffusion": {"timesteps": 20, "loss_weight": "min_snr"}}}
     for name, extra in over.items():
         cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, out_dir=str(tmp_path / name),
-                       data_limit=16, **extra)              # 2 steps per stage, one record each
+                       data_limit=16, model=ONE_LEVEL, **extra)     # 2 steps per stage, one record each
         out = D.train(cfg)
         train, stage = records(out, "train"), records(out, "stage")
         if name == "anti":                                  # stage 1 is [0, 10): low noise first
@@ -2908,7 +2851,7 @@ def test_a_resume_after_the_dataset_changed_is_refused_with_both_counts(tmp_path
     folder.mkdir()
     for k, im in enumerate(data.load_images("shapes", resolution=16, num_images=48, log=lambda *a: None)):
         Image.fromarray(im).save(folder / f"{k:03d}.png")
-    cfg = tiny_cfg(tmp_path, "cs", dataset=f"folder:{folder}", data_limit=0,
+    cfg = tiny_cfg(tmp_path, "cs", dataset=f"folder:{folder}", data_limit=0, model=ONE_LEVEL,
                    train={**TINY_RUN["train"], "image_intv": 0, "save_every": 0})
     D.train(cfg)
     for k in range(16):
@@ -2969,14 +2912,6 @@ def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
     assert [int(im.mean()) for im in images] == [0, 128, 255]
 
 
-def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line():
-    r = subprocess.run(["bash", str(HERE / "run.sh"), "base", "3"], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, DATASET="shapes"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
-                                             "train.num_accum 1: change NGPUS or --train.batch_size"]
-
-
 @pytest.mark.parametrize("mode", ["cs", "cr"])
 def test_the_compiled_loss_and_sampler_are_traced_once_across_every_stage_boundary(tmp_path, mode, monkeypatch):
     """Stage changes (window, lambda, mask values, regrown channels) must not change what the compiled step or sampler
@@ -2991,10 +2926,10 @@ def test_the_compiled_loss_and_sampler_are_traced_once_across_every_stage_bounda
     torch._dynamo.reset()
     stages = [{"t_min": f, "t_max": 1.0, "epochs": 1} for f in (0.8, 0.6, 0.4, 0.2, 0.0)]
     cfg = tiny_cfg(tmp_path, mode, curriculum={"enabled": True, "stages": stages},
-                   train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, data_limit=16)
+                   train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, data_limit=8)
     eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
     out = D.train(dict(cfg, train={**cfg["train"], "compile": True}))
-    assert [r["step"] for r in records(out, "stage")] == [0, 2, 4, 6, 8]
+    assert [r["step"] for r in records(out, "stage")] == [0, 1, 2, 3, 4]                 # one step per stage
     if mode == "cs":
         assert [r["active"] for r in records(out, "stage")] == [32, 40, 48, 56, 64]   # the mask changed 4 times
     assert len(graphs) == 2                                    # the loss (forward + backward) and the sampler's UNet
@@ -3033,7 +2968,7 @@ def test_cuda_training_steps_never_wait_for_the_host(tmp_path, mode, monkeypatch
 
 
 def test_files_written_into_a_run_folder_never_follow_planted_links(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, model=ONE_LEVEL)
     os.makedirs(os.path.join(cfg["out_dir"], "samples"))
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -3091,7 +3026,7 @@ def test_readers_skip_torn_temporaries_and_the_wall_time_survives_a_resume(tmp_p
     D.sample(cs_checkpoint, 2, str(out), ddim=True, steps=2)
     (out / "000003.png.4242.tmp").write_bytes((out / "000001.png").read_bytes())   # left by a kill before rename
     assert len(fid.load_image_folder(str(out))) == 2
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0}, model=ONE_LEVEL)
     first = D.train(dict(cfg, train={**cfg["train"], "epochs": 1},
                          curriculum={**cfg["curriculum"], "stages": cfg["curriculum"]["stages"][:1]}))
     wall = torch.load(os.path.join(first, "ckpt.pt"))["wall_seconds"]
@@ -3116,7 +3051,7 @@ def test_cuda_resident_batches_equal_the_host_path_bit_for_bit():
 # Faults found by trying the commands as a hostile user would
 
 def test_resuming_from_ckpt_prev_never_rotates_a_torn_ckpt_over_it(tmp_path):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 2})
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 2}, model=ONE_LEVEL)
     out = D.train(cfg)
     ckpt, prev = os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_prev.pt")
     assert torch.load(prev)["step"] == 10
@@ -3126,9 +3061,8 @@ def test_resuming_from_ckpt_prev_never_rotates_a_torn_ckpt_over_it(tmp_path):
     assert torch.load(ckpt)["step"] == 12 and torch.load(prev)["step"] == 10      # the good one survives
 
 
-def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 0})
-    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch, uninterrupted):
+    cfg, full = resume_cfg(tmp_path, "c", 0), uninterrupted("c")    # checkpoints at epoch ends only
     real = D.train_step
 
     def interrupted(x0, step, *a):
@@ -3197,3 +3131,196 @@ def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-level tests: interrupted child trainers, torchrun, the real command line, run_jobs and run.sh. Their children
+# started with the session (Child, @starts_early) and ran on the idle core meanwhile: these tests come last, so that
+# they seldom wait.
+
+# A child trainer that kills itself at a known point, so the tests do not depend on the machine's speed.
+SELF_KILLING_TRAINER = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import diffcl, torch
+how, at = os.environ["KILL_HOW"], int(os.environ["KILL_AT"])
+real_step, real_save, saves = diffcl.train_step, torch.save, [0]
+def step(x0, step, *a, **k):
+    if how in ("sigkill", "sigint") and step == at:
+        os.kill(os.getpid(), signal.SIGKILL if how == "sigkill" else signal.SIGINT)
+    return real_step(x0, step, *a, **k)
+def save(obj, path):
+    saves[0] += 1
+    if how == "sigkill-in-save" and saves[0] == at:
+        open(path, "wb").write(b"PK half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path)
+diffcl.train_step, diffcl.torch.save = step, save
+sys.exit(diffcl.main(sys.argv[1:]))
+"""
+
+
+def self_killing_child(cmd_args, how, at, folder):
+    env = dict(os.environ, KILL_HOW=how, KILL_AT=str(at))
+    return Child([sys.executable, "-c", SELF_KILLING_TRAINER.format(here=str(HERE)), *cmd_args], folder, env=env)
+
+
+@starts_early("test_interrupted_child_resumes_bit_identical_and_writes_each_record_once")
+def start_self_killing_trainers(folder, cases):
+    """(variant, how, at, save_every) -> (child, run folder, command line) of every selected case."""
+    started = {}
+    for c in cases:
+        (folder / c["how"]).mkdir()
+        _, run, args = run_to_interrupt(folder / c["how"], c["variant"], c["save_every"])
+        started[c["variant"], c["how"], c["at"], c["save_every"]] = (
+            self_killing_child(args, c["how"], c["at"], folder / c["how"]), run, args)
+    return started
+
+
+@pytest.mark.parametrize("variant,how,at,save_every", KILL_CASES)
+def test_interrupted_child_resumes_bit_identical_and_writes_each_record_once(capsys, child, uninterrupted,
+                                                                            variant, how, at, save_every):
+    killed, run, args = child[variant, how, at, save_every]
+    r = killed.result()
+    if how == "sigint":
+        assert r.returncode == 130 and "interrupted at step 9;" in r.stdout and "Traceback" not in r.stderr, r.stderr
+        step_at_kill = 9                                      # saved at the step boundary after the Ctrl-C
+    else:
+        assert r.returncode == -9, r.stderr[-500:]
+        step_at_kill = 6 if how == "sigkill" else 4           # the 5th save was the one torn: step 5's
+        assert bool(list(run.glob("*.tmp"))) == (how == "sigkill-in-save")   # only a torn write leaves one
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step_at_kill
+    check_resume(args, run, step_at_kill, uninterrupted(variant), capsys, ctrl_c=how == "sigint")
+
+
+# One torchrun launch of 2 ranks checks three things: DDP gradients of the CR objective equal one process's,
+# the real `train` keeps ranks identical, and the ranks draw different timesteps (recorded by a spy).
+TWO_RANK_TRAINER = """
+import os, sys
+sys.path.insert(0, {here!r})
+import torch, torch.distributed as dist
+import diffcl as D
+from unet import UNet
+from torch.nn.parallel import DistributedDataParallel
+rank, out = int(os.environ["RANK"]), {out!r}
+dist.init_process_group("gloo")                     # train's setup_dist reuses it; main destroys it at the end
+torch.manual_seed(0)
+model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
+g = torch.Generator().manual_seed(5)
+x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
+eps = torch.randn(8, 3, 8, 8, generator=g)
+half = slice(rank * 4, rank * 4 + 4)
+ddp = DistributedDataParallel(model)                  # kept alive: its hooks all-reduce in backward
+mse = D.mse_per_sample(ddp(x[half], t[half]), eps[half])
+D.objective(mse, D.group_l1(model), 0.3, 8)[0].backward()
+if rank == 0:
+    torch.save({{n: p.grad for n, p in model.named_parameters()}}, os.path.join(out, "g.pt"))
+drawn, real = [], D.draw_timesteps
+D.draw_timesteps = lambda *a: drawn.append(real(*a)) or drawn[-1]
+rc = D.main(sys.argv[1:])
+torch.save(torch.stack(drawn), os.path.join(out, f"t{{rank}}.pt"))
+sys.exit(rc)
+"""
+
+
+@starts_early("test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match")
+def start_two_ranks(folder, cases):
+    cfg = tiny_cfg(folder, "cs", train={**TINY_RUN["train"], "image_intv": 2})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "two_ranks.py").write_text(TWO_RANK_TRAINER.format(here=str(HERE), out=str(folder)))
+    return Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(folder / "two_ranks.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"],
+                 folder)
+
+
+def test_two_process_torchrun_keeps_ranks_identical_draws_per_rank_timesteps_and_ddp_gradients_match(child):
+    r, folder = child.result(), child.folder
+    out = folder / "ddp"
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
+    assert len(records(out, "train")) == 6 and (out / "samples" / "epoch0002_full.png").exists()
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["world"] == 2 and state["mask"].sum() == 64
+
+    t0, t1 = (torch.load(folder / f"t{r}.pt", weights_only=True) for r in (0, 1))
+    assert t0.shape == t1.shape == (12, 4)                     # 12 steps of 4 images per rank
+    assert (t0 != t1).float().mean() > 0.5                      # not one shared timestep vector
+    assert t0[:6].min() >= 10 and t1[:6].min() >= 10            # both follow stage 1's window [10, 20)
+
+    torch.manual_seed(0)                                        # the same objective on one process, full batch
+    model = UNet(in_channels=3, hid_channels=32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 20, (8,), generator=g)
+    eps = torch.randn(8, 3, 8, 8, generator=g)
+    loss, _ = D.objective(D.mse_per_sample(model(x, t), eps), D.group_l1(model), 0.3, 8)
+    loss.backward()
+    ddp_grads = torch.load(folder / "g.pt", weights_only=True)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6, rtol=1e-5), n
+
+
+@starts_early("test_cli_errors_are_one_line_without_traceback")
+def start_cli_with_a_bad_config(folder, cases):
+    (folder / "bad.json").write_text('{"train": {"lrr": 1}}')
+    return Child([sys.executable, str(HERE / "diffcl.py"), "train", "--config-path", str(folder / "bad.json")], folder)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
+    r = child.result()                                            # the real command line, once
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in r.stderr
+    bad_ckpt = tmp_path / "ckpt.pt"
+    bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
+    for args, message in [
+            (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
+            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
+            (["bench", "--soak", "5"], "--soak is removed from bench: the suite tests that memory does not grow"),
+            (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
+              f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
+        assert D.main(args) == 2                                 # in-process: nothing escapes main
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
+    assert bad_ckpt.read_bytes() == b"PK\x03\x04 truncated"
+
+
+# run_jobs as compare calls it, in a child: three jobs, two at a time, one failing (exit 3 when run_jobs says so).
+RUN_THREE_JOBS = """
+import sys
+sys.path.insert(0, {here!r})
+import diffcl as D
+tmp = {tmp!r}
+jobs = [("a", ["train", "--help"], tmp + "/a"), ("b", ["sample", "--ckpt", tmp + "/none.pt"], tmp + "/b"),
+        ("c", ["bench", "--help"], tmp + "/c")]
+try:
+    D.run_jobs(jobs, 2, "x.log")
+except D.RunError as e:
+    print("RunError:", e)
+    sys.exit(3)
+"""
+
+
+@starts_early("test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures")
+def start_three_jobs(folder, cases):
+    return Child([sys.executable, "-c", RUN_THREE_JOBS.format(here=str(HERE), tmp=str(folder))], folder)
+
+
+def test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures(child):
+    r, tmp_path = child.result(), child.folder
+    assert r.returncode == 3 and re.search(r"RunError: 1 run\(s\) failed: b \(see .*b/x.log\)", r.stdout), r.stderr
+    lines = [line.split()[:2] for line in r.stdout.splitlines()]
+    assert lines[:2] == [["started", "a"], ["started", "b"]]      # two at a time: b starts before a ends
+    assert ["started", "c"] in lines and ["FAILED", "b"] in lines and ["finished", "a"] in lines
+    first_end = min(lines.index(["finished", "a"]), lines.index(["FAILED", "b"]))
+    assert lines.index(["started", "c"]) > first_end                  # and never more than two
+    assert "usage:" in open(tmp_path / "a" / "x.log").read() and "error:" in open(tmp_path / "b" / "x.log").read()
+
+
+@starts_early("test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line")
+def start_run_sh_with_3_processes(folder, cases):
+    return Child(["bash", str(HERE / "run.sh"), "base", "3"], folder, env=dict(os.environ, DATASET="shapes"))
+
+
+def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(child):
+    r = child.result(timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
+                                             "train.num_accum 1: change NGPUS or --train.batch_size"]
