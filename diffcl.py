@@ -2157,16 +2157,19 @@ def run_command(cmd, args, rest):
                     args.inception, args.download, batch_size=args.batch_size, **kw)
 
 
-def preflight(argv, world):
-    """run.sh's check before torchrun starts `world` processes: the config loads and its batch splits evenly, so
-    a mistake is one line and exit 2 rather than one error per rank and torchrun's traceback."""
+def preflight(argv, ngpus):
+    """run.sh's check before torchrun starts: prints the number of processes (NGPUS, or on a machine without CUDA
+    max(NGPUS, 1) gloo processes) after checking that the config loads and its batch splits evenly over them, so a
+    mistake is one line and exit 2 rather than one error per rank and torchrun's traceback."""
     try:
+        world = ngpus if ngpus > 0 and device_kind() == "cuda" else max(ngpus, 1)
         cmd, args, rest = parse_cli(["train", *argv])
         cfg = load_config(args.config_path or args.config, rest)
         tr = cfg["train"]
         if tr["batch_size"] % (world * tr["num_accum"]):
             raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by {world} processes x "
                               f"train.num_accum {tr['num_accum']}: change NGPUS or --train.batch_size")
+        print(world)
         return 0
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -21,14 +21,9 @@ if [ $# -gt 0 ] && [[ $1 != --* ]]; then
   [[ $1 =~ ^[0-9]+$ ]] || { echo "run.sh: NGPUS must be a number, got '$1'" >&2; usage; }
   ngpus=$1; shift
 fi
-has_cuda=$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')
-if [ "$ngpus" = 0 ] || [ "$has_cuda" = 0 ]; then
-  procs=$(( ngpus > 0 ? ngpus : 1 ))       # CPU: gloo processes (2 on a 2-core laptop is plenty)
-else
-  procs=$ngpus
-fi
-# Check the config and the batch split once, here, so a mistake is one line (exit 2), not one per rank.
-python3 -c 'import sys, diffcl; sys.exit(diffcl.preflight(sys.argv[2:], int(sys.argv[1])))' \
-    "$procs" --config-path "$config" "$@" || exit 2
+# One Python start: the process count (NGPUS; 0 or no CUDA -> CPU gloo processes, 2 on a 2-core laptop is plenty),
+# and the config and its batch split checked once, here, so a mistake is one line (exit 2), not one per rank.
+procs=$(python3 -c 'import sys, diffcl; sys.exit(diffcl.preflight(sys.argv[2:], int(sys.argv[1])))' \
+    "$ngpus" --config-path "$config" "$@") || exit 2
 set -x
 exec python3 -m torch.distributed.run --standalone --nproc_per_node="$procs" diffcl.py train --config-path "$config" "$@"
