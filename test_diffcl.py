@@ -2926,12 +2926,12 @@ def test_the_compiled_loss_and_sampler_are_traced_once_across_every_stage_bounda
     torch._dynamo.reset()
     stages = [{"t_min": f, "t_max": 1.0, "epochs": 1} for f in (0.8, 0.6, 0.4, 0.2, 0.0)]
     cfg = tiny_cfg(tmp_path, mode, curriculum={"enabled": True, "stages": stages},
-                   train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, data_limit=8)
+                   train={**TINY_RUN["train"], "image_intv": 1, "epochs": 1}, data_limit=8, model=ONE_LEVEL)
     eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
     out = D.train(dict(cfg, train={**cfg["train"], "compile": True}))
     assert [r["step"] for r in records(out, "stage")] == [0, 1, 2, 3, 4]                 # one step per stage
     if mode == "cs":
-        assert [r["active"] for r in records(out, "stage")] == [32, 40, 48, 56, 64]   # the mask changed 4 times
+        assert [r["active"] for r in records(out, "stage")] == [16, 20, 24, 28, 32]   # the mask changed 4 times
     assert len(graphs) == 2                                    # the loss (forward + backward) and the sampler's UNet
     assert records(out, "train") == [dict(r, img_s=s["img_s"]) for r, s in zip(records(eager, "train"), records(out, "train"))]
     grids = sorted(os.listdir(os.path.join(out, "samples")))
