@@ -629,8 +629,8 @@ def mixture_probabilities(windows, weights, T):
 
 def draw_timesteps(stages, i, n, T, soft, generator, positions=None, weights=None):
     """(n,) timesteps for stage i on the generator's device: U[window) (hard; plain DDPM's window is [0, T)),
-    floor(T Beta(alpha, beta)) (soft), or with per-stage
-    `weights` (curriculum.order "mixture") the weighted mixture of every stage's window, whatever i is."""
+    floor(T Beta(alpha, beta)) (soft), or with per-stage `weights` (curriculum.order "mixture") the weighted mixture
+    of every stage's window, whatever i is."""
     if soft:
         return sample_t_soft(n, stages[i]["alpha"], stages[i]["beta"], T, generator)
     if weights is not None:
@@ -859,6 +859,7 @@ def save_checkpoint(path, state, keep_previous=False):
         def write(tmp):
             torch.save(state, tmp)
             if keep_previous and os.path.exists(path):
+                # the previous file gets a second name: os.link never overwrites, so the fresh empty one goes first
                 data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
         data.atomic_write(path, write)
     except Exception as e:                                  # disk full is a RuntimeError from torch.save
@@ -1046,7 +1047,7 @@ def new_state(cfg, device):
 
 
 def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
-    """The Run of a config: its decisions (mode, stages, lambdas, regrowth, windows) and the forward (DDP, compile)."""
+    """The Run of a config: its decisions (mode, stages, lambdas, regrowth, windows), forward (DDP), loss, sampler."""
     mode, stages, cur = run_mode(cfg), stages_of(cfg), cfg["curriculum"]
     tab = tables_on(cfg, device)
     starts = [stage_start(stages, i, steps_per_epoch, cfg["train"]["length_scale"]) for i in range(len(stages) + 1)]
@@ -1085,7 +1086,7 @@ def cuda_graphs(cfg, device):
 
 
 def compiled_net(net, cfg, device):
-    """The sampler's network through torch.compile (as CUDA graphs when cuda_graphs), for grids, sample, eval, compare."""
+    """The sampler's network through torch.compile (CUDA graphs when cuda_graphs): grids, sample, eval, compare."""
     return torch.compile(net, mode="reduce-overhead" if cuda_graphs(cfg, device) else None)
 
 
@@ -1644,8 +1645,8 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     step_s = sorted(times)[len(times) // 2]
     kernels = kernels_per_step(x0, 3 + windows * steps, mask, score, run)
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    path = (f"{'bf16' if run.amp else 'fp32/tf32' if tf32 else 'fp32'} {'channels_last' if uses_channels_last(cfg) else 'NCHW'} "
-            + compile_label(cfg, device))
+    path = " ".join(("bf16" if run.amp else "fp32/tf32" if tf32 else "fp32",
+                     "channels_last" if uses_channels_last(cfg) else "NCHW", compile_label(cfg, device)))
     gflop = train_flops_per_image(cfg, model, device) / 1e9
     peak = matmul_rate(device, run.amp or torch.float32)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
