@@ -504,10 +504,10 @@ def key_seed(*key):
     return int(low) | int(high) << 32
 
 
-def step_generators(seed, step, rank, device, t_device=None):
-    """(timestep generator, noise generator) for one optimizer step of one rank, on `device` (t on `t_device` if
-    given). Drawing t where it is used saves a host->device copy and a sync per step."""
-    t_gen = torch.Generator(device=t_device or device).manual_seed(key_seed(TIMESTEPS, seed, step, rank))
+def step_generators(seed, step, rank, device):
+    """(timestep generator, noise generator) for one optimizer step of one rank, both on `device`: drawing t where it
+    is used saves a host->device copy and a sync per step."""
+    t_gen = torch.Generator(device=device).manual_seed(key_seed(TIMESTEPS, seed, step, rank))
     return t_gen, torch.Generator(device=device).manual_seed(key_seed(NOISE, seed, step, rank))
 
 
@@ -1074,9 +1074,9 @@ def compile_label(cfg, device):
     """How the step runs: eager, compiled, or compiled as CUDA graphs (with the CPU fallback named)."""
     if not cfg["train"]["compile"]:
         return "eager"
-    if cfg["train"]["cuda_graphs"] and not cuda_graphs(cfg, device):
-        return f"compiled (no CUDA graphs on {device.type}: plain compilation)"
-    return "compiled + CUDA graphs" if cuda_graphs(cfg, device) else "compiled"
+    if cuda_graphs(cfg, device):
+        return "compiled + CUDA graphs"
+    return f"compiled (no CUDA graphs on {device.type}: plain compilation)" if cfg["train"]["cuda_graphs"] else "compiled"
 
 
 def cuda_graphs(cfg, device):
@@ -1120,7 +1120,7 @@ def step_loss(run, xb, t, eps, mask, lam):
     with torch.autocast(xb.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
         out = run.fwd(xt, t, mask)
     mse = mse_per_sample(out, training_target(xb, xt, t, eps, run.tab, run.cfg["diffusion"]["model_mean_type"]))
-    penalty = group_l1(run.model) if run.mode == "cr" else mse.new_zeros(())
+    penalty = group_l1(run.model) if run.mode == "cr" else mse.new_zeros(())   # also at lam = 0: no branch on lam
     loss, reg = objective(mse * run.tab["loss_weight"][t].float(), penalty, lam, run.cfg["train"]["batch_size"])
     return loss, mse, reg
 

@@ -2204,11 +2204,11 @@ def gpu_spy_draws(monkeypatch):
 
 def test_gpu_timesteps_are_drawn_on_the_generators_device_keyed_and_in_the_window():
     stages = TINY_RUN["curriculum"]["stages"]
-    t_gen, _ = D.step_generators(3, 7, 1, torch.device("cpu"), torch.device("cpu"))
+    t_gen, _ = D.step_generators(3, 7, 1, torch.device("cpu"))
     t = D.draw_timesteps(stages, 0, 4096, 20, False, t_gen)
     assert t.device.type == "cpu" and t.dtype == torch.int64 and t.min() == 10 and t.max() == 19
-    again = D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, 7, 1, "cpu", "cpu")[0])
-    other = D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, 8, 1, "cpu", "cpu")[0])
+    again = D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, 7, 1, "cpu")[0])
+    other = D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, 8, 1, "cpu")[0])
     assert torch.equal(t, again) and not torch.equal(t, other)
     # On the CPU the draws are bit-for-bit what they were before t moved to the generator's device.
     old = torch.randint(10, 20, (4096,), generator=torch.Generator().manual_seed(D.key_seed(D.TIMESTEPS, 3, 7, 1)))
@@ -2306,7 +2306,7 @@ def test_gpu_choosing_cuda_allows_tf32(monkeypatch):
 def test_gpu_cuda_timesteps_are_drawn_on_the_device_keyed_and_in_the_window():
     cuda = torch.device("cuda", torch.cuda.current_device())
     stages = TINY_RUN["curriculum"]["stages"]
-    draw = lambda step: D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, step, 0, cuda, cuda)[0])
+    draw = lambda step: D.draw_timesteps(stages, 0, 4096, 20, False, D.step_generators(3, step, 0, cuda)[0])
     t = draw(7)
     assert t.device == cuda and t.min() == 10 and t.max() == 19
     assert torch.equal(t, draw(7)) and not torch.equal(t, draw(8))
@@ -2774,12 +2774,12 @@ def test_mixture_probabilities_are_exact_and_real_draws_follow_them():
     want = np.array([3 / 5 / 20] * 12 + [3 / 5 / 20 + 1 / 5 / 8] * 4 + [3 / 5 / 20 + 1 / 5 / 8 + 1 / 5 / 4] * 4)
     assert np.allclose(p, want, rtol=0, atol=1e-15) and p.sum() == pytest.approx(1.0, abs=1e-15)
     stages = [{"t_min": lo / T, "t_max": hi / T} for lo, hi in windows]
-    g = D.step_generators(3, 7, 0, "cpu", "cpu")[0]
+    g = D.step_generators(3, 7, 0, "cpu")[0]
     t = D.draw_timesteps(stages, 0, 20000, T, False, g, None, weights)
     counts = np.bincount(t.numpy(), minlength=T)
     assert stats.chisquare(counts, 20000 * p).pvalue > 1e-3
     draw = lambda i, step, rank: D.draw_timesteps(stages, i, 20000, T, False,
-                                                  D.step_generators(3, step, rank, "cpu", "cpu")[0], None, weights)
+                                                  D.step_generators(3, step, rank, "cpu")[0], None, weights)
     assert torch.equal(draw(2, 7, 0), t)                    # the stage does not matter, only (seed, step, rank)
     assert not torch.equal(draw(0, 8, 0), t) and not torch.equal(draw(0, 7, 1), t)
 
