@@ -7,9 +7,10 @@
     python diffcl.py bench   --config-path configs/celeba32.json [--precision bf16]
     python diffcl.py compare --dataset fashion32 --seeds 3 --jobs 4      (demo: the same, one seed, no FID)
 
-Read top-down. The method comes first, as pure functions tested directly: config, diffusion maths, random
-streams, the curriculum (every rule of the method, in one place), sparsity / regularisation. Then the
-training loop (`train_step`, `train`), then sample / eval / bench, compare / demo and the CLI.
+Read top-down. The method comes first, as pure functions tested directly: the config's keys, diffusion maths,
+random streams, the curriculum (every rule of the method, in one place), sparsity / regularisation, the sampler.
+Then the training loop (`train_step`, `train`) and the pieces it calls. The plumbing follows: checking a config,
+distributed helpers, files, then sample / eval / bench, compare / demo and the CLI.
 Plain DDPM is a one-stage curriculum on [0, 1), so one loop serves every mode.
 """
 import signal
@@ -47,8 +48,10 @@ import data
 import fid
 from unet import UNet
 
+
 # ----------------------------------------------------------------------------------------------
-# Config: the description's nested JSON. Every key has a default here; unknown keys are errors.
+# Config: the description's nested JSON. Every key has a default here; unknown keys are errors. The rules that
+# check a config (types, ranges, cross-key rules) come after the training loop, under "Checking a config".
 
 DEFAULTS = {
     "dataset": "shapes",            # celeba32 | celeba64 (= celeba) | cifar10 | fashion32 | shapes | folder:PATH
@@ -119,6 +122,7 @@ DEFAULTS = {
         "lambda_max": 3e-5,
     },
 }
+
 CHOICES = {
     "beta_schedule": ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine"),
     "model_mean_type": ("eps", "x0", "mean"),
@@ -132,180 +136,6 @@ CHOICES = {
     "mode": ("hard", "soft"),
     "regrowth_method": ("gradient", "taylor", "random"),
 }
-# Allowed ranges, checked at start-up so a bad value never costs an epoch (upper bounds stop sizes that
-# could only exhaust memory; the seed fits the 32 bits torch.manual_seed keeps on the CPU, so two seeds never
-# share initial weights). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
-RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
-          ("diffusion.timesteps", 2, 100_000), ("diffusion.beta_start", 1e-9, 1 - 1e-9),
-          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("diffusion.min_snr_gamma", 1e-6, 1e6), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
-          ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
-          ("train.beta1", 0.0, 1 - 1e-9), ("train.beta2", 0.0, 1 - 1e-9), ("train.batch_size", 1, 1 << 20),
-          ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
-          ("train.length_scale", 1e-6, 1e6), ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0),
-          ("train.num_samples", 0, 10_000), ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7),
-          ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9)]
-STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": int, "name": str,
-              "sparsity": float, "lambda": float, "alpha": float, "beta": float}
-
-
-class ConfigError(Exception):
-    """A bad config file or override; main() prints it as one line and exits 2."""
-
-
-def _check_value(where, value, default):
-    """Type-check one value against its default; ints are accepted where floats are expected."""
-    if isinstance(default, list):
-        ok = isinstance(value, list) or (where.endswith("apply_attn") and isinstance(value, bool))
-    elif isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and math.isfinite(value)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
-    key = where.rsplit(".", 1)[-1]
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[key])}")
-    return value
-
-
-def merge_config(user, source="config"):
-    """Defaults < user dict. Keys starting with '_' are comments. Returns a validated nested dict."""
-    cfg = copy.deepcopy(DEFAULTS)
-    for key, value in user.items():
-        if key.startswith("_"):
-            continue
-        if key not in DEFAULTS:
-            raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(DEFAULTS)})")
-        if not isinstance(DEFAULTS[key], dict):
-            cfg[key] = _check_value(f"{source}: {key}", value, DEFAULTS[key])
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be an object")
-        for sub, v in value.items():
-            if sub.startswith("_"):
-                continue
-            if sub not in DEFAULTS[key]:
-                raise ConfigError(f"{source}: unknown key '{key}.{sub}' (allowed: {', '.join(DEFAULTS[key])})")
-            cfg[key][sub] = _check_value(f"{source}: {key}.{sub}", v, DEFAULTS[key][sub])
-    validate_config(cfg, source)
-    return cfg
-
-
-def validate_stage(st, where, soft):
-    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs >= 1."""
-    if not isinstance(st, dict):
-        raise ConfigError(f"{where}: must be an object with t_min, t_max, epochs")
-    for k in ("epochs",) if soft else ("t_min", "t_max", "epochs"):
-        if k not in st:
-            raise ConfigError(f"{where}: missing '{k}'")
-    for k, v in st.items():
-        if k not in STAGE_KEYS:
-            raise ConfigError(f"{where}: unknown key '{k}' (allowed: {', '.join(STAGE_KEYS)})")
-        ok = isinstance(v, STAGE_KEYS[k]) or (STAGE_KEYS[k] is float and isinstance(v, int))
-        if isinstance(v, bool) or not ok:
-            raise ConfigError(f"{where}.{k}: expected {STAGE_KEYS[k].__name__}, got {v!r}")
-    if not all(math.isfinite(v) for v in st.values() if isinstance(v, float)):
-        raise ConfigError(f"{where}: values must be finite numbers")
-    if not soft and not 0 <= st["t_min"] < st["t_max"] <= 1:
-        raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
-    if st["epochs"] < 1:
-        raise ConfigError(f"{where}.epochs: must be >= 1")
-    if not 0 <= st.get("sparsity", 0) < 1:
-        raise ConfigError(f"{where}.sparsity: must be in [0, 1)")
-    if st.get("lambda", 0) < 0 or st.get("alpha", 1) <= 0 or st.get("beta", 1) <= 0:
-        raise ConfigError(f"{where}: lambda must be >= 0 and alpha, beta > 0")
-    if not re.fullmatch(r"[\w.+-]{1,64}", st.get("name", "x")):
-        raise ConfigError(f"{where}.name: {st['name']!r} must be 1-64 letters, digits or . _ + - (it names files)")
-
-
-def validate_config(cfg, source="config"):
-    """Cross-key rules and ranges. Raises ConfigError naming the key and what is allowed."""
-    cur, tr, model = cfg["curriculum"], cfg["train"], cfg["model"]
-    soft = cur["mode"] == "soft"
-    for i, st in enumerate(cur["stages"]):
-        validate_stage(st, f"{source}: curriculum.stages[{i}]", soft)
-    if soft and any("alpha" not in s or "beta" not in s for s in cur["stages"]):
-        raise ConfigError(f"{source}: curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage")
-    rules = [
-        (cur["enabled"] and not cur["stages"], "curriculum.enabled needs a non-empty curriculum.stages list"),
-        (cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"],
-         "sparsity.enabled and regularization.enabled are both true; choose one mode (CS or CR)"),
-        ((cfg["sparsity"]["enabled"] or cfg["regularization"]["enabled"]) and not cur["enabled"],
-         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true"),
-        (not 0 <= cfg["sparsity"]["initial_sparsity"] < 1, "sparsity.initial_sparsity must be in [0, 1)"),
-        (cfg["regularization"]["lambda_max"] < 0, "regularization.lambda_max must be >= 0"),
-        (soft and (cur["window"] != "t" or cur["order"] == "mixture"),
-         "curriculum.window 'logsnr' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
-        (cfg["diffusion"]["loss_weight"] == "min_snr" and cfg["diffusion"]["model_mean_type"] == "mean",
-         "diffusion.loss_weight 'min_snr' is defined for model_mean_type eps and x0"),
-        (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
-                                            f"multiple of train.num_accum ({tr['num_accum']})")]
-    for bad, message in rules:
-        if bad:
-            raise ConfigError(f"{source}: {message}")
-    for key, lo, hi in RANGES:
-        section, _, sub = key.rpartition(".")
-        value = cfg[section][sub] if section else cfg[sub]
-        if not lo <= value <= hi:
-            raise ConfigError(f"{source}: {key} must be in [{lo}, {hi}], got {value!r}")
-    if model["hid_channels"] % 32:
-        raise ConfigError(f"{source}: model.hid_channels must be a multiple of 32 (GroupNorm uses 32 groups), "
-                          f"got {model['hid_channels']}")
-    if not model["ch_multipliers"] or not all(type(m) is int and 1 <= m <= 16 for m in model["ch_multipliers"]):
-        raise ConfigError(f"{source}: model.ch_multipliers must be a non-empty list of integers in [1, 16]")
-    attn = model["apply_attn"]
-    if not isinstance(attn, bool) and (len(attn) != len(model["ch_multipliers"]) or
-                                       not all(isinstance(a, bool) for a in attn)):
-        raise ConfigError(f"{source}: model.apply_attn must be true/false or one true/false per entry of "
-                          f"model.ch_multipliers ({len(model['ch_multipliers'])})")
-    if not 0 <= tr["sample_steps"] <= cfg["diffusion"]["timesteps"]:
-        raise ConfigError(f"{source}: train.sample_steps must be 0 (DDPM) or a DDIM step count in "
-                          f"[1, diffusion.timesteps = {cfg['diffusion']['timesteps']}]")
-
-
-def parse_overrides(args):
-    """['--train.lr=1e-4', '--epochs=3'] -> nested dict. A bare key must be unique across sections."""
-    out = {}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"bad override {arg!r}: use --section.key=value, e.g. --train.lr=1e-4")
-        key, _, text = arg[2:].partition("=")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text                                     # bare strings: --dataset=fashion32
-        if "." not in key and key not in DEFAULTS:
-            owners = [s for s, d in DEFAULTS.items() if isinstance(d, dict) and key in d]
-            if len(owners) != 1:
-                raise ConfigError(f"unknown override --{key} (use --section.key=value)")
-            key = f"{owners[0]}.{key}"
-        section, _, sub = key.partition(".")
-        if sub:
-            out.setdefault(section, {})[sub] = value
-        else:
-            out[section] = value
-    return out
-
-
-def read_json_file(path):
-    """A config file's JSON object, or a one-line ConfigError saying what is wrong with the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            user = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path} (see configs/ for the shipped ones)")
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); JSON has no comments: use a '_comment' key")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file; a config is a JSON object (see configs/)")
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror or e} (pass a JSON file, see configs/)")
-    if not isinstance(user, dict):
-        raise ConfigError(f"{path}: a config is a JSON object {{...}}, not a {type(user).__name__}")
-    return user
 
 
 def load_config(path=None, overrides=(), base=None):
@@ -324,39 +154,16 @@ def load_config(path=None, overrides=(), base=None):
     return cfg
 
 
-def image_resolution(cfg):
-    """The side of the training images: `resolution`, else the dataset's default from data.py."""
-    return cfg["resolution"] or data.dataset_info(cfg["dataset"])["resolution"]
-
-
-def check_memory(cfg, device, world):
-    """Refuse a config whose model and batch cannot fit this device: params, grads, Adam and EMA copies, plus
-    ~6 stored activations per ResBlock conv. A rough lower bound, so only hopeless sizes are refused."""
-    m, tr = cfg["model"], cfg["train"]
-    with torch.device("meta"):                              # sizes only: nothing is allocated
-        params = sum(p.numel() for p in UNet(**m).parameters())
-    res, down = image_resolution(cfg), 2 ** (len(m["ch_multipliers"]) - 1)
-    if res % down:
-        raise ConfigError(f"images of {res}x{res} cannot be halved {down.bit_length() - 1} times by the UNet's "
-                          f"{len(m['ch_multipliers'])} levels: use a resolution divisible by {down}, or fewer "
-                          "model.ch_multipliers")
-    batch = tr["batch_size"] // world // tr["num_accum"]
-    acts = sum(6 * (2 * m["num_res_blocks"] + 1) * m["hid_channels"] * k * (res / 2 ** level) ** 2
-               for level, k in enumerate(m["ch_multipliers"]))
-    need = 4 * (5 * params + 2 * batch * acts)
-    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if need > have:
-        raise ConfigError(f"this model ({params / 1e6:.1f}M params) at {batch} images of {res}x{res} per step "
-                          f"needs at least ~{need / 2 ** 30:.0f} GiB, more than the {have / 2 ** 30:.0f} GiB of {device}; "
-                          "reduce model.hid_channels, resolution or train.batch_size (or raise train.num_accum)")
-
-
 def run_mode(cfg):
     """'base' | 'c' | 'cs' | 'cr', from the three `enabled` flags (the description's mode selection)."""
     if not cfg["curriculum"]["enabled"]:
         return "base"
     return "cs" if cfg["sparsity"]["enabled"] else "cr" if cfg["regularization"]["enabled"] else "c"
+
+
+def image_resolution(cfg):
+    """The side of the training images: `resolution`, else the dataset's default from data.py."""
+    return cfg["resolution"] or data.dataset_info(cfg["dataset"])["resolution"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,6 +209,15 @@ def diffusion_tables(betas):
         "post_coef1": betas * ab_prev.sqrt() / (1 - ab),                     # multiplies x0, eq. 7
         "post_coef2": alphas.sqrt() * (1 - ab_prev) / (1 - ab),             # multiplies xt, eq. 7
     }
+
+
+def tables_on(cfg, device):
+    """The diffusion tables of a config on `device` (still float64), with the per-timestep loss weight."""
+    d = cfg["diffusion"]
+    tab = diffusion_tables(beta_schedule(d["beta_schedule"], d["timesteps"], d["beta_start"], d["beta_end"]))
+    tab["loss_weight"] = (min_snr_weight(tab["alpha_bar"], d["min_snr_gamma"], d["model_mean_type"])
+                          if d["loss_weight"] == "min_snr" else torch.ones_like(tab["alpha_bar"]))
+    return {k: v.to(device) for k, v in tab.items()}
 
 
 def extract(table, t, x):
@@ -749,194 +565,6 @@ def small_norm_channels(model, threshold=1e-3):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed helpers. DDP is on iff torchrun set RANK; every collective is called by every rank.
-
-def device_kind():
-    """'cuda' or 'cpu': CUDA when there is one, unless DIFFCL_DEVICE=cpu pins the CPU (=cuda insists on CUDA)."""
-    want = os.environ.get("DIFFCL_DEVICE", "auto")
-    if want not in ("auto", "cpu", "cuda") or (want == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"DIFFCL_DEVICE={want}: use cpu, or cuda on a machine with a CUDA GPU")
-    return "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
-
-
-def setup_dist():
-    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
-    cuda = device_kind() == "cuda"
-    if cuda:                                                # fp32 ('auto') runs its matmuls and convs in TF32:
-        torch.backends.cuda.matmul.allow_tf32 = True        # fp32 NCHW was the fastest eager path measured on
-        torch.backends.cudnn.allow_tf32 = True              # an H100 (fid.py turns TF32 off for its features)
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    missing = [k for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    numbers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
-    if missing or not all(os.environ[k].isdigit() for k in numbers):
-        raise ConfigError(f"RANK is set but {', '.join(missing) or '/'.join(numbers)} "
-                          f"{'is' if len(missing) == 1 else 'are'} {'missing' if missing else 'not all whole numbers'}: "
-                          "launch with torchrun (which sets them all), or unset RANK for one process")
-    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if not (0 <= local <= rank < world):
-        raise ConfigError(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world} cannot be: need LOCAL_RANK <= RANK < "
-                          "WORLD_SIZE; launch with torchrun, or unset RANK for one process")
-    if cuda and local >= torch.cuda.device_count():
-        raise ConfigError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this node but only "
-                          f"{torch.cuda.device_count()} GPU(s): launch one process per GPU, or DIFFCL_DEVICE=cpu")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return rank, world, device
-
-
-def all_reduce_sum(x, world):
-    """Sum a tensor over ranks (in place); a no-op on one process."""
-    if world > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def rank_chunks(n, batch, rank, world):
-    """This rank's share of n items as [(first, count)]: chunks of `batch`, chunk k to rank k % world. The chunks
-    do not depend on the world size, so neither do the images they make. The one way work is split over ranks."""
-    return [(a, min(batch, n - a)) for a in range(0, n, batch)][rank::world]
-
-
-def assert_ranks_agree(model, mask, world):
-    """EDM-style consistency check: parameters and mask must be identical on every rank."""
-    if world == 1:
-        return
-    vec = torch.cat([p.detach().flatten().double() for p in model.parameters()] + [mask.double()])
-    weights = torch.arange(1, vec.numel() + 1, dtype=torch.float64, device=vec.device) % 9973
-    summary = torch.stack([vec.sum(), (vec * vec).sum(), (vec * weights).sum()])
-    parts = [torch.empty_like(summary) for _ in range(world)]
-    dist.all_gather(parts, summary)
-    if not all(torch.equal(p, parts[0]) for p in parts):
-        raise RuntimeError(f"ranks disagree on parameters or mask: {[p.tolist() for p in parts]}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: checkpoints, metrics.jsonl records, sample grids. data.py has the primitives: atomic and exclusive writes,
-# append-only JSONL, the folder lock.
-
-class RunError(Exception):
-    """A problem with a run (checkpoint, output folder, NaN); printed as one line, exit 2."""
-
-
-class StopRequested(Exception):
-    """Ctrl-C was pressed; raised at the next step boundary so the checkpoint is consistent."""
-
-
-# Keys that may differ between a checkpoint's config and the resuming command.
-RESUMABLE_KEYS = {"out_dir", "train.log_intv", "train.image_intv", "train.chkpt_intv", "train.save_every",
-                  "train.num_samples", "train.sample_steps", "train.precision", "train.channels_last",
-                  "train.compile", "train.cuda_graphs", "train.snapshots", "train.epochs", "data_root"}
-CHECKPOINT_KEYS = {"model": dict, "ema": (dict, type(None)), "opt": dict, "mask": torch.Tensor,
-                   "birth": torch.Tensor, "score": torch.Tensor, "step": int, "config": dict, "image_shape": list}
-
-
-def config_diff(old, new):
-    """Dotted keys whose values differ, ignoring RESUMABLE_KEYS (train.epochs only matters for plain DDPM:
-    with the curriculum on, the stage epochs set the length)."""
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
-        elif a != b:
-            keys.append(k)
-    return [k for k in keys if k not in RESUMABLE_KEYS]
-
-
-def save_checkpoint(path, state, keep_previous=False):
-    """Write atomically so a crash never leaves a torn checkpoint. With keep_previous, the checkpoint being
-    replaced stays as <name>_prev.pt (a hard link: no copy)."""
-    try:
-        def write(tmp):
-            torch.save(state, tmp)
-            if keep_previous and os.path.exists(path):
-                # the previous file gets a second name: os.link never overwrites, so the fresh empty one goes first
-                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
-        data.atomic_write(path, write)
-    except Exception as e:                                  # disk full is a RuntimeError from torch.save
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
-        raise RunError(f"could not write checkpoint {path}: {reason}; the previous one is intact. "
-                       "Free disk space or pass --out_dir=PATH")
-
-
-def load_checkpoint(path):
-    """torch.load(weights_only=True), then a structure check: one-line errors for missing, truncated,
-    foreign or malformed files (a file is never modified)."""
-    if not os.path.isfile(path):
-        raise RunError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():                     # torch warns before refusing a foreign pickle
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or resume "
-                       "from the previous one with --resume <out_dir>/ckpt_prev.pt")
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise RunError(f"{path} is not a diffcl checkpoint (no 'config'/'model' entries)")
-    bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
-    if bad or len(state["image_shape"]) != 3:
-        raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
-    return state
-
-
-def load_weights(module, weights, path):
-    """module.load_state_dict with a one-line error when the checkpoint is of another architecture."""
-    try:
-        module.load_state_dict(weights)
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[-1].strip()[:160]
-        raise RunError(f"{path} does not fit this model ({first}); it was written for another model config")
-
-
-def truncate_jsonl(path, step):
-    """Drop records that a killed run wrote after its checkpoint at `step`: training records after it,
-    and stage records at or after it (a stage record at step s is written after the checkpoint at s, so
-    the resumed run writes it again)."""
-    if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
-        raise RunError(f"{path} is not a plain file (a folder or a link); move it away, then rerun")
-    if not os.path.exists(path):
-        return
-    keep = [line for line, r in data.read_jsonl(path)
-            if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage")]
-    data.atomic_write(path, "".join(keep))
-
-
-def to_uint8(x):
-    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C) numpy, rounding as in PNG export."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images, path):
-    """Write uint8 (N, H, W, C) images as one PNG grid with floor(sqrt(N)) columns, 2 px gaps."""
-    n, h, w, c = images.shape
-    cols = max(1, int(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, 64 // h)                                 # blow small images up (nearest) so they can be seen
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def fmt_time(seconds):
-    """Seconds as '1h02m', '3m05s' or '12s'."""
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-# ----------------------------------------------------------------------------------------------
 # Generation (shared by training grids, `sample`, `eval` and `compare`).
 
 @torch.no_grad()
@@ -970,36 +598,9 @@ def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0
     return x
 
 
-def tables_on(cfg, device):
-    """The diffusion tables of a config on `device` (still float64), with the per-timestep loss weight."""
-    d = cfg["diffusion"]
-    tab = diffusion_tables(beta_schedule(d["beta_schedule"], d["timesteps"], d["beta_start"], d["beta_end"]))
-    tab["loss_weight"] = (min_snr_weight(tab["alpha_bar"], d["min_snr_gamma"], d["model_mean_type"])
-                          if d["loss_weight"] == "min_snr" else torch.ones_like(tab["alpha_bar"]))
-    return {k: v.to(device) for k, v in tab.items()}
-
-
-def precision_dtype(cfg, device):
-    """bf16 autocast dtype or None (fp32) on any device. 'auto' = fp32: on an H100, bf16 autocast's casts made
-    it slower than fp32 with TF32 (set in setup_dist) for the celeba32 model; see README "Performance"."""
-    return torch.bfloat16 if cfg["train"]["precision"] == "bf16" else None
-
-
-def uses_channels_last(cfg):
-    """channels_last only when asked: 'auto' = off, as it was slower on an H100 in fp32 and in bf16."""
-    return cfg["train"]["channels_last"] == "on"
-
-
-def build_model(cfg, device):
-    """The UNet of the config, on `device` (channels_last when train.channels_last is 'on')."""
-    model = UNet(**cfg["model"]).to(device)
-    if uses_channels_last(cfg):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------
-# Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP.
+# Training: one plain loop for plain DDPM, C, CS and CR, on CPU, one GPU or torchrun DDP. The loop first
+# (`Run`, `train_step`, `train`), then the pieces it calls.
 
 @dataclasses.dataclass
 class Run:
@@ -1070,48 +671,6 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
     return run
 
 
-def compile_label(cfg, device):
-    """How the step runs: eager, compiled, or compiled as CUDA graphs (with the CPU fallback named)."""
-    if not cfg["train"]["compile"]:
-        return "eager"
-    if cuda_graphs(cfg, device):
-        return "compiled + CUDA graphs"
-    return f"compiled (no CUDA graphs on {device.type}: plain compilation)" if cfg["train"]["cuda_graphs"] else "compiled"
-
-
-def cuda_graphs(cfg, device):
-    """Whether compiled code is replayed as CUDA graphs: train.compile and train.cuda_graphs on a CUDA device (on the
-    CPU there are none, and compilation is plain; the banner and bench's path say so)."""
-    return cfg["train"]["compile"] and cfg["train"]["cuda_graphs"] and device.type == "cuda"
-
-
-def compiled_net(net, cfg, device):
-    """The sampler's network through torch.compile (CUDA graphs when cuda_graphs): grids, sample, eval, compare."""
-    return torch.compile(net, mode="reduce-overhead" if cuda_graphs(cfg, device) else None)
-
-
-def counting_inductor(graphs, replay=False):
-    """torch.compile's default backend (inductor; `replay`: with CUDA graphs, as mode "reduce-overhead"), noting each
-    graph dynamo hands it: one graph for the whole run means no graph break and no recompilation (bench reports it)."""
-    inductor = torch._dynamo.lookup_backend("inductor")
-
-    def backend(gm, example_inputs):
-        graphs.append(len(gm.graph.nodes))
-        return inductor(gm, example_inputs, config_patches={"triton.cudagraphs": True} if replay else None)
-    return backend
-
-
-def place_mask_and_score(run, mask, score, device):
-    """The mask and CS scores on the training device; the mask tracks gradients only for Taylor regrowth."""
-    return mask.to(device).requires_grad_(run.regrowth == "taylor"), score.to(device)
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model, in place and outside autograd (no graph grows across steps)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
 def step_loss(run, xb, t, eps, mask, lam):
     """(objective, unweighted per-sample mse, reg) of one micro-batch: q_sample, the forward, the simple loss weighted
     per timestep (all ones unless Min-SNR) and CR's lam P / B. Every stage-dependent input (t, mask, lam) is a
@@ -1154,158 +713,6 @@ def train_step(x0, step, i, mask, score, run):
     run.opt.zero_grad(set_to_none=True)
     if run.ema is not None:
         ema_update(run.ema, run.model, ema_decay_at(step, tr["ema_decay"]))
-
-
-def regrowth_evidence(method, model, mask):
-    """This step's CS score for masked channels (gradients are complete and all-reduced here)."""
-    if method == "gradient":
-        return gradient_score(model.regrowth_weight().grad, mask.detach())
-    if method == "taylor":
-        evidence = taylor_score(mask.grad, mask.detach())
-        mask.grad = None
-        return evidence
-    return torch.zeros_like(mask.detach())                  # random regrowth needs no evidence
-
-
-class StepStats:
-    """Running sums on the device since the last log: loss, mse, reg, count, and mse per 10 t-buckets."""
-
-    def __init__(self, device):
-        self.v = torch.zeros(25, dtype=torch.float64, device=device)   # [24]: a rank asked to stop
-
-    def add(self, t, mse, loss, reg, T):
-        n = len(t)
-        self.v[0] += loss.double() * n
-        self.v[1] += mse.double().sum()
-        self.v[2] += reg.double() * n
-        self.v[3] += n
-        bucket = (t * 10 // T).clamp(max=9)
-        self.v[4:14].index_add_(0, bucket, mse.double())
-        self.v[14:24].index_add_(0, bucket, torch.ones_like(mse, dtype=torch.float64))
-
-    def reduce(self, world):
-        """All-reduce once (a log step), return a dict of means, and reset."""
-        v = all_reduce_sum(self.v.clone(), world).cpu()
-        self.v.zero_()
-        n = max(v[3].item(), 1.0)
-        buckets = [round(s / c, 6) if c else None for s, c in zip(v[4:14].tolist(), v[14:24].tolist())]
-        return {"loss": v[0].item() / n, "mse": v[1].item() / n, "reg": v[2].item() / n, "n": int(v[3]),
-                "bucket_mse": buckets, "stop": v[24].item() > 0}
-
-
-def run_is_finite(model, stats, world):
-    """True on every rank iff the losses since the last log and all parameters are finite on every rank."""
-    bad = [~torch.isfinite(stats.v[:3]).all()] + [~torch.isfinite(p).all() for p in model.parameters()]
-    return all_reduce_sum(torch.stack(bad).any().double().reshape(1), world).item() == 0
-
-
-def regrow_at_stage(run, i, mask, birth, score):
-    """CS stage transition: sum the scores over ranks, switch channels on up to stage i's target.
-    Returns (mask, birth, regrown ids); the caller resets `score`."""
-    C, cfg = mask.numel(), run.cfg
-    totals = all_reduce_sum(score.clone(), run.world).cpu()
-    if run.regrowth == "random":
-        totals = random_score(C, cfg["seed"], i)
-    target = active_count(C, stage_sparsity(run.stages, i, cfg["sparsity"]["initial_sparsity"]))
-    new, birth, regrown = regrow(mask.detach().cpu(), birth, totals, target, i)
-    return new.to(mask.device).requires_grad_(mask.requires_grad), birth, regrown
-
-
-def stage_banner(run, i, mask, regrown, scale):
-    """One line describing curriculum stage i: epochs, window, sparsity / active channels, lambda."""
-    stages, T, cfg = run.stages, run.cfg["diffusion"]["timesteps"], run.cfg
-    first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
-    epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
-    where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
-             else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
-    if run.mix_weights:
-        where = f"t ~ mixture of all {len(stages)} stage windows (order 'mixture'; this stage's: {where[5:]})"
-    text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] {epochs} | {where}"
-    if run.mode == "cs":
-        s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
-        text += (f" | sparsity {s:.0%}: {int(mask.sum())}/{mask.numel()} active"
-                 f" (+{len(regrown)} regrown by {run.regrowth})")
-    if run.mode == "cr":
-        text += f" | lambda {run.lambdas[i]:.3g}"
-    return text
-
-
-def stage_record(run, i, step, steps_per_epoch, mask, regrown, birth):
-    """The metrics.jsonl record written when stage i starts (no window for a soft stage: it has none)."""
-    record = {"kind": "stage", "step": step, "epoch": step // steps_per_epoch, "stage": i,
-              "name": stage_name(run.stages, i), "lambda": run.lambdas[i], "active": int(mask.sum()),
-              "regrown": regrown, "birth_stage": birth.tolist()}
-    if not run.soft:
-        record["window"] = list(time_window(run.stages, i, run.cfg["diffusion"]["timesteps"], run.positions))
-    if run.mode == "cr":
-        record["small_norm_channels"] = small_norm_channels(run.model)
-    return record
-
-
-def load_training_data(cfg, rank, world, download, log):
-    """The dataset as uint8 (N, H, W, C); rank 0 builds data.py's cache first, the others reuse it."""
-    if rank > 0:
-        barrier(world)
-    images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
-                              resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None,
-                              download=download)
-    if rank == 0:
-        barrier(world)
-    if images.shape[3] != cfg["model"]["in_channels"]:
-        raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
-                          f"images have {images.shape[3]} channels")
-    return images
-
-
-def resume_state(source, cfg, force, model, ema, opt, num_images):
-    """Load a checkpoint into model, EMA and optimizer; returns (mask, birth, score, step, wall seconds so far).
-    The data must be the checkpoint's too: its size sets steps per epoch, and with them every stage boundary."""
-    state = load_checkpoint(source)
-    diff = config_diff(state["config"], cfg)
-    if diff and not force:
-        raise RunError(f"{source} was written with a different config ({', '.join(diff)}); "
-                       "use another --out_dir, or --force to resume anyway")
-    if state.get("num_images", num_images) != num_images:
-        raise RunError(f"{source} was trained on {state['num_images']} images, the dataset now has {num_images}: "
-                       "the stage boundaries would move. Restore the data, or train into another --out_dir")
-    load_weights(model, state["model"], source)
-    if ema is not None and state["ema"] is not None:
-        load_weights(ema, state["ema"], source)
-    load_weights(opt, state["opt"], source)
-    if state["mask"].shape != (model.bottleneck_channels,):
-        raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
-                       f"{model.bottleneck_channels}")
-    return state["mask"], state["birth"], state["score"], state["step"], state.get("wall_seconds", 0.0)
-
-
-def checkpoint_run(run, ckpt_path, snapshot_path, rotate, **state):
-    """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
-    ckpt_prev.pt when `rotate` (ckpt.pt is known good: never rotate a torn file over the good one), and an optional
-    snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
-    if not run_is_finite(run.model, run.stats, run.world):
-        raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
-                       f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
-                       "before it: ckpt_prev.pt. Lower train.lr or raise train.warmup, then rerun to resume")
-    assert_ranks_agree(run.model, state["mask"].detach(), run.world)
-    if run.rank == 0:
-        state.update(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
-                     opt=run.opt.state_dict(), mask=state["mask"].detach().cpu(), score=state["score"].cpu(),
-                     world=run.world, torch=str(torch.__version__))
-        save_checkpoint(ckpt_path, state, keep_previous=rotate)
-        if snapshot_path:
-            save_checkpoint(snapshot_path, state)
-    barrier(run.world)
-
-
-def schedule_in_steps(cfg, stages, steps_per_epoch):
-    """(stage start steps, total steps) after train.length_scale; a stage scaled to no step is an error."""
-    scale = cfg["train"]["length_scale"]
-    starts = [stage_start(stages, i, steps_per_epoch, scale) for i in range(len(stages) + 1)]
-    empty = [stage_name(stages, i) for i in range(len(stages)) if starts[i + 1] == starts[i]]
-    if empty:
-        raise ConfigError(f"train.length_scale={scale:g} leaves stage {empty[0]} with no optimizer step "
-                          f"({steps_per_epoch} steps per epoch); raise train.length_scale or add images")
-    return starts[:-1], starts[-1]
 
 
 def train(cfg, config_path=None, resume=None, force=False, download=False):
@@ -1438,6 +845,611 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             lock.close()
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
+
+
+def load_training_data(cfg, rank, world, download, log):
+    """The dataset as uint8 (N, H, W, C); rank 0 builds data.py's cache first, the others reuse it."""
+    if rank > 0:
+        barrier(world)
+    images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
+                              resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None,
+                              download=download)
+    if rank == 0:
+        barrier(world)
+    if images.shape[3] != cfg["model"]["in_channels"]:
+        raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
+                          f"images have {images.shape[3]} channels")
+    return images
+
+
+def schedule_in_steps(cfg, stages, steps_per_epoch):
+    """(stage start steps, total steps) after train.length_scale; a stage scaled to no step is an error."""
+    scale = cfg["train"]["length_scale"]
+    starts = [stage_start(stages, i, steps_per_epoch, scale) for i in range(len(stages) + 1)]
+    empty = [stage_name(stages, i) for i in range(len(stages)) if starts[i + 1] == starts[i]]
+    if empty:
+        raise ConfigError(f"train.length_scale={scale:g} leaves stage {empty[0]} with no optimizer step "
+                          f"({steps_per_epoch} steps per epoch); raise train.length_scale or add images")
+    return starts[:-1], starts[-1]
+
+
+def resume_state(source, cfg, force, model, ema, opt, num_images):
+    """Load a checkpoint into model, EMA and optimizer; returns (mask, birth, score, step, wall seconds so far).
+    The data must be the checkpoint's too: its size sets steps per epoch, and with them every stage boundary."""
+    state = load_checkpoint(source)
+    diff = config_diff(state["config"], cfg)
+    if diff and not force:
+        raise RunError(f"{source} was written with a different config ({', '.join(diff)}); "
+                       "use another --out_dir, or --force to resume anyway")
+    if state.get("num_images", num_images) != num_images:
+        raise RunError(f"{source} was trained on {state['num_images']} images, the dataset now has {num_images}: "
+                       "the stage boundaries would move. Restore the data, or train into another --out_dir")
+    load_weights(model, state["model"], source)
+    if ema is not None and state["ema"] is not None:
+        load_weights(ema, state["ema"], source)
+    load_weights(opt, state["opt"], source)
+    if state["mask"].shape != (model.bottleneck_channels,):
+        raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
+                       f"{model.bottleneck_channels}")
+    return state["mask"], state["birth"], state["score"], state["step"], state.get("wall_seconds", 0.0)
+
+
+def place_mask_and_score(run, mask, score, device):
+    """The mask and CS scores on the training device; the mask tracks gradients only for Taylor regrowth."""
+    return mask.to(device).requires_grad_(run.regrowth == "taylor"), score.to(device)
+
+
+def regrow_at_stage(run, i, mask, birth, score):
+    """CS stage transition: sum the scores over ranks, switch channels on up to stage i's target.
+    Returns (mask, birth, regrown ids); the caller resets `score`."""
+    C, cfg = mask.numel(), run.cfg
+    totals = all_reduce_sum(score.clone(), run.world).cpu()
+    if run.regrowth == "random":
+        totals = random_score(C, cfg["seed"], i)
+    target = active_count(C, stage_sparsity(run.stages, i, cfg["sparsity"]["initial_sparsity"]))
+    new, birth, regrown = regrow(mask.detach().cpu(), birth, totals, target, i)
+    return new.to(mask.device).requires_grad_(mask.requires_grad), birth, regrown
+
+
+def stage_banner(run, i, mask, regrown, scale):
+    """One line describing curriculum stage i: epochs, window, sparsity / active channels, lambda."""
+    stages, T, cfg = run.stages, run.cfg["diffusion"]["timesteps"], run.cfg
+    first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
+    epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
+    where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
+             else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
+    if run.mix_weights:
+        where = f"t ~ mixture of all {len(stages)} stage windows (order 'mixture'; this stage's: {where[5:]})"
+    text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] {epochs} | {where}"
+    if run.mode == "cs":
+        s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
+        text += (f" | sparsity {s:.0%}: {int(mask.sum())}/{mask.numel()} active"
+                 f" (+{len(regrown)} regrown by {run.regrowth})")
+    if run.mode == "cr":
+        text += f" | lambda {run.lambdas[i]:.3g}"
+    return text
+
+
+def stage_record(run, i, step, steps_per_epoch, mask, regrown, birth):
+    """The metrics.jsonl record written when stage i starts (no window for a soft stage: it has none)."""
+    record = {"kind": "stage", "step": step, "epoch": step // steps_per_epoch, "stage": i,
+              "name": stage_name(run.stages, i), "lambda": run.lambdas[i], "active": int(mask.sum()),
+              "regrown": regrown, "birth_stage": birth.tolist()}
+    if not run.soft:
+        record["window"] = list(time_window(run.stages, i, run.cfg["diffusion"]["timesteps"], run.positions))
+    if run.mode == "cr":
+        record["small_norm_channels"] = small_norm_channels(run.model)
+    return record
+
+
+def regrowth_evidence(method, model, mask):
+    """This step's CS score for masked channels (gradients are complete and all-reduced here)."""
+    if method == "gradient":
+        return gradient_score(model.regrowth_weight().grad, mask.detach())
+    if method == "taylor":
+        evidence = taylor_score(mask.grad, mask.detach())
+        mask.grad = None
+        return evidence
+    return torch.zeros_like(mask.detach())                  # random regrowth needs no evidence
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, in place and outside autograd (no graph grows across steps)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+class StepStats:
+    """Running sums on the device since the last log: loss, mse, reg, count, and mse per 10 t-buckets."""
+
+    def __init__(self, device):
+        self.v = torch.zeros(25, dtype=torch.float64, device=device)   # [24]: a rank asked to stop
+
+    def add(self, t, mse, loss, reg, T):
+        n = len(t)
+        self.v[0] += loss.double() * n
+        self.v[1] += mse.double().sum()
+        self.v[2] += reg.double() * n
+        self.v[3] += n
+        bucket = (t * 10 // T).clamp(max=9)
+        self.v[4:14].index_add_(0, bucket, mse.double())
+        self.v[14:24].index_add_(0, bucket, torch.ones_like(mse, dtype=torch.float64))
+
+    def reduce(self, world):
+        """All-reduce once (a log step), return a dict of means, and reset."""
+        v = all_reduce_sum(self.v.clone(), world).cpu()
+        self.v.zero_()
+        n = max(v[3].item(), 1.0)
+        buckets = [round(s / c, 6) if c else None for s, c in zip(v[4:14].tolist(), v[14:24].tolist())]
+        return {"loss": v[0].item() / n, "mse": v[1].item() / n, "reg": v[2].item() / n, "n": int(v[3]),
+                "bucket_mse": buckets, "stop": v[24].item() > 0}
+
+
+def run_is_finite(model, stats, world):
+    """True on every rank iff the losses since the last log and all parameters are finite on every rank."""
+    bad = [~torch.isfinite(stats.v[:3]).all()] + [~torch.isfinite(p).all() for p in model.parameters()]
+    return all_reduce_sum(torch.stack(bad).any().double().reshape(1), world).item() == 0
+
+
+def checkpoint_run(run, ckpt_path, snapshot_path, rotate, **state):
+    """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
+    ckpt_prev.pt when `rotate` (ckpt.pt is known good: never rotate a torn file over the good one), and an optional
+    snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
+    if not run_is_finite(run.model, run.stats, run.world):
+        raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
+                       f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
+                       "before it: ckpt_prev.pt. Lower train.lr or raise train.warmup, then rerun to resume")
+    assert_ranks_agree(run.model, state["mask"].detach(), run.world)
+    if run.rank == 0:
+        state.update(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
+                     opt=run.opt.state_dict(), mask=state["mask"].detach().cpu(), score=state["score"].cpu(),
+                     world=run.world, torch=str(torch.__version__))
+        save_checkpoint(ckpt_path, state, keep_previous=rotate)
+        if snapshot_path:
+            save_checkpoint(snapshot_path, state)
+    barrier(run.world)
+
+
+def build_model(cfg, device):
+    """The UNet of the config, on `device` (channels_last when train.channels_last is 'on')."""
+    model = UNet(**cfg["model"]).to(device)
+    if uses_channels_last(cfg):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def precision_dtype(cfg, device):
+    """bf16 autocast dtype or None (fp32) on any device. 'auto' = fp32: on an H100, bf16 autocast's casts made
+    it slower than fp32 with TF32 (set in setup_dist) for the celeba32 model; see README "Performance"."""
+    return torch.bfloat16 if cfg["train"]["precision"] == "bf16" else None
+
+
+def uses_channels_last(cfg):
+    """channels_last only when asked: 'auto' = off, as it was slower on an H100 in fp32 and in bf16."""
+    return cfg["train"]["channels_last"] == "on"
+
+
+def compile_label(cfg, device):
+    """How the step runs: eager, compiled, or compiled as CUDA graphs (with the CPU fallback named)."""
+    if not cfg["train"]["compile"]:
+        return "eager"
+    if cuda_graphs(cfg, device):
+        return "compiled + CUDA graphs"
+    return f"compiled (no CUDA graphs on {device.type}: plain compilation)" if cfg["train"]["cuda_graphs"] else "compiled"
+
+
+def cuda_graphs(cfg, device):
+    """Whether compiled code is replayed as CUDA graphs: train.compile and train.cuda_graphs on a CUDA device (on the
+    CPU there are none, and compilation is plain; the banner and bench's path say so)."""
+    return cfg["train"]["compile"] and cfg["train"]["cuda_graphs"] and device.type == "cuda"
+
+
+def compiled_net(net, cfg, device):
+    """The sampler's network through torch.compile (CUDA graphs when cuda_graphs): grids, sample, eval, compare."""
+    return torch.compile(net, mode="reduce-overhead" if cuda_graphs(cfg, device) else None)
+
+
+def counting_inductor(graphs, replay=False):
+    """torch.compile's default backend (inductor; `replay`: with CUDA graphs, as mode "reduce-overhead"), noting each
+    graph dynamo hands it: one graph for the whole run means no graph break and no recompilation (bench reports it)."""
+    inductor = torch._dynamo.lookup_backend("inductor")
+
+    def backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return inductor(gm, example_inputs, config_patches={"triton.cudagraphs": True} if replay else None)
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a config: types and choices per key, ranges, cross-key rules, and the size check before training.
+
+class ConfigError(Exception):
+    """A bad config file or override; main() prints it as one line and exits 2."""
+
+
+# Allowed ranges, checked at start-up so a bad value never costs an epoch (upper bounds stop sizes that
+# could only exhaust memory; the seed fits the 32 bits torch.manual_seed keeps on the CPU, so two seeds never
+# share initial weights). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
+RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
+          ("diffusion.timesteps", 2, 100_000), ("diffusion.beta_start", 1e-9, 1 - 1e-9),
+          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("diffusion.min_snr_gamma", 1e-6, 1e6), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
+          ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
+          ("train.beta1", 0.0, 1 - 1e-9), ("train.beta2", 0.0, 1 - 1e-9), ("train.batch_size", 1, 1 << 20),
+          ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
+          ("train.length_scale", 1e-6, 1e6), ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0),
+          ("train.num_samples", 0, 10_000), ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7),
+          ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9)]
+
+STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": int, "name": str,
+              "sparsity": float, "lambda": float, "alpha": float, "beta": float}
+
+
+def read_json_file(path):
+    """A config file's JSON object, or a one-line ConfigError saying what is wrong with the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            user = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (see configs/ for the shipped ones)")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); JSON has no comments: use a '_comment' key")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; a config is a JSON object (see configs/)")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e} (pass a JSON file, see configs/)")
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: a config is a JSON object {{...}}, not a {type(user).__name__}")
+    return user
+
+
+def parse_overrides(args):
+    """['--train.lr=1e-4', '--epochs=3'] -> nested dict. A bare key must be unique across sections."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"bad override {arg!r}: use --section.key=value, e.g. --train.lr=1e-4")
+        key, _, text = arg[2:].partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text                                     # bare strings: --dataset=fashion32
+        if "." not in key and key not in DEFAULTS:
+            owners = [s for s, d in DEFAULTS.items() if isinstance(d, dict) and key in d]
+            if len(owners) != 1:
+                raise ConfigError(f"unknown override --{key} (use --section.key=value)")
+            key = f"{owners[0]}.{key}"
+        section, _, sub = key.partition(".")
+        if sub:
+            out.setdefault(section, {})[sub] = value
+        else:
+            out[section] = value
+    return out
+
+
+def merge_config(user, source="config"):
+    """Defaults < user dict. Keys starting with '_' are comments. Returns a validated nested dict."""
+    cfg = copy.deepcopy(DEFAULTS)
+    for key, value in user.items():
+        if key.startswith("_"):
+            continue
+        if key not in DEFAULTS:
+            raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(DEFAULTS)})")
+        if not isinstance(DEFAULTS[key], dict):
+            cfg[key] = _check_value(f"{source}: {key}", value, DEFAULTS[key])
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be an object")
+        for sub, v in value.items():
+            if sub.startswith("_"):
+                continue
+            if sub not in DEFAULTS[key]:
+                raise ConfigError(f"{source}: unknown key '{key}.{sub}' (allowed: {', '.join(DEFAULTS[key])})")
+            cfg[key][sub] = _check_value(f"{source}: {key}.{sub}", v, DEFAULTS[key][sub])
+    validate_config(cfg, source)
+    return cfg
+
+
+def _check_value(where, value, default):
+    """Type-check one value against its default; ints are accepted where floats are expected."""
+    if isinstance(default, list):
+        ok = isinstance(value, list) or (where.endswith("apply_attn") and isinstance(value, bool))
+    elif isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    key = where.rsplit(".", 1)[-1]
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    return value
+
+
+def validate_config(cfg, source="config"):
+    """Cross-key rules and ranges. Raises ConfigError naming the key and what is allowed."""
+    cur, tr, model = cfg["curriculum"], cfg["train"], cfg["model"]
+    soft = cur["mode"] == "soft"
+    for i, st in enumerate(cur["stages"]):
+        validate_stage(st, f"{source}: curriculum.stages[{i}]", soft)
+    if soft and any("alpha" not in s or "beta" not in s for s in cur["stages"]):
+        raise ConfigError(f"{source}: curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage")
+    rules = [
+        (cur["enabled"] and not cur["stages"], "curriculum.enabled needs a non-empty curriculum.stages list"),
+        (cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"],
+         "sparsity.enabled and regularization.enabled are both true; choose one mode (CS or CR)"),
+        ((cfg["sparsity"]["enabled"] or cfg["regularization"]["enabled"]) and not cur["enabled"],
+         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true"),
+        (not 0 <= cfg["sparsity"]["initial_sparsity"] < 1, "sparsity.initial_sparsity must be in [0, 1)"),
+        (cfg["regularization"]["lambda_max"] < 0, "regularization.lambda_max must be >= 0"),
+        (soft and (cur["window"] != "t" or cur["order"] == "mixture"),
+         "curriculum.window 'logsnr' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
+        (cfg["diffusion"]["loss_weight"] == "min_snr" and cfg["diffusion"]["model_mean_type"] == "mean",
+         "diffusion.loss_weight 'min_snr' is defined for model_mean_type eps and x0"),
+        (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
+                                            f"multiple of train.num_accum ({tr['num_accum']})")]
+    for bad, message in rules:
+        if bad:
+            raise ConfigError(f"{source}: {message}")
+    for key, lo, hi in RANGES:
+        section, _, sub = key.rpartition(".")
+        value = cfg[section][sub] if section else cfg[sub]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{source}: {key} must be in [{lo}, {hi}], got {value!r}")
+    if model["hid_channels"] % 32:
+        raise ConfigError(f"{source}: model.hid_channels must be a multiple of 32 (GroupNorm uses 32 groups), "
+                          f"got {model['hid_channels']}")
+    if not model["ch_multipliers"] or not all(type(m) is int and 1 <= m <= 16 for m in model["ch_multipliers"]):
+        raise ConfigError(f"{source}: model.ch_multipliers must be a non-empty list of integers in [1, 16]")
+    attn = model["apply_attn"]
+    if not isinstance(attn, bool) and (len(attn) != len(model["ch_multipliers"]) or
+                                       not all(isinstance(a, bool) for a in attn)):
+        raise ConfigError(f"{source}: model.apply_attn must be true/false or one true/false per entry of "
+                          f"model.ch_multipliers ({len(model['ch_multipliers'])})")
+    if not 0 <= tr["sample_steps"] <= cfg["diffusion"]["timesteps"]:
+        raise ConfigError(f"{source}: train.sample_steps must be 0 (DDPM) or a DDIM step count in "
+                          f"[1, diffusion.timesteps = {cfg['diffusion']['timesteps']}]")
+
+
+def validate_stage(st, where, soft):
+    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs >= 1."""
+    if not isinstance(st, dict):
+        raise ConfigError(f"{where}: must be an object with t_min, t_max, epochs")
+    for k in ("epochs",) if soft else ("t_min", "t_max", "epochs"):
+        if k not in st:
+            raise ConfigError(f"{where}: missing '{k}'")
+    for k, v in st.items():
+        if k not in STAGE_KEYS:
+            raise ConfigError(f"{where}: unknown key '{k}' (allowed: {', '.join(STAGE_KEYS)})")
+        ok = isinstance(v, STAGE_KEYS[k]) or (STAGE_KEYS[k] is float and isinstance(v, int))
+        if isinstance(v, bool) or not ok:
+            raise ConfigError(f"{where}.{k}: expected {STAGE_KEYS[k].__name__}, got {v!r}")
+    if not all(math.isfinite(v) for v in st.values() if isinstance(v, float)):
+        raise ConfigError(f"{where}: values must be finite numbers")
+    if not soft and not 0 <= st["t_min"] < st["t_max"] <= 1:
+        raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
+    if st["epochs"] < 1:
+        raise ConfigError(f"{where}.epochs: must be >= 1")
+    if not 0 <= st.get("sparsity", 0) < 1:
+        raise ConfigError(f"{where}.sparsity: must be in [0, 1)")
+    if st.get("lambda", 0) < 0 or st.get("alpha", 1) <= 0 or st.get("beta", 1) <= 0:
+        raise ConfigError(f"{where}: lambda must be >= 0 and alpha, beta > 0")
+    if not re.fullmatch(r"[\w.+-]{1,64}", st.get("name", "x")):
+        raise ConfigError(f"{where}.name: {st['name']!r} must be 1-64 letters, digits or . _ + - (it names files)")
+
+
+def check_memory(cfg, device, world):
+    """Refuse a config whose model and batch cannot fit this device: params, grads, Adam and EMA copies, plus
+    ~6 stored activations per ResBlock conv. A rough lower bound, so only hopeless sizes are refused."""
+    m, tr = cfg["model"], cfg["train"]
+    with torch.device("meta"):                              # sizes only: nothing is allocated
+        params = sum(p.numel() for p in UNet(**m).parameters())
+    res, down = image_resolution(cfg), 2 ** (len(m["ch_multipliers"]) - 1)
+    if res % down:
+        raise ConfigError(f"images of {res}x{res} cannot be halved {down.bit_length() - 1} times by the UNet's "
+                          f"{len(m['ch_multipliers'])} levels: use a resolution divisible by {down}, or fewer "
+                          "model.ch_multipliers")
+    batch = tr["batch_size"] // world // tr["num_accum"]
+    acts = sum(6 * (2 * m["num_res_blocks"] + 1) * m["hid_channels"] * k * (res / 2 ** level) ** 2
+               for level, k in enumerate(m["ch_multipliers"]))
+    need = 4 * (5 * params + 2 * batch * acts)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        raise ConfigError(f"this model ({params / 1e6:.1f}M params) at {batch} images of {res}x{res} per step "
+                          f"needs at least ~{need / 2 ** 30:.0f} GiB, more than the {have / 2 ** 30:.0f} GiB of {device}; "
+                          "reduce model.hid_channels, resolution or train.batch_size (or raise train.num_accum)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers. DDP is on iff torchrun set RANK; every collective is called by every rank.
+
+def device_kind():
+    """'cuda' or 'cpu': CUDA when there is one, unless DIFFCL_DEVICE=cpu pins the CPU (=cuda insists on CUDA)."""
+    want = os.environ.get("DIFFCL_DEVICE", "auto")
+    if want not in ("auto", "cpu", "cuda") or (want == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"DIFFCL_DEVICE={want}: use cpu, or cuda on a machine with a CUDA GPU")
+    return "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def setup_dist():
+    """(rank, world, device). Plain `python` = one process; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    cuda = device_kind() == "cuda"
+    if cuda:                                                # fp32 ('auto') runs its matmuls and convs in TF32:
+        torch.backends.cuda.matmul.allow_tf32 = True        # fp32 NCHW was the fastest eager path measured on
+        torch.backends.cudnn.allow_tf32 = True              # an H100 (fid.py turns TF32 off for its features)
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    missing = [k for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    numbers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    if missing or not all(os.environ[k].isdigit() for k in numbers):
+        raise ConfigError(f"RANK is set but {', '.join(missing) or '/'.join(numbers)} "
+                          f"{'is' if len(missing) == 1 else 'are'} {'missing' if missing else 'not all whole numbers'}: "
+                          "launch with torchrun (which sets them all), or unset RANK for one process")
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if not (0 <= local <= rank < world):
+        raise ConfigError(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world} cannot be: need LOCAL_RANK <= RANK < "
+                          "WORLD_SIZE; launch with torchrun, or unset RANK for one process")
+    if cuda and local >= torch.cuda.device_count():
+        raise ConfigError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this node but only "
+                          f"{torch.cuda.device_count()} GPU(s): launch one process per GPU, or DIFFCL_DEVICE=cpu")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
+
+
+def all_reduce_sum(x, world):
+    """Sum a tensor over ranks (in place); a no-op on one process."""
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def rank_chunks(n, batch, rank, world):
+    """This rank's share of n items as [(first, count)]: chunks of `batch`, chunk k to rank k % world. The chunks
+    do not depend on the world size, so neither do the images they make. The one way work is split over ranks."""
+    return [(a, min(batch, n - a)) for a in range(0, n, batch)][rank::world]
+
+
+def assert_ranks_agree(model, mask, world):
+    """EDM-style consistency check: parameters and mask must be identical on every rank."""
+    if world == 1:
+        return
+    vec = torch.cat([p.detach().flatten().double() for p in model.parameters()] + [mask.double()])
+    weights = torch.arange(1, vec.numel() + 1, dtype=torch.float64, device=vec.device) % 9973
+    summary = torch.stack([vec.sum(), (vec * vec).sum(), (vec * weights).sum()])
+    parts = [torch.empty_like(summary) for _ in range(world)]
+    dist.all_gather(parts, summary)
+    if not all(torch.equal(p, parts[0]) for p in parts):
+        raise RuntimeError(f"ranks disagree on parameters or mask: {[p.tolist() for p in parts]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: checkpoints, metrics.jsonl records, sample grids. data.py has the primitives: atomic and exclusive writes,
+# append-only JSONL, the folder lock.
+
+class RunError(Exception):
+    """A problem with a run (checkpoint, output folder, NaN); printed as one line, exit 2."""
+
+
+class StopRequested(Exception):
+    """Ctrl-C was pressed; raised at the next step boundary so the checkpoint is consistent."""
+
+
+# Keys that may differ between a checkpoint's config and the resuming command.
+RESUMABLE_KEYS = {"out_dir", "train.log_intv", "train.image_intv", "train.chkpt_intv", "train.save_every",
+                  "train.num_samples", "train.sample_steps", "train.precision", "train.channels_last",
+                  "train.compile", "train.cuda_graphs", "train.snapshots", "train.epochs", "data_root"}
+
+CHECKPOINT_KEYS = {"model": dict, "ema": (dict, type(None)), "opt": dict, "mask": torch.Tensor,
+                   "birth": torch.Tensor, "score": torch.Tensor, "step": int, "config": dict, "image_shape": list}
+
+
+def config_diff(old, new):
+    """Dotted keys whose values differ, ignoring RESUMABLE_KEYS (train.epochs only matters for plain DDPM:
+    with the curriculum on, the stage epochs set the length)."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+        elif a != b:
+            keys.append(k)
+    return [k for k in keys if k not in RESUMABLE_KEYS]
+
+
+def save_checkpoint(path, state, keep_previous=False):
+    """Write atomically so a crash never leaves a torn checkpoint. With keep_previous, the checkpoint being
+    replaced stays as <name>_prev.pt (a hard link: no copy)."""
+    try:
+        def write(tmp):
+            torch.save(state, tmp)
+            if keep_previous and os.path.exists(path):
+                # the previous file gets a second name: os.link never overwrites, so the fresh empty one goes first
+                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
+        data.atomic_write(path, write)
+    except Exception as e:                                  # disk full is a RuntimeError from torch.save
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        raise RunError(f"could not write checkpoint {path}: {reason}; the previous one is intact. "
+                       "Free disk space or pass --out_dir=PATH")
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True), then a structure check: one-line errors for missing, truncated,
+    foreign or malformed files (a file is never modified)."""
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():                     # torch warns before refusing a foreign pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or resume "
+                       "from the previous one with --resume <out_dir>/ckpt_prev.pt")
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise RunError(f"{path} is not a diffcl checkpoint (no 'config'/'model' entries)")
+    bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
+    if bad or len(state["image_shape"]) != 3:
+        raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
+    return state
+
+
+def load_weights(module, weights, path):
+    """module.load_state_dict with a one-line error when the checkpoint is of another architecture."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise RunError(f"{path} does not fit this model ({first}); it was written for another model config")
+
+
+def truncate_jsonl(path, step):
+    """Drop records that a killed run wrote after its checkpoint at `step`: training records after it,
+    and stage records at or after it (a stage record at step s is written after the checkpoint at s, so
+    the resumed run writes it again)."""
+    if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
+        raise RunError(f"{path} is not a plain file (a folder or a link); move it away, then rerun")
+    if not os.path.exists(path):
+        return
+    keep = [line for line, r in data.read_jsonl(path)
+            if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage")]
+    data.atomic_write(path, "".join(keep))
+
+
+def to_uint8(x):
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C) numpy, rounding as in PNG export."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path):
+    """Write uint8 (N, H, W, C) images as one PNG grid with floor(sqrt(N)) columns, 2 px gaps."""
+    n, h, w, c = images.shape
+    cols = max(1, int(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = max(1, 64 // h)                                 # blow small images up (nearest) so they can be seen
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def fmt_time(seconds):
+    """Seconds as '1h02m', '3m05s' or '12s'."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1682,6 +1694,7 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
 # compare / demo: base, C, CS and CR at equal work, paired by seed, scored on held-out data.
 
 MODES = ("base", "c", "cs", "cr")
+
 # The controls: (the mode whose config file they start from, config overrides, what the difference isolates).
 CONTROLS = {
     "anti": ("c", ["--curriculum.order=reverse"], "order: the curriculum's windows mirrored, low noise first"),
@@ -2014,6 +2027,7 @@ def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2
 # main: `python diffcl.py train|sample|eval|bench|demo|compare ...`; errors a user can fix print one line, exit 2.
 
 COMMANDS = ("train", "sample", "eval", "bench", "demo", "compare")
+
 USAGE = """usage: python diffcl.py COMMAND [options] [--section.key=value ...]
   train    CONFIG            train (resumes from <out_dir>/ckpt.pt)    e.g. train configs/celeba32_cs.json
   sample   --ckpt CKPT       write PNGs (DDPM, or --ddim --steps N)
@@ -2022,8 +2036,10 @@ USAGE = """usage: python diffcl.py COMMAND [options] [--section.key=value ...]
   demo                       all four modes on a small dataset, one seed
   compare  --dataset D       base vs C vs CS vs CR, paired seeds, held-out loss and FID
 python diffcl.py COMMAND --help lists a command's options."""
+
 LAUNCHER = ("the description's mp.spawn launcher; use torchrun instead: torchrun --standalone --nproc_per_node N "
             "diffcl.py train CONFIG (or bash run.sh MODE N)")
+
 REMOVED_FLAGS = {"--num-gpus": LAUNCHER, "--rigid-launch": LAUNCHER,   # each: what to use instead
                  "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb"}
 
