@@ -1638,7 +1638,6 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     res = image_resolution(cfg)
     model, ema, opt, mask, _, score = new_state(cfg, device)
     run = make_run(cfg, model, ema, opt, device)
-    run.lambdas = [1e-5 if run.mode == "cr" else 0.0] * len(run.stages)   # time the CR penalty too
     mask, score = place_mask_and_score(run, mask, score, device)
     x0 = torch.rand(B, cfg["model"]["in_channels"], res, res, device=device) * 2 - 1
     t_warm = time.perf_counter()
@@ -1897,7 +1896,7 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
              "", f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
     cell = lambda fmt, m, sd, half: (fmt % m + ("" if math.isnan(sd) else f" ± {fmt % sd}")
                                      + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
-    means, spreads, fids = {}, {}, {}
+    means, spreads = {}, {}
     for mode in modes:
         runs = {s: results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results}
         if not runs:
@@ -1913,8 +1912,6 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         b = np.array([r["bucket_mse"] for r in runs.values()])
         means[mode], spreads[mode] = b.mean(0).tolist(), (b.std(0, ddof=1) if len(b) > 1 else 0 * b[0]).tolist()
-        if fid_num:
-            fids[mode] = interval([r["fid"] for r in runs.values()])
     lines += ["", "Held-out eps-MSE per t bucket (b0: t < T/10, least noisy), mean over seeds:", "",
               "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " |", "|---" * 11 + "|"]
     lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in b) + " |" for m, b in means.items()]
@@ -1936,14 +1933,10 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
-        bar_chart(means, os.path.join(out, "compare.png"), "held-out mse per t bucket (log scale), mean +- std "
-                  "over seeds", spread=spreads, log=True)
+        bar_chart(means, spreads, os.path.join(out, "compare.png"), "held-out mse per t bucket (log scale), mean +- "
+                  "std over seeds")
         line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step, seed 0 (grey: stage "
                    "starts)", marks=sorted(marks))
-    if fids:
-        bar_chart({f"FID-{fid_num}": [v[0] for v in fids.values()]}, os.path.join(out, "compare_fid.png"),
-                  f"FID-{fid_num} per mode, 95% interval (floor {floor:.2f})", labels=list(fids),
-                  spread={f"FID-{fid_num}": [0 if math.isnan(v[2]) else v[2] for v in fids.values()]})
     print("\n" + table, flush=True)
     return table
 
@@ -1995,22 +1988,20 @@ def line_chart(curves, path, title, marks=()):
     img.save(path)
 
 
-def bar_chart(groups, path, title, spread=None, log=False, labels=None):
-    """Grouped bars: one group per x label (default b0, b1, ...), one bar per series; optional +-spread whiskers."""
-    vals = [v for b in groups.values() for v in b]
-    n = len(next(iter(groups.values())))
-    lo = min(vals) / 2 if log else 0.0
-    img, d, (x0, y0, x1, y1), to_y = _chart(title, groups, lo, max(vals + [1e-9]) * 1.1, log)
-    width, bw = (x1 - x0) / n, (x1 - x0) / n * 0.8 / len(groups)
-    for k, (label, b) in enumerate(groups.items()):
-        for j, v in enumerate(b):
+def bar_chart(means, spreads, path, title):
+    """Per t bucket (b0, b1, ...) one bar per mode on a log axis, with +-spread whiskers."""
+    vals = [v for b in means.values() for v in b]
+    n, lo = len(vals) // len(means), min(vals) / 2
+    img, d, (x0, y0, x1, y1), to_y = _chart(title, means, lo, max(vals) * 1.1, log=True)
+    width = (x1 - x0) / n
+    bw = width * 0.8 / len(means)
+    for k, (mode, b) in enumerate(means.items()):
+        for j, (v, e) in enumerate(zip(b, spreads[mode])):
             left = x0 + j * width + width * 0.1 + k * bw
-            d.rectangle([left, to_y(v), left + bw - 1, y1], fill=COLOURS[(k if len(groups) > 1 else j) % len(COLOURS)])
-            if spread:
-                e = spread[label][j]
-                d.line([left + bw / 2, to_y(v + e), left + bw / 2, to_y(max(v - e, lo))], fill="black")
-    for j, name in enumerate(labels or [f"b{j}" for j in range(n)]):
-        d.text((x0 + j * width + width / 2 - 3 * len(name), y1 + 6), name, fill="black")
+            d.rectangle([left, to_y(v), left + bw - 1, y1], fill=COLOURS[k % len(COLOURS)])
+            d.line([left + bw / 2, to_y(v + e), left + bw / 2, to_y(max(v - e, lo))], fill="black")
+    for j in range(n):
+        d.text((x0 + j * width + width / 2 - 6, y1 + 6), f"b{j}", fill="black")
     img.save(path)
 
 
@@ -2044,25 +2035,17 @@ REMOVED_FLAGS = {"--num-gpus": LAUNCHER, "--rigid-launch": LAUNCHER,   # each: w
                  "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb"}
 
 
-def whole_number(lo, hi=None, what="a whole number"):
-    """argparse type: an integer in [lo, hi]."""
+def number_in(lo, hi=math.inf, what="a whole number", cast=int):
+    """argparse type: a number `cast` from the text (int: a whole number) in [lo, hi]; `what` names it in the error."""
     def parse(text):
-        value = int(text) if text.isdigit() else -1
-        if value < lo or (hi is not None and value > hi):
+        try:
+            value = cast(text) if cast is float or text.isdigit() else math.nan    # no sign, space or _ in a count
+        except ValueError:
+            value = math.nan
+        if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
     return parse
-
-
-def eta_arg(text):
-    """argparse type: DDIM eta, a number in [0, 1] (0 deterministic, 1 DDPM-like)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    return value
 
 
 def usage_error(message):
@@ -2073,7 +2056,7 @@ def parse_cli(argv):
     cmd = argv[0] if argv else ""
     if cmd not in COMMANDS:
         raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
-    count = whole_number(1, what="a whole number >= 1")
+    count = number_in(1, what="a whole number >= 1")
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
                                 epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 "
                                        "--train.length_scale=0.2")
@@ -2090,14 +2073,14 @@ def parse_cli(argv):
         add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
         add("--ckpt", required=cmd == "sample")
-        add("--num", type=whole_number(1, 10 ** 8, "a whole number in [1, 10^8]"), default=64 if cmd == "sample" else 10000)
+        add("--num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"), default=64 if cmd == "sample" else 10000)
         add("--out", default=None, help="image folder to write")
         add("--ddim", action="store_true")
         add("--steps", type=count, default=50)
-        add("--eta", type=eta_arg, default=0.0)
+        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0)
         add("--skip", choices=("uniform", "quadratic"), default="uniform")
-        add("--batch-size", type=whole_number(1, 1 << 20, "a whole number in [1, 2^20]"), default=256)
-        add("--seed", type=whole_number(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
+        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256)
+        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
         add("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
         add("--npz", action="store_true", help="also write samples.npz (uint8 images)")
@@ -2125,7 +2108,7 @@ def parse_cli(argv):
             help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
     if cmd == "compare":
         add("--seeds", type=count, default=3)
-        add("--fid-num", type=whole_number(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
+        add("--fid-num", type=number_in(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
             help="FID-n images per run; 0 = no FID")
         add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
         add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
