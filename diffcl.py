@@ -41,8 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
-from scipy import stats as scipy_stats
-from scipy.special import betainc
+from scipy.special import betainc, stdtrit
 
 import data
 import fid
@@ -1716,7 +1715,7 @@ def interval(values, level=0.95):
     if len(v) < 2:
         return float(v.mean()), float("nan"), float("nan")
     std = float(v.std(ddof=1))
-    return float(v.mean()), std, float(scipy_stats.t.ppf((1 + level) / 2, len(v) - 1) * std / math.sqrt(len(v)))
+    return float(v.mean()), std, float(stdtrit(len(v) - 1, (1 + level) / 2) * std / math.sqrt(len(v)))
 
 
 @torch.no_grad()
