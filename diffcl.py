@@ -1470,12 +1470,6 @@ def model_from_checkpoint(path, device, raw=False, state=None):
         tuple(state["image_shape"])
 
 
-def progress(done, total, t0, what):
-    """'what: done/total | rate/s | ETA' for long jobs."""
-    rate = done / max(time.perf_counter() - t0, 1e-9)
-    return f"{what}: {done}/{total} | {rate:.1f}/s | ETA {fmt_time((total - done) / max(rate, 1e-9))}"
-
-
 def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_size=256, seed=0,
            raw=False, npz=False, replace_stale=False):
     """Generate `num` images to out/000000.png ...; rank_chunks shares the chunks of `batch_size` over ranks.
@@ -1511,9 +1505,11 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
 
         def report(k, n):                                       # a line every 10 s: DDPM chunks can take minutes
             done[0] += 1
-            if rank == 0 and (time.perf_counter() - t_print[0] > 10 or done[0] == net_steps):
-                t_print[0] = time.perf_counter()
-                print(progress(done[0], net_steps, t0, "sample (network evaluations, this rank)"), flush=True)
+            now = time.perf_counter()
+            if rank == 0 and (now - t_print[0] > 10 or done[0] == net_steps):
+                t_print[0], rate = now, done[0] / max(now - t0, 1e-9)
+                print(f"sample (network evaluations, this rank): {done[0]}/{net_steps} | {rate:.1f}/s | "
+                      f"ETA {fmt_time((net_steps - done[0]) / rate)}", flush=True)
         for a, n in todo:
             x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
                          amp=amp, on_step=report)

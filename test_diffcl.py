@@ -2432,9 +2432,11 @@ def read_png(path):
     return np.asarray(Image.open(path))
 
 
-def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_path):
+def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_path, capsys):
     out = tmp_path / "s"
     D.sample(cs_checkpoint, 5, str(out), ddim=True, steps=4, batch_size=2)
+    last = capsys.readouterr().out.strip().splitlines()[-1]     # progress counts network evaluations: 3 chunks x 4
+    assert re.fullmatch(r"sample \(network evaluations, this rank\): 12/12 \| [\d.]+/s \| ETA 0s", last), last
     files = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert files == [f"{i:06d}.png" for i in range(5)] and (out / "manifest.json").exists()
     imgs = [read_png(out / f) for f in files]
