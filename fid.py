@@ -307,12 +307,9 @@ def load_inception(path=None, download=False, device="cpu"):
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
+    """Hex SHA-256 of a file, read in blocks."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_sha256(path):
