@@ -1527,7 +1527,8 @@ def same_state(a, b):
 
 @pytest.mark.parametrize("mode", ["base", "c", "cs", "cr"])
 def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
-    cfg = tiny_cfg(tmp_path, mode, train={**TINY_RUN["train"], "save_every": 2})   # mid-epoch checkpoints too
+    cfg = tiny_cfg(tmp_path, mode, train={**TINY_RUN["train"], "save_every": 2},   # mid-epoch checkpoints too
+                   model=ONE_LEVEL)                                               # 32 bottleneck channels
     out = D.train(cfg)
     log = capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "config.json"))
@@ -1552,8 +1553,8 @@ def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
         assert [r["step"] for r in stage_recs] == [0, 6] and stage_recs[1]["window"] == [0, 20]
     if mode == "cs":
         s = records(out, "stage")
-        assert s[0]["active"] == 32 and s[1]["active"] == 64 and len(s[1]["regrown"]) == 32
-        assert "sparsity 50%: 32/64 active" in log and "+32 regrown by gradient" in log
+        assert s[0]["active"] == 16 and s[1]["active"] == 32 and len(s[1]["regrown"]) == 16
+        assert "sparsity 50%: 16/32 active" in log and "+16 regrown by gradient" in log
         assert sorted(set(s[1]["birth_stage"])) == [0, 1]
     if mode == "cr":
         assert "lambda 0.05" in log and "small_norm_channels" in records(out, "stage")[1]
