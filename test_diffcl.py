@@ -2553,9 +2553,13 @@ def test_bf16_training_step_tracks_fp32(tmp_path):
     assert 0 < diff / norm < 1e-2                               # close, but bf16 really was used
 
 
-# Tiny runs: 8 images (12x12), 1 step per epoch, a one-level UNet (32 bottleneck channels), T = 20.
+# Tiny runs: 8 images (12x12, so that compare's training TFLOP count still rounds above 0), 1 step per epoch, a
+# one-level UNet (32 bottleneck channels), T = 20, and the shapes configs' five stages shortened to 1, 1, 1, 1 and 2
+# epochs: 6 steps, the sum of the stages' epochs and not their count, so base's equal work tells the two apart.
+DEMO_STAGES = [{"t_min": t_min, "t_max": 1.0, "epochs": e} for t_min, e in ((0.8, 1), (0.6, 1), (0.4, 1), (0.2, 1),
+                                                                           (0.0, 2))]
 DEMO_OVERRIDES = ["--data_limit=8", "--resolution=12", "--train.batch_size=8", "--train.log_intv=2",
-                  "--train.image_intv=5", "--train.chkpt_intv=5",
+                  "--train.image_intv=3", "--train.chkpt_intv=5", f"--curriculum.stages={json.dumps(DEMO_STAGES)}",
                   "--train.sample_steps=2", "--train.num_samples=2", "--model.ch_multipliers=[1]",
                   "--model.apply_attn=false", "--diffusion.timesteps=20"]
 
@@ -2607,8 +2611,8 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
     D.compare(out, "shapes", 2, DEMO_OVERRIDES, fid_num=2, held_out_n=8, jobs=2, sample_steps=2)
     saved = json.load(open(tmp_path / "cmp" / "compare.json"))
     assert sorted(saved["runs"]) == sorted(f"{m}/seed{s}" for m in D.MODES for s in (0, 1))
-    assert saved["epochs"] == 10 and records(str(tmp_path / "cmp" / "base_seed1"), "train")[-1]["step"] == 10
-    assert {r["images_seen"] for r in saved["runs"].values()} == {80}          # equal work: 10 steps x 8
+    assert saved["epochs"] == 6 and records(str(tmp_path / "cmp" / "base_seed1"), "train")[-1]["step"] == 6
+    assert {r["images_seen"] for r in saved["runs"].values()} == {48}          # equal work: 6 steps x 8
     assert len({r["train_tflops"] for r in saved["runs"].values()}) == 1 and saved["runs"]["cs/seed0"]["train_tflops"] > 0
     labels = sorted(f"{m}/seed{s}" for m in D.MODES for s in (0, 1))
     weights = bool(os.environ.get("DIFFCL_INCEPTION"))
@@ -2858,7 +2862,7 @@ def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path, monkey
                                          "--model.hid_channels=32"], fid_num=0, held_out_n=4, jobs=2,
                       modes=("base", "anti", "mixture", "minsnr"))
     saved = json.load(open(tmp_path / "ctl" / "compare.json"))
-    assert {r["images_seen"] for r in saved["runs"].values()} == {80}       # 10 steps x 8 for every mode
+    assert {r["images_seen"] for r in saved["runs"].values()} == {48}       # 6 steps x 8 for every mode
     for mode in ("base", "anti", "mixture", "minsnr"):
         assert f"| {mode} | " in table
     assert "- anti: c with --curriculum.order=reverse" in table and "isolates order alone" in table
