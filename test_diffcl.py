@@ -2439,7 +2439,7 @@ def test_gpu_compiled_forward_follows_a_new_mask_without_a_stale_graph():
 @pytest.fixture(scope="module")
 def cs_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cs_ckpt")
-    cfg = tiny_cfg(tmp, "cs", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1})
+    cfg = tiny_cfg(tmp, "cs", train={**TINY_RUN["train"], "image_intv": 0, "epochs": 1}, model=ONE_LEVEL)
     cfg["curriculum"]["stages"][-1]["epochs"] = 1
     cfg["curriculum"]["stages"].append({"t_min": 0.0, "t_max": 1.0, "epochs": 1, "sparsity": 0.25})
     cfg["curriculum"]["stages"][1]["sparsity"] = 0.4           # stage 2 of 3 still masks channels
@@ -2466,7 +2466,7 @@ def test_sample_is_deterministic_distinct_masked_and_resumes(cs_checkpoint, tmp_
     D.sample(cs_checkpoint, 5, str(other), ddim=True, steps=4, batch_size=5)   # eta = 0: batch does not matter
     assert all(np.array_equal(read_png(other / f"{i:06d}.png"), imgs[i]) for i in (0, 2, 3, 4))
     net, cfg, mask, shape = D.model_from_checkpoint(cs_checkpoint, torch.device("cpu"))
-    assert mask.sum() == D.active_count(64, 0.25) < 64 and shape == (3, 8, 8)
+    assert mask.sum() == D.active_count(32, 0.25) < 32 and shape == (3, 8, 8)
     x = torch.randn(2, *shape)
     t = torch.tensor([5, 15])
     assert not torch.equal(net(x, t, mask), net(x, t))           # the mask matters, and sampling applies it
