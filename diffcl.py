@@ -573,15 +573,16 @@ def generate(net, cfg, shape, first, count, seed, mask, tab, ddim_steps=0, eta=0
 
     x_T of image i is drawn from a generator keyed by (seed, i), so with deterministic DDIM (eta = 0) image i
     never depends on the batch or the number of GPUs; per-step noise is keyed by (seed, first)."""
-    device = tab["betas"].device
-    dif = cfg["diffusion"]
+    device, dif = tab["betas"].device, cfg["diffusion"]
+    graphs = cuda_graphs(cfg, device)                       # the net was compiled for this config and device
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(X_T, seed, i)))
                      for i in range(first, first + count)]).to(device)
     g = torch.Generator(device=device).manual_seed(key_seed(SAMPLER_NOISE, seed, first))
     T = dif["timesteps"]
     ts = ddim_timesteps(T, ddim_steps, skip) if ddim_steps else list(range(T - 1, -1, -1))
     for k, t_ in enumerate(ts):
-        torch.compiler.cudagraph_mark_step_begin()          # a compiled net's last output is consumed: reuse it
+        if graphs:                                          # a graphed net's last output is consumed: reuse it
+            torch.compiler.cudagraph_mark_step_begin()
         t = torch.full((count,), t_, device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = net(x, t, mask).float()
@@ -690,7 +691,8 @@ def train_step(x0, step, i, mask, score, run):
     outside the compiled region because the LR and the EMA decay change every step."""
     cfg, tr = run.cfg, run.cfg["train"]
     T = cfg["diffusion"]["timesteps"]
-    torch.compiler.cudagraph_mark_step_begin()              # CUDA graphs: last step's outputs may be overwritten
+    if cuda_graphs(cfg, x0.device):                         # CUDA graphs: last step's outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()          # (asked only then: its first call imports for ~2 s)
     t_gen, noise_gen = step_generators(cfg["seed"], step, run.rank, x0.device)
     if cfg["model"]["drop_rate"] > 0:
         torch.manual_seed(key_seed(DROPOUT, cfg["seed"], step, run.rank))
