@@ -721,9 +721,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     rank, world, device = setup_dist()
     is_main, tr, seed = rank == 0, cfg["train"], cfg["seed"]
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    if tr["batch_size"] % (world * tr["num_accum"]):
-        raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by world size {world} "
-                          f"x train.num_accum {tr['num_accum']}")
+    check_batch_split(tr, world)
     check_memory(cfg, device, world)
     if resume and not os.path.isfile(resume):               # before any folder is made
         raise RunError(f"checkpoint not found: {resume}")
@@ -1239,6 +1237,13 @@ def validate_stage(st, where, soft):
         raise ConfigError(f"{where}: lambda must be >= 0 and alpha, beta > 0")
     if not re.fullmatch(r"[\w.+-]{1,64}", st.get("name", "x")):
         raise ConfigError(f"{where}.name: {st['name']!r} must be 1-64 letters, digits or . _ + - (it names files)")
+
+
+def check_batch_split(tr, world):
+    """The global batch must split evenly over the processes and their micro-steps (train; run.sh, before torchrun)."""
+    if tr["batch_size"] % (world * tr["num_accum"]):
+        raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by {world} process(es) x train.num_accum "
+                          f"{tr['num_accum']}: change the process count (run.sh's NGPUS) or --train.batch_size")
 
 
 def check_memory(cfg, device, world):
@@ -2162,10 +2167,7 @@ def preflight(argv, ngpus):
         world = ngpus if ngpus > 0 and device_kind() == "cuda" else max(ngpus, 1)
         cmd, args, rest = parse_cli(["train", *argv])
         cfg = load_config(args.config_path or args.config, rest)
-        tr = cfg["train"]
-        if tr["batch_size"] % (world * tr["num_accum"]):
-            raise ConfigError(f"train.batch_size {tr['batch_size']} must divide by {world} processes x "
-                              f"train.num_accum {tr['num_accum']}: change NGPUS or --train.batch_size")
+        check_batch_split(cfg["train"], world)
         print(world)
         return 0
     except (ConfigError, data.DataError) as e:

@@ -2716,7 +2716,7 @@ def test_gradient_accumulation_trains_and_keeps_loss_bookkeeping(tmp_path):
     train = records(out, "train")
     assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
     assert all(r["loss"] == pytest.approx(r["mse"] + r["reg"], rel=1e-5) for r in train)
-    with pytest.raises(D.ConfigError, match="must divide by world size 1 x train.num_accum 3"):
+    with pytest.raises(D.ConfigError, match=r"must divide by 1 process\(es\) x train.num_accum 3"):
         D.train(dict(cfg, train={**cfg["train"], "num_accum": 3, "batch_size": 8}))
 
 
@@ -3380,5 +3380,5 @@ def start_run_sh_with_3_processes(folder, cases):
 def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(child):
     r = child.result(timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 processes x "
-                                             "train.num_accum 1: change NGPUS or --train.batch_size"]
+    assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 process(es) x train.num_accum "
+                                             "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
