@@ -626,6 +626,7 @@ class Run:
     rank: int = 0
     world: int = 1
     graphs: list = dataclasses.field(default_factory=list)   # graphs compiled for the loss (train.compile)
+    graphed: bool = False           # the compiled loss replays as CUDA graphs (cuda_graphs)
     loss: object = None
     net: object = None
 
@@ -665,8 +666,9 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
               ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
               stats=StepStats(device), rank=rank, world=world)
     run.loss, run.net = functools.partial(step_loss, run), ema if ema is not None else model
+    run.graphed = cuda_graphs(cfg, device)
     if cfg["train"]["compile"]:
-        run.loss = torch.compile(run.loss, backend=counting_inductor(run.graphs, cuda_graphs(cfg, device)))
+        run.loss = torch.compile(run.loss, backend=counting_inductor(run.graphs, run.graphed))
         run.net = compiled_net(run.net, cfg, device)
     return run
 
@@ -691,7 +693,7 @@ def train_step(x0, step, i, mask, score, run):
     outside the compiled region because the LR and the EMA decay change every step."""
     cfg, tr = run.cfg, run.cfg["train"]
     T = cfg["diffusion"]["timesteps"]
-    if cuda_graphs(cfg, x0.device):                         # CUDA graphs: last step's outputs may be overwritten
+    if run.graphed:                                         # CUDA graphs: last step's outputs may be overwritten
         torch.compiler.cudagraph_mark_step_begin()          # (asked only then: its first call imports for ~2 s)
     t_gen, noise_gen = step_generators(cfg["seed"], step, run.rank, x0.device)
     if cfg["model"]["drop_rate"] > 0:
