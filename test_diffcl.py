@@ -2629,7 +2629,7 @@ class StandInFeatures(nn.Module):
 
 def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fid, "find_weights", lambda path=None, download=False: "stand-in")
-    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu": StandInFeatures())
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu": StandInFeatures().to(device))
     calls = []
     monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
     out = str(tmp_path / "cmp")
