@@ -434,14 +434,6 @@ def sample_t_mixture(n, windows, weights, generator):
     return lo[k] + (u * (hi - lo)[k]).long()                # u < 1, so t < hi_k
 
 
-def mixture_probabilities(windows, weights, T):
-    """(T,) float64 P(t) of sample_t_mixture: sum_k w_k / sum(w) * 1[t in window k] / |window k|."""
-    p = np.zeros(T)
-    for (lo, hi), w in zip(windows, weights):
-        p[lo:hi] += w / sum(weights) / (hi - lo)
-    return p
-
-
 def draw_timesteps(stages, i, n, T, soft, generator, positions=None, weights=None):
     """(n,) timesteps for stage i on the generator's device: U[window) (hard; plain DDPM's window is [0, T)),
     floor(T Beta(alpha, beta)) (soft), or with per-stage `weights` (curriculum.order "mixture") the weighted mixture
@@ -743,7 +735,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         model, ema, opt, mask, birth, score = new_state(cfg, device)
         source = resume or (ckpt_path if os.path.exists(ckpt_path) else None)
         step, wall, t_start = 0, 0.0, time.perf_counter()
-        ckpt_good = [source is not None and os.path.samefile(source, ckpt_path) if os.path.exists(ckpt_path) else True]
+        # ckpt.pt may become ckpt_prev.pt only once it is known good: a torn file never replaces the good one
+        rotate = source is not None and os.path.samefile(source, ckpt_path) if os.path.exists(ckpt_path) else True
         if source:
             mask, birth, score, step, wall = resume_state(source, cfg, force, model, ema, opt, len(images))
             log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
@@ -764,12 +757,13 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             log(f"warning: train.warmup ({tr['warmup']} steps) is longer than the run ({total_steps} steps): the "
                 "learning rate never reaches train.lr; lower train.warmup for a short run")
         def checkpoint(snapshot):
-            checkpoint_run(run, ckpt_path, snapshot and tr["snapshots"] and os.path.join(
-                out_dir, f"ckpt_epoch{step // steps_per_epoch:04d}.pt"), ckpt_good[0], **checkpoint_state())
-            ckpt_good[0] = True
-        checkpoint_state = lambda: dict(
-            mask=mask, birth=birth, score=score, step=step, epoch=step / steps_per_epoch, config=cfg,
-            image_shape=list(shape), num_images=len(images), wall_seconds=wall + time.perf_counter() - t_start)
+            nonlocal rotate
+            epoch = step // steps_per_epoch
+            snapshot = snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{epoch:04d}.pt")
+            checkpoint_run(run, ckpt_path, snapshot, rotate, mask=mask, birth=birth, score=score, step=step,
+                           epoch=step / steps_per_epoch, config=cfg, image_shape=list(shape), num_images=len(images),
+                           wall_seconds=wall + time.perf_counter() - t_start)
+            rotate = True
 
         def ask_stop(*_):
             stop.set()
