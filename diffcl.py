@@ -895,12 +895,11 @@ def place_mask_and_score(run, mask, score, device):
 
 
 def regrow_at_stage(run, i, mask, birth, score):
-    """CS stage transition: sum the scores over ranks, switch channels on up to stage i's target.
-    Returns (mask, birth, regrown ids); the caller resets `score`."""
+    """CS stage transition: switch channels on up to stage i's target by their scores summed over ranks (random
+    regrowth: by keyed random scores). Returns (mask, birth, regrown ids); the caller resets `score`."""
     C, cfg = mask.numel(), run.cfg
-    totals = all_reduce_sum(score.clone(), run.world).cpu()
-    if run.regrowth == "random":
-        totals = random_score(C, cfg["seed"], i)
+    totals = (random_score(C, cfg["seed"], i) if run.regrowth == "random"     # the same on every rank already
+              else all_reduce_sum(score.clone(), run.world).cpu())
     target = active_count(C, stage_sparsity(run.stages, i, cfg["sparsity"]["initial_sparsity"]))
     new, birth, regrown = regrow(mask.detach().cpu(), birth, totals, target, i)
     return new.to(mask.device).requires_grad_(mask.requires_grad), birth, regrown
@@ -980,17 +979,13 @@ class StepStats:
                 "bucket_mse": buckets, "stop": v[24].item() > 0}
 
 
-def run_is_finite(model, stats, world):
-    """True on every rank iff the losses since the last log and all parameters are finite on every rank."""
-    bad = [~torch.isfinite(stats.v[:3]).all()] + [~torch.isfinite(p).all() for p in model.parameters()]
-    return all_reduce_sum(torch.stack(bad).any().double().reshape(1), world).item() == 0
-
-
 def checkpoint_run(run, ckpt_path, snapshot_path, rotate, **state):
     """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
     ckpt_prev.pt when `rotate` (ckpt.pt is known good: never rotate a torn file over the good one), and an optional
     snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
-    if not run_is_finite(run.model, run.stats, run.world):
+    # Finite: the losses since the last log and all parameters, on every rank (one all-reduce, so all ranks agree).
+    bad = [~torch.isfinite(run.stats.v[:3]).all()] + [~torch.isfinite(p).all() for p in run.model.parameters()]
+    if all_reduce_sum(torch.stack(bad).any().double().reshape(1), run.world).item():
         raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
                        f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
                        "before it: ckpt_prev.pt. Lower train.lr or raise train.warmup, then rerun to resume")
@@ -1008,9 +1003,7 @@ def checkpoint_run(run, ckpt_path, snapshot_path, rotate, **state):
 def build_model(cfg, device):
     """The UNet of the config, on `device` (channels_last when train.channels_last is 'on')."""
     model = UNet(**cfg["model"]).to(device)
-    if uses_channels_last(cfg):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(memory_format=torch.channels_last) if uses_channels_last(cfg) else model
 
 
 def precision_dtype(cfg, device):
@@ -1024,19 +1017,20 @@ def uses_channels_last(cfg):
     return cfg["train"]["channels_last"] == "on"
 
 
+def cuda_graphs(cfg, device):
+    """Whether compiled code is replayed as CUDA graphs: train.compile and train.cuda_graphs, on a CUDA device only."""
+    return cfg["train"]["compile"] and cfg["train"]["cuda_graphs"] and device.type == "cuda"
+
+
 def compile_label(cfg, device):
-    """How the step runs: eager, compiled, or compiled as CUDA graphs (with the CPU fallback named)."""
+    """How the step runs, for the banner and bench: eager, compiled, or compiled as CUDA graphs (or why not)."""
     if not cfg["train"]["compile"]:
         return "eager"
+    if not cfg["train"]["cuda_graphs"]:
+        return "compiled"
     if cuda_graphs(cfg, device):
         return "compiled + CUDA graphs"
-    return f"compiled (no CUDA graphs on {device.type}: plain compilation)" if cfg["train"]["cuda_graphs"] else "compiled"
-
-
-def cuda_graphs(cfg, device):
-    """Whether compiled code is replayed as CUDA graphs: train.compile and train.cuda_graphs on a CUDA device (on the
-    CPU there are none, and compilation is plain; the banner and bench's path say so)."""
-    return cfg["train"]["compile"] and cfg["train"]["cuda_graphs"] and device.type == "cuda"
+    return f"compiled (no CUDA graphs on {device.type}: plain compilation)"
 
 
 def compiled_net(net, cfg, device):
@@ -1067,8 +1061,9 @@ class ConfigError(Exception):
 # share initial weights). Inclusive; fractions that must stay below 1 use 1 - 1e-9.
 RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 10 ** 9),
           ("diffusion.timesteps", 2, 100_000), ("diffusion.beta_start", 1e-9, 1 - 1e-9),
-          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("diffusion.min_snr_gamma", 1e-6, 1e6), ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096),
-          ("model.num_res_blocks", 1, 16), ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
+          ("diffusion.beta_end", 1e-9, 1 - 1e-9), ("diffusion.min_snr_gamma", 1e-6, 1e6),
+          ("model.in_channels", 1, 64), ("model.hid_channels", 32, 4096), ("model.num_res_blocks", 1, 16),
+          ("model.drop_rate", 0.0, 1 - 1e-9), ("train.lr", 1e-12, 10.0),
           ("train.beta1", 0.0, 1 - 1e-9), ("train.beta2", 0.0, 1 - 1e-9), ("train.batch_size", 1, 1 << 20),
           ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
           ("train.length_scale", 1e-6, 1e6), ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0),
@@ -1124,30 +1119,28 @@ def parse_overrides(args):
 def merge_config(user, source="config"):
     """Defaults < user dict. Keys starting with '_' are comments. Returns a validated nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
-    for key, value in user.items():
-        if key.startswith("_"):
-            continue
-        if key not in DEFAULTS:
-            raise ConfigError(f"{source}: unknown key '{key}' (allowed: {', '.join(DEFAULTS)})")
-        if not isinstance(DEFAULTS[key], dict):
-            cfg[key] = _check_value(f"{source}: {key}", value, DEFAULTS[key])
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be an object")
-        for sub, v in value.items():
-            if sub.startswith("_"):
+
+    def merge(into, defaults, given, prefix):               # the top level, then each section (one level deep)
+        for key, value in given.items():
+            if key.startswith("_"):
                 continue
-            if sub not in DEFAULTS[key]:
-                raise ConfigError(f"{source}: unknown key '{key}.{sub}' (allowed: {', '.join(DEFAULTS[key])})")
-            cfg[key][sub] = _check_value(f"{source}: {key}.{sub}", v, DEFAULTS[key][sub])
+            if key not in defaults:
+                raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
+            if not isinstance(defaults[key], dict):
+                into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
+            elif isinstance(value, dict):
+                merge(into[key], defaults[key], value, f"{key}.")
+            else:
+                raise ConfigError(f"{source}: '{key}' must be an object")
+    merge(cfg, DEFAULTS, user, "")
     validate_config(cfg, source)
     return cfg
 
 
-def _check_value(where, value, default):
-    """Type-check one value against its default; ints are accepted where floats are expected."""
+def _check_value(where, key, value, default):
+    """Type-check one value against its default (ints are accepted where floats are expected), then its choices."""
     if isinstance(default, list):
-        ok = isinstance(value, list) or (where.endswith("apply_attn") and isinstance(value, bool))
+        ok = isinstance(value, list) or (key == "apply_attn" and isinstance(value, bool))
     elif isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
@@ -1157,21 +1150,26 @@ def _check_value(where, value, default):
         ok = isinstance(value, type(default))
     if not ok:
         raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
-    key = where.rsplit(".", 1)[-1]
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[key])}")
     return value
 
 
 def validate_config(cfg, source="config"):
-    """Cross-key rules and ranges. Raises ConfigError naming the key and what is allowed."""
-    cur, tr, model = cfg["curriculum"], cfg["train"], cfg["model"]
+    """Stages, ranges, then cross-key rules. Raises ConfigError naming the key and what is allowed."""
+    cur, tr, model, T = cfg["curriculum"], cfg["train"], cfg["model"], cfg["diffusion"]["timesteps"]
     soft = cur["mode"] == "soft"
     for i, st in enumerate(cur["stages"]):
         validate_stage(st, f"{source}: curriculum.stages[{i}]", soft)
-    if soft and any("alpha" not in s or "beta" not in s for s in cur["stages"]):
-        raise ConfigError(f"{source}: curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage")
+    for key, lo, hi in RANGES:                              # first: the rules below divide by some of these
+        section, _, sub = key.rpartition(".")
+        value = cfg[section][sub] if section else cfg[sub]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{source}: {key} must be in [{lo}, {hi}], got {value!r}")
+    mults, attn = model["ch_multipliers"], model["apply_attn"]
     rules = [
+        (soft and any("alpha" not in s or "beta" not in s for s in cur["stages"]),
+         "curriculum.mode 'soft' needs 'alpha' and 'beta' in every stage"),
         (cur["enabled"] and not cur["stages"], "curriculum.enabled needs a non-empty curriculum.stages list"),
         (cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"],
          "sparsity.enabled and regularization.enabled are both true; choose one mode (CS or CR)"),
@@ -1184,28 +1182,18 @@ def validate_config(cfg, source="config"):
         (cfg["diffusion"]["loss_weight"] == "min_snr" and cfg["diffusion"]["model_mean_type"] == "mean",
          "diffusion.loss_weight 'min_snr' is defined for model_mean_type eps and x0"),
         (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
-                                            f"multiple of train.num_accum ({tr['num_accum']})")]
+                                            f"multiple of train.num_accum ({tr['num_accum']})"),
+        (model["hid_channels"] % 32, "model.hid_channels must be a multiple of 32 (GroupNorm uses 32 groups), "
+                                     f"got {model['hid_channels']}"),
+        (not mults or not all(type(m) is int and 1 <= m <= 16 for m in mults),
+         "model.ch_multipliers must be a non-empty list of integers in [1, 16]"),
+        (not isinstance(attn, bool) and (len(attn) != len(mults) or not all(isinstance(a, bool) for a in attn)),
+         f"model.apply_attn must be true/false or one true/false per entry of model.ch_multipliers ({len(mults)})"),
+        (not 0 <= tr["sample_steps"] <= T,
+         f"train.sample_steps must be 0 (DDPM) or a DDIM step count in [1, diffusion.timesteps = {T}]")]
     for bad, message in rules:
         if bad:
             raise ConfigError(f"{source}: {message}")
-    for key, lo, hi in RANGES:
-        section, _, sub = key.rpartition(".")
-        value = cfg[section][sub] if section else cfg[sub]
-        if not lo <= value <= hi:
-            raise ConfigError(f"{source}: {key} must be in [{lo}, {hi}], got {value!r}")
-    if model["hid_channels"] % 32:
-        raise ConfigError(f"{source}: model.hid_channels must be a multiple of 32 (GroupNorm uses 32 groups), "
-                          f"got {model['hid_channels']}")
-    if not model["ch_multipliers"] or not all(type(m) is int and 1 <= m <= 16 for m in model["ch_multipliers"]):
-        raise ConfigError(f"{source}: model.ch_multipliers must be a non-empty list of integers in [1, 16]")
-    attn = model["apply_attn"]
-    if not isinstance(attn, bool) and (len(attn) != len(model["ch_multipliers"]) or
-                                       not all(isinstance(a, bool) for a in attn)):
-        raise ConfigError(f"{source}: model.apply_attn must be true/false or one true/false per entry of "
-                          f"model.ch_multipliers ({len(model['ch_multipliers'])})")
-    if not 0 <= tr["sample_steps"] <= cfg["diffusion"]["timesteps"]:
-        raise ConfigError(f"{source}: train.sample_steps must be 0 (DDPM) or a DDIM step count in "
-                          f"[1, diffusion.timesteps = {cfg['diffusion']['timesteps']}]")
 
 
 def validate_stage(st, where, soft):
