@@ -1361,12 +1361,12 @@ def config_diff(old, new):
 def save_checkpoint(path, state, keep_previous=False):
     """Write atomically so a crash never leaves a torn checkpoint. With keep_previous, the checkpoint being
     replaced stays as <name>_prev.pt (a hard link: no copy)."""
+    def write(tmp):
+        torch.save(state, tmp)
+        if keep_previous and os.path.exists(path):
+            # the previous file gets a second name: os.link never overwrites, so the fresh empty one goes first
+            data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
     try:
-        def write(tmp):
-            torch.save(state, tmp)
-            if keep_previous and os.path.exists(path):
-                # the previous file gets a second name: os.link never overwrites, so the fresh empty one goes first
-                data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
         data.atomic_write(path, write)
     except Exception as e:                                  # disk full is a RuntimeError from torch.save
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
@@ -1380,8 +1380,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():                     # torch warns before refusing a foreign pickle
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):      # torch warns before refusing a foreign pickle
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or resume "
@@ -1407,13 +1406,12 @@ def truncate_jsonl(path, step):
     """Drop records that a killed run wrote after its checkpoint at `step`: training records after it,
     and stage records at or after it (a stage record at step s is written after the checkpoint at s, so
     the resumed run writes it again)."""
-    if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
+    if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
         raise RunError(f"{path} is not a plain file (a folder or a link); move it away, then rerun")
-    if not os.path.exists(path):
-        return
-    keep = [line for line, r in data.read_jsonl(path)
-            if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("kind") != "stage")]
-    data.atomic_write(path, "".join(keep))
+    if os.path.exists(path):
+        keep = [line for line, r in data.read_jsonl(path)
+                if r.get("step", 0) < step or r.get("step", 0) == step and r.get("kind") != "stage"]
+        data.atomic_write(path, "".join(keep))
 
 
 def to_uint8(x):
@@ -1425,11 +1423,10 @@ def save_grid(images, path):
     """Write uint8 (N, H, W, C) images as one PNG grid with floor(sqrt(N)) columns, 2 px gaps."""
     n, h, w, c = images.shape
     cols = max(1, int(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
+    grid = np.full((math.ceil(n / cols) * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for k, image in enumerate(images):
+        top, left = 2 + k // cols * (h + 2), 2 + k % cols * (w + 2)
+        grid[top:top + h, left:left + w] = image
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     scale = max(1, 64 // h)                                 # blow small images up (nearest) so they can be seen
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -1454,11 +1451,11 @@ def model_from_checkpoint(path, device, raw=False, state=None):
     except ConfigError as e:
         raise RunError(f"{path} holds a config this version cannot use ({e})")
     net = build_model(cfg, device)
-    use_ema = state["ema"] is not None and not raw
-    load_weights(net, state["ema"] if use_ema else state["model"], path)
+    load_weights(net, state["model"] if raw or state["ema"] is None else state["ema"], path)
     net = net.eval().requires_grad_(False)
-    return compiled_net(net, cfg, device) if cfg["train"]["compile"] else net, cfg, state["mask"].to(device), \
-        tuple(state["image_shape"])
+    if cfg["train"]["compile"]:
+        net = compiled_net(net, cfg, device)
+    return net, cfg, state["mask"].to(device), tuple(state["image_shape"])
 
 
 def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_size=256, seed=0,
@@ -1473,34 +1470,33 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     if ddim and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
     tab, amp = tables_on(cfg, device), precision_dtype(cfg, device)
-    sampler = f"DDIM {steps} steps, eta {eta:g}, {skip}" if ddim else f"DDPM {T} steps"
-    # With DDPM or eta > 0 the per-step noise is keyed by each chunk's first image, so the batch matters.
+    # What made the images, for manifest.json. With DDPM or eta > 0 the batch matters: noise is keyed by chunk.
     made_by = {"ckpt_sha256": fid.file_sha256(ckpt), "step": state["step"], "seed": seed,
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
-    if rank == 0:
-        data.prepare_out_dir(out)
-    lock = data.lock_run_folder(out, "sample or eval") if rank == 0 else None   # two writers: lost images
-    try:
-        if rank == 0:
+    with contextlib.ExitStack() as lock:
+        if rank == 0:                                       # one writer per folder: two would lose images
+            data.prepare_out_dir(out)
+            lock.enter_context(data.lock_run_folder(out, "sample or eval"))
             fid.claim_image_folder(out, made_by, replace_stale)
         barrier(world)
         name = lambda i: os.path.join(out, f"{i:06d}.png")
         chunks = rank_chunks(num, batch_size, rank, world)
         todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
         if rank == 0:
+            sampler = f"DDIM {steps} steps, eta {eta:g}, {skip}" if ddim else f"DDPM {T} steps"
             print(f"sample: {num} images from {ckpt} ({sampler}, {'raw' if raw else 'EMA'} weights) -> {out}; "
                   f"{len(chunks) - len(todo)} chunks already done", flush=True)
-        net_steps = (steps if ddim else T) * len(todo)
-        t0, t_print, done = time.perf_counter(), [0.0], [0]
+        total, done, t0, last_print = (steps if ddim else T) * len(todo), 0, time.perf_counter(), 0.0
 
-        def report(k, n):                                       # a line every 10 s: DDPM chunks can take minutes
-            done[0] += 1
+        def report(*_):                                     # a line every 10 s: DDPM chunks can take minutes
+            nonlocal done, last_print
+            done += 1
             now = time.perf_counter()
-            if rank == 0 and (now - t_print[0] > 10 or done[0] == net_steps):
-                t_print[0], rate = now, done[0] / max(now - t0, 1e-9)
-                print(f"sample (network evaluations, this rank): {done[0]}/{net_steps} | {rate:.1f}/s | "
-                      f"ETA {fmt_time((net_steps - done[0]) / rate)}", flush=True)
+            if rank == 0 and (now - last_print > 10 or done == total):
+                last_print, rate = now, done / max(now - t0, 1e-9)
+                print(f"sample (network evaluations, this rank): {done}/{total} | {rate:.1f}/s | "
+                      f"ETA {fmt_time((total - done) / rate)}", flush=True)
         for a, n in todo:
             x = generate(net, cfg, shape, a, n, seed, mask, tab, ddim_steps=steps if ddim else 0, eta=eta, skip=skip,
                          amp=amp, on_step=report)
@@ -1513,9 +1509,6 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
         if npz and rank == 0:
             data.atomic_write(os.path.join(out, "samples.npz"),
                               lambda tmp: np.savez(open(tmp, "wb"), images=fid.load_image_folder(out)[:num]))
-    finally:
-        if lock is not None:
-            lock.close()
     return out
 
 
@@ -1526,65 +1519,65 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     eval.jsonl beside the images."""
     rank, world, device = setup_dist()
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
-    if ckpt:
+    if ckpt:                                                # our own folder (one per checkpoint): refresh it
         default = os.path.join(os.path.dirname(ckpt), "eval_samples_" + os.path.basename(ckpt).removesuffix(".pt"))
-        images = sample(ckpt, num, images or default, batch_size=batch_size, replace_stale=not images,
-                        **sample_kw)                        # our own folder (one per checkpoint): refresh it
+        images = sample(ckpt, num, images or default, batch_size=batch_size, replace_stale=not images, **sample_kw)
     if rank > 0:
         return None
-    fake = fid.read_images(images, download=download, log=lambda *a: None)[:num]
+    quiet = lambda *a: None
+    fake = fid.read_images(images, download=download, log=quiet)[:num]
     weights = fid.find_weights(inception, download)
     model = fid.load_inception(weights, device=device)
     t0 = time.perf_counter()
     real_feats = None
     if real:
-        real_images = fid.read_images(real, download=download, log=lambda *a: None)[:num]
-        real_feats = fid.features(model, real_images, device=device, log=lambda *a: None)
+        real_images = fid.read_images(real, download=download, log=quiet)[:num]
+        real_feats = fid.features(model, real_images, device=device, log=quiet)
     result = fid.score(fake, ref, model, real_feats=real_feats, k=k, device=device)
     result.update({"images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw if ckpt else None,
                    "inception_sha256": fid.weights_sha256(weights),
                    "feature_seconds": round(time.perf_counter() - t0, 1)})
     print(json.dumps(result), flush=True)
-    folder = images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images))
+    # eval.jsonl goes into the image folder, or beside an .npz of images
+    log = os.path.join(images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images)), "eval.jsonl")
     try:
-        data.append_jsonl(os.path.join(folder, "eval.jsonl"), result)
+        data.append_jsonl(log, result)
     except data.DataError:
-        raise RunError(f"could not append to {folder}/eval.jsonl (not writable, or a full disk); the result is the "
-                       "line above") from None
+        raise RunError(f"could not append to {log} (not writable, or a full disk); the result is the line "
+                       "above") from None
     return result
+
+
+def timed(device, fn):
+    """Wall seconds of fn(), from an idle device to an idle device (CUDA runs kernels asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def matmul_rate(device, dtype, n=None, reps=5):
     """Measured dense matmul FLOP/s of this device in `dtype` (the utilisation denominator)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):                               # the first product is a warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    timed(device, lambda: a @ b)                            # warm-up
+    return 2 * n ** 3 / min(timed(device, lambda: a @ b) for _ in range(reps))
 
 
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence file descriptor 2 for a moment: the profiler's C++ side prints 'profiler_start/stop' lines there."""
     sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:                     # fd 2 keeps /dev/null open after `null` closes
+        os.dup2(null.fileno(), 2)
     try:
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(null)
 
 
 def kernels_per_step(x0, step, mask, score, run):
@@ -1595,7 +1588,8 @@ def kernels_per_step(x0, step, mask, score, run):
     cuda = x0.is_cuda
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         train_step(x0, step, 0, mask, score, run)
-        sync(x0.device)
+        if cuda:
+            torch.cuda.synchronize(x0.device)
     events = prof.events()
     if cuda:                                                # kernels only: copies and memsets are named so
         return sum(e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")) for e in events)
@@ -1618,59 +1612,51 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     """Throughput of the real training step (`train_step`) on synthetic images at the dataset's resolution,
     FLOPs, utilisation, memory."""
     rank, world, device = setup_dist()
-    tr = cfg["train"]
-    B = batch_size or tr["batch_size"]
-    cfg = merge_config({**cfg, "train": {**tr, "batch_size": B, "num_accum": 1}}, "bench")
+    cuda, compiled = device.type == "cuda", cfg["train"]["compile"]
+    B = batch_size or cfg["train"]["batch_size"]
+    cfg = merge_config({**cfg, "train": {**cfg["train"], "batch_size": B, "num_accum": 1}}, "bench")
     res = image_resolution(cfg)
     model, ema, opt, mask, _, score = new_state(cfg, device)
     run = make_run(cfg, model, ema, opt, device)
     mask, score = place_mask_and_score(run, mask, score, device)
     x0 = torch.rand(B, cfg["model"]["in_channels"], res, res, device=device) * 2 - 1
-    t_warm = time.perf_counter()
-    for s in range(3):                                      # warm-up (and compilation)
-        train_step(x0, s, 0, mask, score, run)
-    sync(device)
-    t_warm = time.perf_counter() - t_warm
-    times = []
-    for w in range(windows):
-        t0 = time.perf_counter()
-        for s in range(steps):
-            train_step(x0, 3 + w * steps + s, 0, mask, score, run)
-        run.stats.v[0].item()                               # one host sync per window, as a log step would
-        sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    step_s = sorted(times)[len(times) // 2]
-    kernels = kernels_per_step(x0, 3 + windows * steps, mask, score, run)
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    path = " ".join(("bf16" if run.amp else "fp32/tf32" if tf32 else "fp32",
-                     "channels_last" if uses_channels_last(cfg) else "NCHW", compile_label(cfg, device)))
+
+    def train_steps(first, n):                              # one host sync at the end, as a log step would
+        for s in range(first, first + n):
+            train_step(x0, s, 0, mask, score, run)
+        run.stats.v[0].item()
+    warmup_s = timed(device, lambda: train_steps(0, 3))     # compilation happens here
+    window_s = [timed(device, lambda: train_steps(3 + w * steps, steps)) / steps for w in range(windows)]
+    step_s = sorted(window_s)[windows // 2]                 # the median window
+    kernels = kernels_per_step(x0, 3 + windows * steps, mask, score, run)   # before the FLOP count sets grads to None
     gflop = train_flops_per_image(cfg, model, device) / 1e9
     peak = matmul_rate(device, run.amp or torch.float32)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-              "precision": "bf16" if run.amp else "fp32", "compile": tr["compile"], "path": path, "batch": B,
+    flop_s = B * gflop * 1e9 / step_s
+    tf32 = cuda and torch.backends.cuda.matmul.allow_tf32
+    path = " ".join(("bf16" if run.amp else "fp32/tf32" if tf32 else "fp32",
+                     "channels_last" if uses_channels_last(cfg) else "NCHW", compile_label(cfg, device)))
+    sig4 = lambda v: float(f"{v:.4g}")                      # four significant digits
+    result = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}",
+              "precision": "bf16" if run.amp else "fp32", "compile": compiled, "path": path, "batch": B,
               "resolution": res, "params": sum(p.numel() for p in model.parameters()),
-              "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2),
-              "gflop_per_img": float(f"{gflop:.4g}"), "achieved_tflops": float(f"{B * gflop / step_s / 1e3:.4g}"),
-              "matmul_tflops": float(f"{peak / 1e12:.4g}"), "utilisation": float(f"{B * gflop * 1e9 / step_s / peak:.4g}"),
-              "warmup_s": round(t_warm, 2), "kernels_per_step": kernels,
-              "compiled_graphs": len(run.graphs) if tr["compile"] else None,
-              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if tr["compile"] else None,
-              "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+              "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2), "gflop_per_img": sig4(gflop),
+              "achieved_tflops": sig4(flop_s / 1e12), "matmul_tflops": sig4(peak / 1e12),
+              "utilisation": sig4(flop_s / peak), "warmup_s": round(warmup_s, 2),
+              "kernels_per_step": kernels, "compiled_graphs": len(run.graphs) if compiled else None,
+              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if compiled else None,
+              "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if cuda else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if do_sample:
-        net, n = run.net.eval(), B
-        for k, ddim in enumerate((2, sample_steps)):        # the first call is a warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            generate(net, cfg, x0.shape[1:], 0, n, 0, mask, run.tab, ddim_steps=ddim, amp=run.amp)
-            sync(device)
-        result[f"ddim{sample_steps}_img_per_s"] = round(n / (time.perf_counter() - t0), 2)
+        net = run.net.eval()
+        for ddim in (2, sample_steps):                      # the first call is a warm-up
+            seconds = timed(device, lambda: generate(net, cfg, x0.shape[1:], 0, B, 0, mask, run.tab, ddim_steps=ddim,
+                                                     amp=run.amp))
+        result[f"ddim{sample_steps}_img_per_s"] = round(B / seconds, 2)
     if data_check:
         imgs = data.load_images("shapes", resolution=res, num_images=10000, log=lambda *a: None)
         result["data_img_per_s"] = round(data.data_throughput(imgs, 128, device), 0)
-    if rank == 0:
-        for k, v in result.items():
-            print(f"{k:>20}  {v}")
+    if rank == 0:                                           # a table to read, then a line to parse
+        print("\n".join(f"{k:>20}  {v}" for k, v in result.items()))
         print(json.dumps(result), flush=True)
     return result
 
