@@ -1711,58 +1711,51 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
 
 
 def run_jobs(jobs, parallel, log_name):
-    """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses, `parallel` at a time: each on its
-    own GPU when there are enough, else sharing the device; CPU threads split between them. Returns
+    """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses in `parallel` slots: slot k on GPU k mod
+    the GPU count when there are several, else all sharing the device; CPU threads split between the slots. Returns
     {label: seconds}; a failed job is reported with the end of its log after the others finish."""
     gpus = torch.cuda.device_count() if device_kind() == "cuda" else 0
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
-    pending, running, seconds, failed = list(jobs), {}, {}, []
-    while pending or running:
-        while pending and len(running) < parallel:
-            label, argv, run_dir = pending.pop(0)
-            slot = min(set(range(parallel)) - {s for _, s, _, _ in running.values()})
-            os.makedirs(run_dir, exist_ok=True)
-            logf = open(os.path.join(run_dir, log_name), "a")
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
-                                    stderr=subprocess.STDOUT,
-                                    env={**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus > 1 else env)
-            running[label] = (proc, slot, time.perf_counter(), logf)
-            print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
+    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []    # slot: (label, process, log, start)
+    while pending or any(slots):
+        for k, job in enumerate(slots):
+            if job and job[1].poll() is not None:       # ended: report it and free its slot
+                label, proc, logf, t0 = job
+                logf.close()
+                seconds[label] = time.perf_counter() - t0
+                with open(logf.name) as f:
+                    tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
+                print(f"  {'finished' if proc.returncode == 0 else 'FAILED'} {label} in {fmt_time(seconds[label])}: "
+                      f"{tail[0][:150]}", flush=True)
+                if proc.returncode:
+                    failed.append(f"{label} (see {logf.name})")
+                slots[k] = job = None
+            if job is None and pending:
+                label, argv, run_dir = pending.pop(0)
+                os.makedirs(run_dir, exist_ok=True)
+                logf = open(os.path.join(run_dir, log_name), "a")
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
+                                        stderr=subprocess.STDOUT,
+                                        env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
+                slots[k] = (label, proc, logf, time.perf_counter())
+                print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
         time.sleep(0.2)
-        for label, (proc, slot, t0, logf) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            logf.close()
-            del running[label]
-            seconds[label] = time.perf_counter() - t0
-            with open(logf.name) as f:
-                tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-            print(f"  {'finished' if proc.returncode == 0 else 'FAILED'} {label} in {fmt_time(seconds[label])}: "
-                  f"{tail[0][:150]}", flush=True)
-            if proc.returncode:
-                failed.append(f"{label} (see {logf.name})")
     if failed:
         raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun compare to resume")
     return seconds
 
 
-def held_out(cfg, n):
-    """The first n images of the dataset's held-out (test) split, never inside the training split."""
-    return data.held_out_images(cfg["dataset"], n, cfg["resolution"] or None, cfg["data_root"] or None,
-                                cfg["data_split"] or None)
-
-
 def read_compare_json(path):
     """compare.json's results, or None when there is none yet; a damaged file is a one-line error, never rewritten."""
-    if not os.path.exists(path):
-        return None
     try:
         with open(path) as f:
             saved = json.load(f)
-        if isinstance(saved, dict) and isinstance(saved.get("runs"), dict):
-            return saved
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
-        pass
+        saved = None
+    if isinstance(saved, dict) and isinstance(saved.get("runs"), dict):
+        return saved
     raise RunError(f"{path} is damaged (not compare's JSON); move it away to rescore the finished runs, then rerun")
 
 
@@ -1774,29 +1767,30 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     found); write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
     data.prepare_out_dir(out)
     with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
-        path = os.path.join(out, "compare.json")
-        unknown = [m for m in modes if m not in MODES and m not in CONTROLS]
-        if unknown or "base" not in modes:
+        if "base" not in modes or not set(modes) <= {*MODES, *CONTROLS}:
             raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
         epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
-        held_out(load_config(mode_config(dataset, "base")[0], overrides), 1)   # a held-out split exists and is unseen
-        weights, note = None, ""
-        if fid_num:
-            try:
-                weights = fid.find_weights(inception)
-            except fid.FIDError as e:
-                note = f"FID skipped: {e}"
-                print(note, flush=True)
+        # Every run is scored on the same held-out (test) images; loading them first checks they were never trained on.
+        base_cfg = load_config(mode_config(dataset, "base")[0], overrides)
+        held = data.held_out_images(base_cfg["dataset"], max(held_out_n, 2 * fid_num), base_cfg["resolution"] or None,
+                                    base_cfg["data_root"] or None, base_cfg["data_split"] or None)
+        try:
+            weights, note = (fid.find_weights(inception) if fid_num else None), ""
+        except fid.FIDError as e:
+            weights, note = None, f"FID skipped: {e}"
+            print(note, flush=True)
         settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
                     "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
-        runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in modes}
-        saved = read_compare_json(path) or {"runs": {}, "settings": settings}
+        path = os.path.join(out, "compare.json")
+        saved = read_compare_json(path) or {"fid_num": 0, "fid_floor": None, "settings": settings, "runs": {}}
         results = saved["runs"]
+        runs = {f"{m}/seed{s}": (m, s, os.path.join(out, f"{m}_seed{s}")) for s in range(seeds) for m in modes}
         todo = {k: v for k, v in runs.items() if k not in results}
-        # Scores made with other settings must never be mixed in; a request without FID may reuse scores with FID.
-        differ = [k for k in settings if results and saved.get("settings", {}).get(k) != settings[k]
-                  and not (not todo and k in ("fid_num", "sample_steps") and not settings["fid_num"])]
-        if differ:
+        # Scores made with other settings must never be mixed in; a request without FID that has nothing left to
+        # score may show the FID scores already there.
+        reusable = ("fid_num", "sample_steps") if not todo and not settings["fid_num"] else ()
+        differ = [k for k in settings if k not in reusable and saved.get("settings", {}).get(k) != settings[k]]
+        if results and differ:
             raise RunError(f"{path} holds results made with other settings ({', '.join(differ)}); "
                            "use another --out, or delete that folder to start over")
 
@@ -1818,35 +1812,32 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                       for key, (_, _, d) in todo.items()], jobs, "sample.log")
 
         # Score: held-out loss per bucket, FID-n against held-out statistics, wall time and training FLOPs.
-        device, cpu = torch.device(device_kind()), torch.device("cpu")
-        inception_model, ref, floor = None, None, None
-        if weights:
+        device, cpu, floor = torch.device(device_kind()), torch.device("cpu"), None
+        if weights:             # the floor: FID of other real images (training ones if the test split is short)
             inception_model = fid.load_inception(weights, device=device)
-            cfg = load_config(mode_config(dataset, "base")[0], overrides)
-            held = held_out(cfg, 2 * fid_num)
             other = held[fid_num:] if len(held) >= 2 * fid_num else data.load_images(
-                cfg["dataset"], resolution=cfg["resolution"] or None, root=cfg["data_root"] or None, log=lambda *a: None)
-            name = cfg["dataset"].replace(":", "_").replace("/", "_")
-            ref, floor = (os.path.join(out, f"{p}_{name}_{fid_num}.npz") for p in ("ref", "floor"))
-            floor = fid.reference_and_floor(held[:fid_num], other[:fid_num], ref, floor, inception_model, device)
+                base_cfg["dataset"], resolution=base_cfg["resolution"] or None, root=base_cfg["data_root"] or None,
+                log=lambda *a: None)
+            name = base_cfg["dataset"].replace(":", "_").replace("/", "_")
+            ref, floor_stats = (os.path.join(out, f"{p}_{name}_{fid_num}.npz") for p in ("ref", "floor"))
+            floor = fid.reference_and_floor(held[:fid_num], other[:fid_num], ref, floor_stats, inception_model, device)
         for key, (mode, seed, run_dir) in todo.items():
             state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
             net, cfg, mask, _ = model_from_checkpoint(run_dir, device, state=state)
             seen = state["step"] * cfg["train"]["batch_size"]
-            entry = {"bucket_mse": bucket_loss(net, cfg, mask, held_out(cfg, held_out_n), n=held_out_n),
-                     "steps": state["step"], "images_seen": seen,
-                     "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
-                     "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
+            entry = results[key] = {
+                "bucket_mse": bucket_loss(net, cfg, mask, held, n=held_out_n),
+                "steps": state["step"], "images_seen": seen,
+                "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
+                "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
             if weights:
                 images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
                 entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
-            results[key] = entry
-            data.atomic_write(path, json.dumps({"dataset": dataset, "epochs": epochs, "seeds": seeds,
-                                                "fid_num": settings["fid_num"], "fid_floor": floor, "settings": settings,
-                                                "runs": results}, indent=1))
+            saved = {"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": settings["fid_num"],
+                     "fid_floor": floor, "settings": settings, "runs": results}
+            data.atomic_write(path, json.dumps(saved, indent=1))    # after every run: an interrupted compare resumes
             print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
                   + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
-        saved = read_compare_json(path) or {"fid_num": 0, "fid_floor": None, "settings": settings}
         return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
                                 saved.get("settings", settings)["sample_steps"], note, modes)
 
@@ -1858,27 +1849,31 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
     if fid_num:
         metrics.append((f"FID-{fid_num}", lambda r: r["fid"], "%.2f"))
+
+    def cell(fmt, values, std=True):                    # one value has no spread: then only its mean
+        m, sd, half = interval(values)
+        return (fmt % m + (f" ± {fmt % sd}" if std and not math.isnan(sd) else "")
+                + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
+
+    controls = [f"- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates {CONTROLS[m][2]}"
+                for m in modes if m in CONTROLS]
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
     lines = [f"# {dataset}: {' vs '.join(modes)}, {epochs} epochs each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
                 f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
-             *[f"{'' if k else chr(10)}- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates "
-               f"{CONTROLS[m][2]}" for k, m in enumerate(m for m in modes if m in CONTROLS)],
+             *[""] * bool(controls), *controls,
              "", f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
-    cell = lambda fmt, m, sd, half: (fmt % m + ("" if math.isnan(sd) else f" ± {fmt % sd}")
-                                     + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
     means, spreads = {}, {}
     for mode in modes:
         runs = {s: results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results}
         if not runs:
             continue
         cells = []
-        for name, value, fmt in metrics:
-            cells.append(cell(fmt, *interval([value(r) for r in runs.values()])))
+        for _, value, fmt in metrics:
             paired = [value(r) - value(results[f"base/seed{s}"]) for s, r in runs.items() if f"base/seed{s}" in results]
-            m, _, half = interval(paired) if mode != "base" and paired else (0, 0, 0)
-            cells.append(cell(fmt, m, float("nan"), half) if mode != "base" and paired else "—")
+            cells += [cell(fmt, [value(r) for r in runs.values()]),
+                      cell(fmt, paired, std=False) if mode != "base" and paired else "—"]
         cells += [fmt_time(np.mean([r.get("train_seconds", 0) for r in runs.values()])),
                   "%.1f" % np.mean([r.get("train_tflops", 0) for r in runs.values()])]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -1896,9 +1891,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         marks |= {r["step"] for r in stages if r["step"] > 0}
         if mode == "cs" and stages:
             birth = stages[-1]["birth_stage"]                # masks change only at stage starts
-            notes.append("- cs, seed 0: active per stage " + "/".join(str(r["active"]) for r in stages)
-                         + "; channels born in stage " + ", ".join(f"{'never' if k < 0 else k + 1}: {birth.count(k)}"
-                                                                    for k in sorted(set(birth))))
+            born = ", ".join(f"{'never' if k < 0 else k + 1}: {birth.count(k)}" for k in sorted(set(birth)))
+            notes.append(f"- cs, seed 0: active per stage {'/'.join(str(r['active']) for r in stages)}; "
+                         f"channels born in stage {born}")
         if mode == "cr" and stages:
             notes.append("- cr, seed 0: channels with norm<1e-3 per stage "
                          + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
