@@ -655,7 +655,7 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
               soft=cur["enabled"] and cur["mode"] == "soft", model=model, fwd=fwd,
               positions=logsnr_positions(tab["alpha_bar"].cpu()) if cur["window"] == "logsnr" else None,
               mix_weights=[b - a for a, b in zip(starts, starts[1:])] if cur["order"] == "mixture" else None,
-              ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg, device),
+              ema=ema, opt=opt, tab=tab, amp=precision_dtype(cfg),
               stats=StepStats(device), rank=rank, world=world)
     run.loss, run.net = functools.partial(step_loss, run), ema if ema is not None else model
     run.graphed = cuda_graphs(cfg, device)
@@ -779,7 +779,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 if run.regrowth and step == starts[i] and i > 0:
                     mask, birth, regrown = regrow_at_stage(run, i, mask, birth, score)
                     score.zero_()
-                log(stage_banner(run, i, mask.detach(), regrown, scale))
+                log(stage_banner(run, i, mask.detach(), regrown))
                 if is_main and step == starts[i]:
                     data.append_jsonl(metrics_path, stage_record(run, i, step, steps_per_epoch, mask, regrown, birth))
 
@@ -905,9 +905,9 @@ def regrow_at_stage(run, i, mask, birth, score):
     return new.to(mask.device).requires_grad_(mask.requires_grad), birth, regrown
 
 
-def stage_banner(run, i, mask, regrown, scale):
+def stage_banner(run, i, mask, regrown):
     """One line describing curriculum stage i: epochs, window, sparsity / active channels, lambda."""
-    stages, T, cfg = run.stages, run.cfg["diffusion"]["timesteps"], run.cfg
+    stages, T, cfg, scale = run.stages, run.cfg["diffusion"]["timesteps"], run.cfg, run.cfg["train"]["length_scale"]
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
     epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
@@ -1006,7 +1006,7 @@ def build_model(cfg, device):
     return model.to(memory_format=torch.channels_last) if uses_channels_last(cfg) else model
 
 
-def precision_dtype(cfg, device):
+def precision_dtype(cfg):
     """bf16 autocast dtype or None (fp32) on any device. 'auto' = fp32: on an H100, bf16 autocast's casts made
     it slower than fp32 with TF32 (set in setup_dist) for the celeba32 model; see README "Performance"."""
     return torch.bfloat16 if cfg["train"]["precision"] == "bf16" else None
@@ -1469,7 +1469,7 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
     T = cfg["diffusion"]["timesteps"]
     if ddim and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
-    tab, amp = tables_on(cfg, device), precision_dtype(cfg, device)
+    tab, amp = tables_on(cfg, device), precision_dtype(cfg)
     # What made the images, for manifest.json. With DDPM or eta > 0 the batch matters: noise is keyed by chunk.
     made_by = {"ckpt_sha256": fid.file_sha256(ckpt), "step": state["step"], "seed": seed,
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",

@@ -165,6 +165,7 @@ BAD_CONFIGS = [
       "regularization": {"enabled": True}}, "both true"),
     ({"sparsity": {"enabled": True}}, "set curriculum.enabled"),
     ({"train": {"batch_size": 10, "num_accum": 3}}, "multiple of train.num_accum"),
+    ({"train": {"num_accum": 0}}, "train.num_accum must be in [1,"),
     ({"curriculum": {"enabled": True, "mode": "soft", "stages": [STAGE]}}, "needs 'alpha' and 'beta'"),
     ({"train": {"epochs": 0}}, "train.epochs must be in [1,"),
     ({"train": {"epochs": -3}}, "train.epochs must be in [1,"),
@@ -2291,9 +2292,9 @@ def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
 def test_gpu_auto_means_fp32_nchw_on_every_device(device):
     cfg = D.merge_config({}, "defaults")
     assert cfg["train"]["precision"] == "auto" and cfg["train"]["channels_last"] == "auto"
-    assert D.precision_dtype(cfg, torch.device(device)) is None and not D.uses_channels_last(cfg)
+    assert D.precision_dtype(cfg) is None and not D.uses_channels_last(cfg)
     bf16 = D.merge_config({"train": {"precision": "bf16", "channels_last": "on"}}, "asked")
-    assert D.precision_dtype(bf16, torch.device(device)) is torch.bfloat16 and D.uses_channels_last(bf16)
+    assert D.precision_dtype(bf16) is torch.bfloat16 and D.uses_channels_last(bf16)
 
 
 def test_gpu_build_model_uses_channels_last_only_when_asked():
