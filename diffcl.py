@@ -758,8 +758,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 "learning rate never reaches train.lr; lower train.warmup for a short run")
         def checkpoint(snapshot):
             nonlocal rotate
-            epoch = step // steps_per_epoch
-            snapshot = snapshot and tr["snapshots"] and os.path.join(out_dir, f"ckpt_epoch{epoch:04d}.pt")
+            snapshot = snapshot and tr["snapshots"] and os.path.join(out_dir,
+                                                                     f"ckpt_epoch{step // steps_per_epoch:04d}.pt")
             checkpoint_run(run, ckpt_path, snapshot, rotate, mask=mask, birth=birth, score=score, step=step,
                            epoch=step / steps_per_epoch, config=cfg, image_shape=list(shape), num_images=len(images),
                            wall_seconds=wall + time.perf_counter() - t_start)
@@ -907,7 +907,8 @@ def regrow_at_stage(run, i, mask, birth, score):
 
 def stage_banner(run, i, mask, regrown):
     """One line describing curriculum stage i: epochs, window, sparsity / active channels, lambda."""
-    stages, T, cfg, scale = run.stages, run.cfg["diffusion"]["timesteps"], run.cfg, run.cfg["train"]["length_scale"]
+    stages, cfg = run.stages, run.cfg
+    T, scale = cfg["diffusion"]["timesteps"], cfg["train"]["length_scale"]
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
     epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
