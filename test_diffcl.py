@@ -1528,11 +1528,14 @@ def same_state(a, b):
 
 @pytest.mark.parametrize("mode", ["base", "c", "cs", "cr"])
 def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
-    cfg = tiny_cfg(tmp_path, mode, train={**TINY_RUN["train"], "save_every": 2},   # mid-epoch checkpoints too
-                   model=ONE_LEVEL)                                               # 32 bottleneck channels
+    cfg = tiny_cfg(tmp_path, mode, train={**TINY_RUN["train"], "save_every": 2,   # mid-epoch checkpoints too
+                                          "snapshots": True}, model=ONE_LEVEL)    # 32 bottleneck channels
     out = D.train(cfg)
     log = capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "config.json"))
+    snapshots = sorted(f for f in os.listdir(out) if f.startswith("ckpt_epoch"))   # epoch ends only, not save_every
+    assert snapshots == ["ckpt_epoch0001.pt", "ckpt_epoch0002.pt"]
+    assert [torch.load(os.path.join(out, f), weights_only=True)["step"] for f in snapshots] == [6, 12]
     assert torch.load(os.path.join(out, "ckpt_prev.pt"), weights_only=True)["step"] == 10
     grids = sorted(os.listdir(os.path.join(out, "samples")))
     assert grids == (["epoch0001_plain.png", "epoch0002_plain.png"] if mode == "base"
