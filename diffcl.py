@@ -1765,7 +1765,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     """Train `modes` (base, C, CS, CR and the CONTROLS) for `seeds` paired seeds at equal work (same data, batch,
     optimizer steps; seed s shares initialisation, data order and noise streams across modes), `jobs` runs at a time;
     score each final checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are
-    found); write compare.md/.json/.png. A rerun resumes: finished runs are skipped, interrupted ones resume."""
+    found); write compare.md, compare.json and loss_over_steps.png. A rerun resumes: finished runs are skipped,
+    interrupted ones resume."""
     data.prepare_out_dir(out)
     with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
         if "base" not in modes or not set(modes) <= {*MODES, *CONTROLS}:
@@ -1844,7 +1845,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
 
 
 def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note="", modes=MODES):
-    """compare.md and its charts: per mode mean +- std and 95% t-interval over seeds; the paired difference to base
+    """compare.md and its chart: per mode mean +- std and 95% t-interval over seeds; the paired difference to base
     (mode minus base, seed by seed) with its interval, the number the question is about; the held-out loss per t
     bucket; seed 0's training curves, CS channel births and CR small-norm counts."""
     metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
@@ -1865,7 +1866,7 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                 f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
              *[""] * bool(controls), *controls,
              "", f"| mode | {header} | wall (train) | training TFLOP |", "|---" * (3 + 2 * len(metrics)) + "|"]
-    means, spreads = {}, {}
+    means = {}
     for mode in modes:
         runs = {s: results[f"{mode}/seed{s}"] for s in range(seeds) if f"{mode}/seed{s}" in results}
         if not runs:
@@ -1879,7 +1880,7 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                   "%.1f" % np.mean([r.get("train_tflops", 0) for r in runs.values()])]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         b = np.array([r["bucket_mse"] for r in runs.values()])
-        means[mode], spreads[mode] = b.mean(0).tolist(), (b.std(0, ddof=1) if len(b) > 1 else 0 * b[0]).tolist()
+        means[mode] = b.mean(0).tolist()
     lines += ["", "Held-out eps-MSE per t bucket (b0: t < T/10, least noisy), mean over seeds:", "",
               "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " |", "|---" * 11 + "|"]
     lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in b) + " |" for m, b in means.items()]
@@ -1901,75 +1902,45 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
-        bar_chart(means, spreads, os.path.join(out, "compare.png"), "held-out mse per t bucket (log scale), mean +- "
-                  "std over seeds")
         line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step, seed 0 (grey: stage "
                    "starts)", marks=sorted(marks))
     print("\n" + table, flush=True)
     return table
 
 
-# Charts: plain pillow drawings, 720 x 420, legend on the right.
+# The chart: a plain pillow drawing, 720 x 420, legend on the right.
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _chart(title, series, lo, hi, log=False):
-    """(image, draw, plot box, y -> pixel) with title, legend and a labelled y axis (log10 when log)."""
+def line_chart(curves, path, title, marks=()):
+    """Lines of (x, y) points per label, with labelled axes and grey vertical lines at `marks` (stage starts); every
+    point gets a marker so overlapping lines stay visible."""
+    pts = [p for c in curves.values() for p in c] or [(0, 0.0)]
+    xmax, lo, hi = max(p[0] for p in pts) or 1, min(p[1] for p in pts), max(p[1] for p in pts)
+    hi = max(hi, lo + 1e-9)
     img = Image.new("RGB", (720, 420), "white")
     d = ImageDraw.Draw(img)
     d.text((60, 10), title, fill="black")
-    for k, label in enumerate(series):
-        d.rectangle([570, 30 + 18 * k, 582, 42 + 18 * k], fill=COLOURS[k % len(COLOURS)])
-        d.text((588, 30 + 18 * k), str(label), fill="black")
-    box = x0, y0, x1, y1 = 60, 40, 550, 380
-    f = (lambda v: math.log10(max(v, 1e-12))) if log else (lambda v: v)
-    lo, hi = f(lo), f(hi) if f(hi) > f(lo) else f(lo) + 1e-9
-    to_y = lambda v: y1 - (y1 - y0) * (f(v) - lo) / (hi - lo)
+    x0, y0, x1, y1 = 60, 40, 550, 380
+    to_x, to_y = (lambda x: x0 + (x1 - x0) * x / xmax), (lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo))
     d.line([x0, y0, x0, y1, x1, y1], fill="black")
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        y = y1 - (y1 - y0) * k / 4
+    for k in range(5):                                      # y labels, and x ticks at quarters of the run
+        y, tick = y1 - (y1 - y0) * k / 4, round(xmax * k / 4)
         d.line([x0 - 4, y, x0, y], fill="black")
-        d.text((4, y - 6), f"{10 ** v if log else v:.3g}", fill="black")
-    return img, d, box, to_y
-
-
-def line_chart(curves, path, title, marks=()):
-    """Lines of (x, y) points per label, with x ticks and grey vertical lines at `marks` (stage starts); every
-    point gets a marker so overlapping lines stay visible."""
-    pts = [p for c in curves.values() for p in c] or [(0, 0.0)]
-    xmax = max(p[0] for p in pts) or 1
-    img, d, (x0, y0, x1, y1), to_y = _chart(title, curves, min(p[1] for p in pts), max(p[1] for p in pts))
-    to_x = lambda x: x0 + (x1 - x0) * x / xmax
-    for m in marks:
-        d.line([to_x(m), y0, to_x(m), y1], fill=(200, 200, 200))
-    for tick in sorted({round(xmax * k / 4) for k in range(5)}):
+        d.text((4, y - 6), f"{lo + (hi - lo) * k / 4:.3g}", fill="black")
         d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
         d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
     d.text((x1 - 20, y1 + 22), "step", fill="black")
-    for k, c in enumerate(curves.values()):
+    for m in marks:
+        d.line([to_x(m), y0, to_x(m), y1], fill=(200, 200, 200))
+    for k, (label, c) in enumerate(curves.items()):
         xy, colour = [(to_x(x), to_y(y)) for x, y in c], COLOURS[k % len(COLOURS)]
+        d.rectangle([570, 30 + 18 * k, 582, 42 + 18 * k], fill=colour)
+        d.text((588, 30 + 18 * k), str(label), fill="black")
         if len(xy) > 1:
             d.line(xy, fill=colour, width=1)
         for x, y in xy:
             d.rectangle([x - 1 - k % 3, y - 1 - k % 3, x + 1 + k % 3, y + 1 + k % 3], outline=colour)
-    img.save(path)
-
-
-def bar_chart(means, spreads, path, title):
-    """Per t bucket (b0, b1, ...) one bar per mode on a log axis, with +-spread whiskers."""
-    vals = [v for b in means.values() for v in b]
-    n, lo = len(vals) // len(means), min(vals) / 2
-    img, d, (x0, y0, x1, y1), to_y = _chart(title, means, lo, max(vals) * 1.1, log=True)
-    width = (x1 - x0) / n
-    bw = width * 0.8 / len(means)
-    for k, (mode, b) in enumerate(means.items()):
-        for j, (v, e) in enumerate(zip(b, spreads[mode])):
-            left = x0 + j * width + width * 0.1 + k * bw
-            d.rectangle([left, to_y(v), left + bw - 1, y1], fill=COLOURS[k % len(COLOURS)])
-            d.line([left + bw / 2, to_y(v + e), left + bw / 2, to_y(max(v - e, lo))], fill="black")
-    for j in range(n):
-        d.text((x0 + j * width + width / 2 - 6, y1 + 6), f"b{j}", fill="black")
     img.save(path)
 
 
@@ -1978,7 +1949,7 @@ def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2
     t0 = time.time()
     compare(out, dataset, 1, overrides, fid_num=0, held_out_n=held_out_n, jobs=jobs)
     print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, table {out}/compare.md, "
-          f"charts {out}/compare.png and {out}/loss_over_steps.png", flush=True)
+          f"chart {out}/loss_over_steps.png", flush=True)
     return out
 
 

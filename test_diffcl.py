@@ -2652,7 +2652,7 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
     assert all(f"| {m} | " in table for m in D.MODES) and "paired [95% CI]" in table and " ± " in table
     assert "FID-2" in table and "floor, real vs real" in table and math.isfinite(saved["fid_floor"])
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in saved["runs"].values())
-    assert Image.open(tmp_path / "cmp" / "compare.png").size == (720, 420)
+    assert Image.open(tmp_path / "cmp" / "loss_over_steps.png").size == (720, 420)
     capsys.readouterr()
 
     # demo = compare with one seed and no FID: here seed 0 is already trained and scored, so nothing reruns.
@@ -2665,10 +2665,19 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
     assert "active per stage 6/13/19/26/32" in text and "channels born in stage 1: 6, 2: 7" in text
     assert "channels with norm<1e-3 per stage" in text
     assert "active per stage 6/13/19/26/32" in open(os.path.join(out, "compare.md")).read()
-    for chart in ("compare.png", "loss_over_steps.png"):
-        assert Image.open(os.path.join(out, chart)).size == (720, 420)
+    assert Image.open(os.path.join(out, "loss_over_steps.png")).size == (720, 420)
     with pytest.raises(D.RunError, match=r"results made with other settings \(overrides\)"):
         D.compare(out, "shapes", 2, [*DEMO_OVERRIDES, "--train.lr=0.001"], fid_num=2, held_out_n=8, sample_steps=2)
+
+
+def test_loss_chart_draws_every_curve_and_the_stage_starts(tmp_path):
+    path = str(tmp_path / "chart.png")
+    D.line_chart({"base": [(0, 1.0), (10, 0.5)], "c": [(0, 0.9), (10, 0.4)]}, path, "title", marks=[5])
+    img = np.asarray(Image.open(path).convert("RGB"))
+    seen = {tuple(p) for p in img.reshape(-1, 3)}
+    assert set(map(tuple, D.COLOURS[:2])) <= seen and tuple(D.COLOURS[2]) not in seen   # one colour per curve
+    stage_start = img[60:360, 60 + 490 * 5 // 10]               # the plot's column at step 5 of 10
+    assert (stage_start == 200).all(axis=1).mean() > 0.9        # a grey line from top to bottom
 
 
 def test_interval_and_paired_difference_match_scipy():
