@@ -617,7 +617,6 @@ class Run:
     stats: "StepStats"
     rank: int = 0
     world: int = 1
-    graphs: list = dataclasses.field(default_factory=list)   # graphs compiled for the loss (train.compile)
     graphed: bool = False           # the compiled loss replays as CUDA graphs (cuda_graphs)
     loss: object = None
     net: object = None
@@ -660,8 +659,7 @@ def make_run(cfg, model, ema, opt, device, rank=0, world=1, steps_per_epoch=1):
     run.loss, run.net = functools.partial(step_loss, run), ema if ema is not None else model
     run.graphed = cuda_graphs(cfg, device)
     if cfg["train"]["compile"]:
-        run.loss = torch.compile(run.loss, backend=counting_inductor(run.graphs, run.graphed))
-        run.net = compiled_net(run.net, cfg, device)
+        run.loss, run.net = compiled(run.loss, cfg, device), compiled(run.net, cfg, device)
     return run
 
 
@@ -1034,20 +1032,10 @@ def compile_label(cfg, device):
     return f"compiled (no CUDA graphs on {device.type}: plain compilation)"
 
 
-def compiled_net(net, cfg, device):
-    """The sampler's network through torch.compile (CUDA graphs when cuda_graphs): grids, sample, eval, compare."""
-    return torch.compile(net, mode="reduce-overhead" if cuda_graphs(cfg, device) else None)
-
-
-def counting_inductor(graphs, replay=False):
-    """torch.compile's default backend (inductor; `replay`: with CUDA graphs, as mode "reduce-overhead"), noting each
-    graph dynamo hands it: one graph for the whole run means no graph break and no recompilation (bench reports it)."""
-    inductor = torch._dynamo.lookup_backend("inductor")
-
-    def backend(gm, example_inputs):
-        graphs.append(len(gm.graph.nodes))
-        return inductor(gm, example_inputs, config_patches={"triton.cudagraphs": True} if replay else None)
-    return backend
+def compiled(fn, cfg, device):
+    """fn through torch.compile (inductor), replayed as CUDA graphs (mode "reduce-overhead") when cuda_graphs: the
+    step's loss, and the sampler's network for grids, sample, eval and compare."""
+    return torch.compile(fn, mode="reduce-overhead" if cuda_graphs(cfg, device) else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1455,7 +1443,7 @@ def model_from_checkpoint(path, device, raw=False, state=None):
     load_weights(net, state["model"] if raw or state["ema"] is None else state["ema"], path)
     net = net.eval().requires_grad_(False)
     if cfg["train"]["compile"]:
-        net = compiled_net(net, cfg, device)
+        net = compiled(net, cfg, device)
     return net, cfg, state["mask"].to(device), tuple(state["image_shape"])
 
 
@@ -1613,7 +1601,9 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
     """Throughput of the real training step (`train_step`) on synthetic images at the dataset's resolution,
     FLOPs, utilisation, memory."""
     rank, world, device = setup_dist()
-    cuda, compiled = device.type == "cuda", cfg["train"]["compile"]
+    cuda, is_compiled = device.type == "cuda", cfg["train"]["compile"]
+    dynamo = torch._dynamo.utils.counters                   # graphs dynamo compiles and its graph breaks, from here on
+    dynamo.clear()
     B = batch_size or cfg["train"]["batch_size"]
     cfg = merge_config({**cfg, "train": {**cfg["train"], "batch_size": B, "num_accum": 1}}, "bench")
     res = image_resolution(cfg)
@@ -1638,13 +1628,13 @@ def bench(cfg, batch_size=None, steps=20, windows=3, do_sample=False, sample_ste
                      "channels_last" if uses_channels_last(cfg) else "NCHW", compile_label(cfg, device)))
     sig4 = lambda v: float(f"{v:.4g}")                      # four significant digits
     result = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}",
-              "precision": "bf16" if run.amp else "fp32", "compile": compiled, "path": path, "batch": B,
+              "precision": "bf16" if run.amp else "fp32", "compile": is_compiled, "path": path, "batch": B,
               "resolution": res, "params": sum(p.numel() for p in model.parameters()),
               "img_per_s": round(B / step_s, 2), "step_ms": round(step_s * 1e3, 2), "gflop_per_img": sig4(gflop),
               "achieved_tflops": sig4(flop_s / 1e12), "matmul_tflops": sig4(peak / 1e12),
               "utilisation": sig4(flop_s / peak), "warmup_s": round(warmup_s, 2),
-              "kernels_per_step": kernels, "compiled_graphs": len(run.graphs) if compiled else None,
-              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if compiled else None,
+              "kernels_per_step": kernels, "compiled_graphs": dynamo["stats"]["unique_graphs"] if is_compiled else None,
+              "graph_breaks": sum(dynamo["graph_break"].values()) if is_compiled else None,
               "peak_mem_gb": round((torch.cuda.max_memory_allocated(device) if cuda else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 3)}
     if do_sample:

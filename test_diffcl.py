@@ -2271,10 +2271,10 @@ def test_cuda_graphs_need_compile_and_cuda_and_the_cpu_fallback_is_named(monkeyp
     assert D.compile_label(cfg(compile=True, cuda_graphs=True), cuda) == "compiled + CUDA graphs"
     assert not D.cuda_graphs(cfg(cuda_graphs=True), cuda) and D.cuda_graphs(cfg(compile=True, cuda_graphs=True), cuda)
     seen = []
-    monkeypatch.setattr(torch._dynamo, "lookup_backend", lambda name: lambda gm, x, **kw: seen.append((name, kw)))
-    for replay in (False, True):
-        D.counting_inductor([], replay)(torch.fx.symbolic_trace(torch.nn.Identity()), [])
-    assert seen == [("inductor", {"config_patches": None}), ("inductor", {"config_patches": {"triton.cudagraphs": True}})]
+    monkeypatch.setattr(D.torch, "compile", lambda fn, mode: seen.append(mode))
+    for device in (cpu, cuda):
+        D.compiled(None, cfg(compile=True, cuda_graphs=True), device)
+    assert seen == [None, "reduce-overhead"]               # inductor, as CUDA graphs only on CUDA
 
 
 def test_gpu_kernels_per_step_counts_one_step_not_the_profiler():
@@ -2385,12 +2385,10 @@ def test_gpu_compiled_training_matches_eager_on_cuda(tmp_path, monkeypatch):
                        "apply_attn": False}}
     cfg = gpu_tiny_cfg(tmp_path, "base", train={**GPU_TRAIN, "epochs": 1, "warmup": 1}, **small)
     eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
-    graph_lists, real_backend = [], D.counting_inductor
-    monkeypatch.setattr(D, "counting_inductor", lambda graphs, replay=False: graph_lists.append(graphs) or
-                        real_backend(graphs, replay))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
-    assert [len(graphs) for graphs in graph_lists] == [1]      # one loss graph, before and after the lambda change
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1   # one loss graph (no sampling here)
     a, b = records(eager, "train"), records(compiled, "train")
     assert len(a) == len(b) == 6
     assert all(math.isfinite(x["loss"]) and x["loss"] == pytest.approx(y["loss"], rel=LOSS_REL) for x, y in zip(a, b))
@@ -2706,12 +2704,10 @@ def test_compiled_training_matches_eager_across_a_stage_boundary(tmp_path, monke
                        "apply_attn": False}, "resolution": 8, "data_limit": 16}
     cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "log_intv": 1}, **small)
     eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
-    graph_lists, real_backend = [], D.counting_inductor
-    monkeypatch.setattr(D, "counting_inductor", lambda graphs, replay=False: graph_lists.append(graphs) or
-                        real_backend(graphs, replay))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
-    assert [len(graphs) for graphs in graph_lists] == [1]      # one loss graph, before and after the lambda change
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1   # one loss graph, before and after lambda's change
     a, b = records(eager, "train"), records(compiled, "train")
     assert [r["lambda"] for r in a] == [r["lambda"] for r in b] == [0.05] * 2 + [0.0] * 2
     for r, s in zip(a, b):
@@ -3009,6 +3005,8 @@ def test_the_compiled_loss_and_sampler_are_traced_once_across_every_stage_bounda
     assert len(grids) == 5 and grids == sorted(os.listdir(os.path.join(eager, "samples")))
     for name in grids:
         assert open(os.path.join(out, "samples", name), "rb").read() == open(os.path.join(eager, "samples", name), "rb").read()
+    result = D.bench(dict(cfg, train={**cfg["train"], "compile": True}), batch_size=4, steps=1, windows=1)
+    assert (result["compiled_graphs"], result["graph_breaks"]) == (1, 0)   # bench counts dynamo's graphs of the step
 
 
 @needs_cuda
