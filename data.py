@@ -547,6 +547,17 @@ def epoch_batches(images, global_batch, rank, world, seed, epoch, device, start=
         yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
 
 
+def load_images_on_ranks(name, rank, world, **kw):
+    """load_images in every process of a run: rank 0 decodes and caches first, then the others read its cache."""
+    wait = torch.distributed.barrier if world > 1 else lambda: None
+    if rank > 0:
+        wait()
+    images = load_images(name, **kw)
+    if rank == 0:
+        wait()
+    return images
+
+
 def held_out_images(name, n, resolution=None, root=None, train_split=None):
     """The first n images of a dataset's held-out split (test), uint8 (n, H, W, C). Refused when the training split
     contains it (celeba64 trains on 'all' by default): held-out images must never have been trained on."""

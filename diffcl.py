@@ -724,7 +724,12 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     lock = data.lock_run_folder(out_dir) if is_main else None
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
-        images = load_training_data(cfg, rank, world, download, log)
+        images = data.load_images_on_ranks(cfg["dataset"], rank, world, root=cfg["data_root"] or None,
+                                           split=cfg["data_split"] or None, resolution=cfg["resolution"] or None,
+                                           num_images=cfg["data_limit"] or None, download=download, log=log)
+        if images.shape[3] != cfg["model"]["in_channels"]:
+            raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
+                              f"images have {images.shape[3]} channels")
         shape = (images.shape[3], images.shape[1], images.shape[2])
         steps_per_epoch = data.steps_per_epoch(len(images), tr["batch_size"])
         stages, scale = stages_of(cfg), tr["length_scale"]
@@ -838,21 +843,6 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             lock.close()
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
-
-
-def load_training_data(cfg, rank, world, download, log):
-    """The dataset as uint8 (N, H, W, C); rank 0 builds data.py's cache first, the others reuse it."""
-    if rank > 0:
-        barrier(world)
-    images = data.load_images(cfg["dataset"], root=cfg["data_root"] or None, split=cfg["data_split"] or None,
-                              resolution=cfg["resolution"] or None, log=log, num_images=cfg["data_limit"] or None,
-                              download=download)
-    if rank == 0:
-        barrier(world)
-    if images.shape[3] != cfg["model"]["in_channels"]:
-        raise ConfigError(f"model.in_channels is {cfg['model']['in_channels']} but {cfg['dataset']} "
-                          f"images have {images.shape[3]} channels")
-    return images
 
 
 def schedule_in_steps(cfg, stages, steps_per_epoch):

@@ -2719,6 +2719,12 @@ def test_compiled_training_matches_eager_across_a_stage_boundary(tmp_path, monke
         assert torch.allclose(pa[k], pb[k], atol=1e-4, rtol=1e-3), k
 
 
+def test_a_model_whose_channels_do_not_match_the_images_is_refused(tmp_path):
+    cfg = tiny_cfg(tmp_path, "base", model={**ONE_LEVEL, "in_channels": 1})
+    with pytest.raises(D.ConfigError, match=r"^model.in_channels is 1 but shapes images have 3 channels$"):
+        D.train(cfg)
+
+
 def test_gradient_accumulation_trains_and_keeps_loss_bookkeeping(tmp_path):
     cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "num_accum": 2}, model=ONE_LEVEL)
     out = D.train(cfg)
