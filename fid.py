@@ -417,9 +417,7 @@ def save_stats(path, mu, sigma, meta=None):
     extra = {"meta": np.array(json.dumps(meta, sort_keys=True))} if meta else {}
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:  # a file object: np.savez would append .npz to a bare name
-            np.savez(f, mu=mu, sigma=sigma, **extra)
-        os.replace(f"{path}.tmp", path)
+        atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))  # to a file: no .npz appended
     except OSError as e:  # unwritable folder, full disk: the old file (if any) is untouched
         raise FIDError(f"cannot write {path}: {one_line(e)}") from None
 
@@ -538,12 +536,21 @@ def score(images, ref_stats_path, model, real_feats=None, k=3, batch_size=200, d
 # ----------------------------------------------------------------------------
 # Images and the command line.
 
-def new_file(path):
-    """A descriptor of `path` created anew: a leftover (or a link planted in a shared folder) is removed, never
-    followed."""
-    if os.path.lexists(path):
-        os.remove(path)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+def atomic_write(path, write):
+    """write(f) into a new temporary file beside `path`, then rename it over `path`, so readers never see half a
+    file. A leftover temporary file (or a link planted in a shared folder) is removed, never followed; on any
+    error the temporary file goes and `path` is untouched."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def claim_image_folder(out, made_by, replace_stale):
@@ -572,29 +579,15 @@ def claim_image_folder(out, made_by, replace_stale):
         print(f"{out}: replacing {len(pngs)} images made differently ({what or 'no manifest.json'})", flush=True)
         for f in pngs:
             os.remove(os.path.join(out, f))
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with os.fdopen(new_file(tmp), "w") as f:
-            json.dump(made_by, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(made_by, indent=1).encode()))
     except OSError as e:                                  # a full disk, or manifest.json is a folder
-        if os.path.lexists(tmp):
-            os.remove(tmp)
         raise FIDError(f"cannot write {path} ({one_line(e)}); free disk space or move that path away") from None
 
 
 def write_png(image, path):
-    """One uint8 (H, W, C) image, written to a temporary name and renamed, so a killed run never leaves half a file
-    under a name that readers take."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with os.fdopen(new_file(tmp), "wb") as f:
-            Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """One uint8 (H, W, C) image, written atomically: a killed run never leaves half a file under a readable name."""
+    atomic_write(path, lambda f: Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(f, format="PNG"))
 
 
 def load_image_folder(path):
