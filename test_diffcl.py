@@ -3060,8 +3060,11 @@ def test_files_written_into_a_run_folder_never_follow_planted_links(tmp_path):
     out.mkdir()
     os.symlink(victim, out / f"000000.png.{os.getpid()}.tmp")
     os.symlink(victim, out / f"manifest.json.{os.getpid()}.tmp")
+    for name in (f"ref.npz.{os.getpid()}.tmp", "ref.npz.tmp"):
+        os.symlink(victim, out / name)
     D.sample(os.path.join(cfg["out_dir"], "ckpt.pt"), 1, str(out), ddim=True, steps=2)
-    assert victim.read_text() == "precious" and (out / "000000.png").is_file()
+    fid.save_stats(out / "ref.npz", np.zeros(2), np.eye(2))
+    assert victim.read_text() == "precious" and (out / "000000.png").is_file() and (out / "ref.npz").is_file()
 
 
 def test_reference_statistics_follow_their_source_and_odd_folder_entries_are_skipped(tmp_path):
