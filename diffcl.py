@@ -1921,7 +1921,7 @@ def line_chart(curves, path, title, marks=()):
             d.line(xy, fill=colour, width=1)
         for x, y in xy:
             d.rectangle([x - 1 - k % 3, y - 1 - k % 3, x + 1 + k % 3, y + 1 + k % 3], outline=colour)
-    img.save(path)
+    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2):
