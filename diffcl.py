@@ -203,7 +203,6 @@ def diffusion_tables(betas):
         "sqrt_ab": ab.sqrt(), "sqrt_1m_ab": (1 - ab).sqrt(),
         "sqrt_recip_ab": (1 / ab).sqrt(), "sqrt_recipm1_ab": (1 / ab - 1).sqrt(),
         "post_var": post_var,
-        "post_logvar": torch.log(torch.cat([post_var[1:2], post_var[1:]])),   # t=0 has var 0: clip the log
         "large_var": torch.cat([post_var[1:2], betas[1:]]),                  # fixed-large, as Ho et al.
         "post_coef1": betas * ab_prev.sqrt() / (1 - ab),                     # multiplies x0, eq. 7
         "post_coef2": alphas.sqrt() * (1 - ab_prev) / (1 - ab),             # multiplies xt, eq. 7
