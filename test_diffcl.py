@@ -2691,39 +2691,6 @@ def test_interval_and_paired_difference_match_scipy():
     assert math.isnan(D.interval([3.0])[2])
 
 
-def test_compiled_training_matches_eager_across_a_stage_boundary(tmp_path, monkeypatch):
-    """torch.compile (inductor, C++ on CPU) of the smallest UNet at 8x8, in CR: lambda drops 0.05 -> 0 at the stage
-    boundary inside the compiled loss (2 steps per stage). A cold compile is mostly g++ and inductor's own passes:
-    scalar kernels in one C++ wrapper per graph, built at -O0 (debug_compile; -O3 costs 3x the g++ time for kernels
-    this small), in this process (no compile workers to start) and without a precompiled header (building it costs
-    more than it saves for two files). The same code, so the same numbers; ~6 s once inductor's cache holds it.
-    The loss is one graph for the whole run: the new lambda is a new value of a tensor, not a recompilation (CS's mask
-    changes are checked under a counting backend in test_the_compiled_loss_and_sampler_are_traced_once_...)."""
-    import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor, "cpp_wrapper", True)
-    monkeypatch.setattr(inductor.cpp, "vec_isa_ok", False)
-    monkeypatch.setattr(inductor.aot_inductor, "debug_compile", True)
-    monkeypatch.setattr(inductor, "cpp_cache_precompile_headers", False)
-    monkeypatch.setattr(inductor, "compile_threads", 1)
-    small = {"model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1], "num_res_blocks": 1,
-                       "apply_attn": False}, "resolution": 8, "data_limit": 16}
-    cfg = tiny_cfg(tmp_path, "cr", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "log_intv": 1}, **small)
-    eager = D.train(dict(cfg, out_dir=str(tmp_path / "eager")))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = D.train(dict(cfg, out_dir=str(tmp_path / "compiled"), train={**cfg["train"], "compile": True}))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1   # one loss graph, before and after lambda's change
-    a, b = records(eager, "train"), records(compiled, "train")
-    assert [r["lambda"] for r in a] == [r["lambda"] for r in b] == [0.05] * 2 + [0.0] * 2
-    for r, s in zip(a, b):
-        assert math.isfinite(r["loss"]) and all(r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-9) for k in ("loss", "reg"))
-    pa = torch.load(os.path.join(eager, "ckpt.pt"), weights_only=True)["model"]
-    pb = torch.load(os.path.join(compiled, "ckpt.pt"), weights_only=True)["model"]
-    assert pa.keys() == pb.keys()                               # no `_orig_mod.` prefix in checkpoints
-    for k in pa:
-        assert torch.allclose(pa[k], pb[k], atol=1e-4, rtol=1e-3), k
-
-
 def test_a_model_whose_channels_do_not_match_the_images_is_refused(tmp_path):
     cfg = tiny_cfg(tmp_path, "base", model={**ONE_LEVEL, "in_channels": 1})
     with pytest.raises(D.ConfigError, match=r"^model.in_channels is 1 but shapes images have 3 channels$"):
@@ -3218,6 +3185,52 @@ def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(tmp_path):
 # Process-level tests: interrupted child trainers, torchrun, the real command line, run_jobs and run.sh. Their children
 # started with the session (Child, @starts_early) and ran on the idle core meanwhile: these tests come last, so that
 # they seldom wait.
+
+# torch.compile of the training loss through inductor, in a child: a cold compile is ~20 s of g++ and inductor's passes,
+# on the idle core. The smallest UNet at 8x8, in CR: lambda drops 0.05 -> 0 at the stage boundary inside the compiled
+# loss (2 steps per stage). Scalar kernels in one C++ wrapper per graph, built at -O0 (-O3 costs 3x the g++ time for
+# kernels this small), in this process (no compile workers to start), without a precompiled header (building it costs
+# more than it saves for two files). The same code, so the same numbers; ~6 s once inductor's cache holds it.
+COMPILED_AND_EAGER = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch, torch._inductor.config as inductor
+import diffcl as D
+inductor.cpp_wrapper, inductor.cpp.vec_isa_ok, inductor.aot_inductor.debug_compile = True, False, True
+inductor.cpp_cache_precompile_headers, inductor.compile_threads = False, 1
+cfg = json.loads({cfg!r})
+for name, compile in (("eager", False), ("compiled", True)):
+    D.train(dict(cfg, out_dir={tmp!r} + "/" + name, train={{**cfg["train"], "compile": compile}}))
+print(json.dumps({{"graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}}))
+"""
+
+
+@starts_early("test_compiled_training_matches_eager_across_a_stage_boundary")
+def start_eager_and_compiled_trainers(folder, cases):
+    small = {"model": {"in_channels": 3, "hid_channels": 32, "ch_multipliers": [1], "num_res_blocks": 1,
+                       "apply_attn": False}, "resolution": 8, "data_limit": 16}
+    cfg = tiny_cfg(folder, "cr", train={**TINY_RUN["train"], "image_intv": 0, "warmup": 1, "log_intv": 1}, **small)
+    script = COMPILED_AND_EAGER.format(here=str(HERE), cfg=json.dumps(cfg), tmp=str(folder))
+    return Child([sys.executable, "-c", script], folder)
+
+
+def test_compiled_training_matches_eager_across_a_stage_boundary(child):
+    """The loss is one graph for the whole run: the new lambda is a new value of a tensor, not a recompilation (CS's
+    mask changes are checked under a counting backend in test_the_compiled_loss_and_sampler_are_traced_once_...)."""
+    r = child.result(timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"graphs": 1}   # one loss graph, before and after lambda's change
+    eager, compiled = (str(child.folder / name) for name in ("eager", "compiled"))
+    a, b = records(eager, "train"), records(compiled, "train")
+    assert [r["lambda"] for r in a] == [r["lambda"] for r in b] == [0.05] * 2 + [0.0] * 2
+    for r, s in zip(a, b):
+        assert math.isfinite(r["loss"]) and all(r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-9) for k in ("loss", "reg"))
+    pa = torch.load(os.path.join(eager, "ckpt.pt"), weights_only=True)["model"]
+    pb = torch.load(os.path.join(compiled, "ckpt.pt"), weights_only=True)["model"]
+    assert pa.keys() == pb.keys()                               # no `_orig_mod.` prefix in checkpoints
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-4, rtol=1e-3), k
+
 
 # A child trainer that kills itself at a known point, so the tests do not depend on the machine's speed.
 SELF_KILLING_TRAINER = """
