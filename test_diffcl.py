@@ -3186,11 +3186,11 @@ def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback(tmp_path):
 # started with the session (Child, @starts_early) and ran on the idle core meanwhile: these tests come last, so that
 # they seldom wait.
 
-# torch.compile of the training loss through inductor, in a child: a cold compile is ~20 s of g++ and inductor's passes,
-# on the idle core. The smallest UNet at 8x8, in CR: lambda drops 0.05 -> 0 at the stage boundary inside the compiled
-# loss (2 steps per stage). Scalar kernels in one C++ wrapper per graph, built at -O0 (-O3 costs 3x the g++ time for
-# kernels this small), in this process (no compile workers to start), without a precompiled header (building it costs
-# more than it saves for two files). The same code, so the same numbers; ~6 s once inductor's cache holds it.
+# torch.compile of the training loss through inductor, in a child: a cold compile is ~20 s of g++ and inductor's
+# passes, on the idle core. The smallest UNet at 8x8, in CR: lambda drops 0.05 -> 0 at the stage boundary inside
+# the compiled loss (2 steps per stage). Scalar kernels in one C++ wrapper per graph, built at -O0 (-O3 costs 3x the
+# g++ time for kernels this small), in the child itself (no compile workers to start), without a precompiled header
+# (building it costs more than it saves for two files). The same code, so the same numbers; ~6 s with a warm cache.
 COMPILED_AND_EAGER = """
 import json, sys
 sys.path.insert(0, {here!r})
@@ -3217,9 +3217,9 @@ def start_eager_and_compiled_trainers(folder, cases):
 def test_compiled_training_matches_eager_across_a_stage_boundary(child):
     """The loss is one graph for the whole run: the new lambda is a new value of a tensor, not a recompilation (CS's
     mask changes are checked under a counting backend in test_the_compiled_loss_and_sampler_are_traced_once_...)."""
-    r = child.result(timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"graphs": 1}   # one loss graph, before and after lambda's change
+    done = child.result(timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"graphs": 1}   # one loss graph, either side of it
     eager, compiled = (str(child.folder / name) for name in ("eager", "compiled"))
     a, b = records(eager, "train"), records(compiled, "train")
     assert [r["lambda"] for r in a] == [r["lambda"] for r in b] == [0.05] * 2 + [0.0] * 2
