@@ -26,6 +26,8 @@ import dataclasses
 import datetime
 import functools
 import gc
+import hashlib
+import io
 import json
 import math
 import os
@@ -352,8 +354,10 @@ def mirrored(stage):
 
 def stage_start(stages, i, steps_per_epoch, scale=1.0):
     """First optimizer step of stage i (i = len(stages): the run's length): epochs before it x steps per epoch
-    x scale, rounded to a whole step. With scale 1 every stage starts on an epoch boundary."""
-    return math.floor(sum(s["epochs"] for s in stages[:i]) * steps_per_epoch * scale + 0.5)
+    x scale, rounded half up to a whole step in exact arithmetic (as `active_count`), the scale read as the decimal
+    a config writes (2.53 = 253/100: 50 epochs x 1 x 2.53 = 126.5 -> 127). With scale 1 stages start on epochs."""
+    steps = sum(s["epochs"] for s in stages[:i]) * steps_per_epoch * Fraction(repr(float(scale)))
+    return math.floor(steps + Fraction(1, 2))
 
 
 def stage_at(stages, step, steps_per_epoch, scale=1.0):
@@ -1354,12 +1358,18 @@ def save_checkpoint(path, state, keep_previous=False):
 
 def load_checkpoint(path):
     """torch.load(weights_only=True), then a structure check: one-line errors for missing, truncated,
-    foreign or malformed files (a file is never modified)."""
+    foreign or malformed files (a file is never modified). The file is read once: state["file_sha256"] is the
+    SHA-256 of the bytes loaded, even if a running trainer replaces the file meanwhile."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise RunError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from None
+    try:
         with warnings.catch_warnings(action="ignore"):      # torch warns before refusing a foreign pickle
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or resume "
                        "from the previous one with --resume <out_dir>/ckpt_prev.pt")
@@ -1368,6 +1378,7 @@ def load_checkpoint(path):
     bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
     if bad or len(state["image_shape"]) != 3:
         raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
+    state["file_sha256"] = hashlib.sha256(raw).hexdigest()
     return state
 
 
@@ -1449,7 +1460,7 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
         raise ConfigError(f"--steps {steps}: DDIM needs between 1 and T = {T} steps")
     tab, amp = tables_on(cfg, device), precision_dtype(cfg)
     # What made the images, for manifest.json. With DDPM or eta > 0 the batch matters: noise is keyed by chunk.
-    made_by = {"ckpt_sha256": fid.file_sha256(ckpt), "step": state["step"], "seed": seed,
+    made_by = {"ckpt_sha256": state["file_sha256"], "step": state["step"], "seed": seed,
                "weights": "raw" if raw else "ema", "sampler": f"ddim{steps} eta{eta:g} {skip}" if ddim else f"ddpm{T}",
                "batch_size": batch_size if not ddim or eta > 0 else None}
     with contextlib.ExitStack() as lock:

@@ -378,13 +378,17 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6, method="sym"):
     Three ways to get Tr (s1 s2)^(1/2), equal to ~1e-9 relative on full-rank statistics (tested):
     "sqrtm" is pytorch-fid's computation; "eig" is torch-fidelity's sum of sqrt(eig(s1 s2)); "sym" (default)
     is the same trace from two symmetric eigendecompositions, ~15x faster than either at d = 2048 on a CPU.
-    With N < D samples the covariances are singular and self-FID can come out around -1e-4: not clamped."""
+    s1 and s2 must be covariances (`check_covariance`; a FIDError otherwise). d^2 >= 0 for covariances, so a
+    negative result is rounding (with N < D samples the sqrt amplifies it: self-FID came out near -4e-6 at d = 256,
+    trace 117): returned as 0."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(s1).astype(np.float64), np.atleast_2d(s2).astype(np.float64)
     if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2):
         raise FIDError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise FIDError("statistics contain NaN or inf")
+    for s, name in ((s1, "scored"), (s2, "reference")):
+        check_covariance(s, name)
     if method == "sym":
         # s1 s2 and r s2 r with r = s1^(1/2) have the same eigenvalues, but r s2 r is symmetric PSD, so eigh
         # applies; rounding can leave eigenvalues slightly below 0, which are clipped.
@@ -409,7 +413,22 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6, method="sym"):
     else:
         raise ValueError(f"method must be 'sym', 'eig' or 'sqrtm', got {method!r}")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean))
+
+
+def check_covariance(s, name):
+    """FIDError naming the `name` ("scored", "reference") statistics unless s is a covariance up to rounding:
+    symmetric, no eigenvalue below -tol = -1e-6 D max|s_ij| (Cholesky of s + tol I). Storing a covariance in float32
+    moves its eigenvalues by at most 6e-8 D max|s_ij| (the Frobenius norm of the rounding)."""
+    tol = 1e-6 * len(s) * np.abs(s).max() or 1e-300
+    if np.abs(s - s.T).max() > tol:
+        raise FIDError(f"the {name} sigma is not symmetric (asymmetry {np.abs(s - s.T).max():.3g}): not a covariance; "
+                       "remake those statistics with `fid.py ref`")
+    try:
+        np.linalg.cholesky(s + tol * np.eye(len(s)))
+    except np.linalg.LinAlgError:
+        raise FIDError(f"the {name} sigma has eigenvalue {np.linalg.eigvalsh(s)[0]:.4g} < 0: not a covariance (a "
+                       "covariance is positive semi-definite); remake those statistics with `fid.py ref`") from None
 
 
 def save_stats(path, mu, sigma, meta=None):

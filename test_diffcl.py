@@ -3418,3 +3418,73 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
     assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 process(es) x train.num_accum "
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
+
+
+# ---- numbers: figures the project reports (checkpoint hashes, stage starts, FID of non-covariances, ...)
+
+def test_stage_starts_round_exact_halves_up_like_active_count():
+    # 2 epochs x 25 steps x 2.53 = 126.5 exactly; the float product is 126.49999999999999
+    assert D.stage_start([{"epochs": 2}], 1, 25, 2.53) == 127
+    assert [D.stage_at([{"epochs": 2}, {"epochs": 1}], s, 25, 2.53) for s in (126, 127)] == [0, 1]
+    cfg = D.merge_config({"train": {"length_scale": 2.53}, "curriculum": {
+        "enabled": True, "stages": [{"t_min": 0.5, "t_max": 1.0, "epochs": 2}, {"t_min": 0.0, "t_max": 1.0, "epochs": 2}]}})
+    assert D.schedule_in_steps(cfg, D.stages_of(cfg), 25) == ([0, 127], 253)     # 253 = 4 x 25 x 2.53 exactly
+    halves = 0
+    for spe in range(1, 41):                    # every scale k/100: exact x = e spe k / 100, half up = (2 x + 1) // 2
+        for k in range(1, 300):
+            want = (2 * 3 * spe * k + 100) // 200
+            halves += (3 * spe * k) % 100 == 50
+            assert D.stage_start([{"epochs": 3}], 1, spe, k / 100) == want, (spe, k)
+    assert halves > 100                          # the loop met many exact halves
+
+
+def test_sample_records_the_hash_of_the_checkpoint_bytes_it_loaded(cs_checkpoint, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy(cs_checkpoint, ckpt)
+    loaded = ckpt.read_bytes()
+    state = torch.load(cs_checkpoint, weights_only=True)
+    real_load = torch.load
+
+    def load_then_trainer_rewrites(*args, **kw):            # a trainer replaces ckpt.pt right after it was read
+        out = real_load(*args, **kw)
+        torch.save(dict(state, step=state["step"] + 9), ckpt)
+        return out
+    monkeypatch.setattr(torch, "load", load_then_trainer_rewrites)
+    D.sample(str(ckpt), 1, str(tmp_path / "s"), True, 2)
+    made_by = json.load(open(tmp_path / "s" / "manifest.json"))
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() != made_by["ckpt_sha256"]   # the file did change
+    assert made_by["ckpt_sha256"] == hashlib.sha256(loaded).hexdigest() and made_by["step"] == state["step"]
+
+
+@pytest.mark.parametrize("method", ["sym", "eig", "sqrtm"])
+def test_fd_refuses_a_sigma_that_is_not_a_covariance(method):
+    with pytest.raises(fid.FIDError, match=r"scored sigma has eigenvalue -16 < 0: not a covariance"):
+        fid.frechet_distance(np.zeros(2), -16 * np.eye(2), np.zeros(2), np.zeros((2, 2)), method=method)
+    with pytest.raises(fid.FIDError, match=r"reference sigma has eigenvalue -1 < 0"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]), method=method)
+    with pytest.raises(fid.FIDError, match=r"reference sigma is not symmetric"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), method=method)
+    # a zero covariance is one (every feature equal): N(0, 0) vs N(0, 4I) -> Tr(4I) = 8
+    assert fid.frechet_distance(np.zeros(2), np.zeros((2, 2)), np.zeros(2), 4 * np.eye(2), method=method) == 8.0
+
+
+@pytest.mark.parametrize("method", ["sym", "eig", "sqrtm"])
+def test_fd_is_never_negative_on_rank_deficient_or_float32_statistics(method):
+    mu, sigma = random_stats(np.random.default_rng(1), 256, 100)   # N < D: self-FID was about -4e-6
+    assert np.linalg.eigvalsh(sigma)[0] < 0                         # rounding made it (barely) indefinite
+    assert fid.frechet_distance(mu, sigma, mu, sigma, method=method) == 0.0
+    s32 = sigma.astype(np.float32)                                  # as a float32 statistics file stores it
+    assert fid.frechet_distance(mu, s32, mu, s32, method=method) == 0.0
+    # diag(4, -1e-13) is diag(4, 0) up to rounding: vs diag(1, 0) -> (2 - 1)^2 + 0
+    assert fid.frechet_distance([0, 0], np.diag([4.0, -1e-13]), [0, 0], np.diag([1.0, 0]), method=method) == \
+        pytest.approx(1.0, rel=1e-9)
+
+
+def test_fid_calc_of_a_non_covariance_is_a_one_line_error(tmp_path, capsys):
+    fid.save_stats(tmp_path / "a.npz", np.zeros(2), np.diag([-16.0, 0.0]))
+    fid.save_stats(tmp_path / "b.npz", np.zeros(2), np.zeros((2, 2)))
+    with pytest.raises(SystemExit) as e:
+        fid.main(["calc", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "FID" not in captured.out
+    assert captured.err.startswith("error: the scored sigma has eigenvalue -16 < 0") and captured.err.count("\n") == 1
