@@ -394,13 +394,14 @@ def time_window(stages, i, T, positions=None):
 
 def logsnr_positions(alpha_bar):
     """(T,) float64 position of each timestep in the schedule's log-SNR range, 0 at t = 0 (least noisy) and 1 at
-    t = T-1. log-SNR = log(alpha_bar / (1 - alpha_bar)); a last alpha_bar of 0 (the jsd schedule) counts as the
-    smallest finite log-SNR."""
+    t = T-1. log-SNR = log(alpha_bar / (1 - alpha_bar)); a last alpha_bar of 0 (the jsd schedule: log-SNR -inf)
+    sits at 1, the finite ones spread over [0, 1] by their log-SNR (jsd at T = 2: positions 0 and 1)."""
     ab = np.asarray(alpha_bar, dtype=np.float64)
     with np.errstate(divide="ignore"):
         lam = np.log(ab) - np.log1p(-ab)
-    lam = np.where(np.isfinite(lam), lam, lam[np.isfinite(lam)].min())
-    return (lam[0] - lam) / (lam[0] - lam[-1])
+    finite = np.isfinite(lam)
+    span = lam[0] - lam[finite].min()
+    return np.where(finite, (lam[0] - np.where(finite, lam, lam[0])) / (span if span > 0 else 1.0), 1.0)
 
 
 def sample_t(n, lo, hi, generator):
@@ -766,7 +767,10 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             nonlocal rotate
             snapshot = snapshot and tr["snapshots"] and os.path.join(out_dir,
                                                                      f"ckpt_epoch{step // steps_per_epoch:04d}.pt")
-            checkpoint_run(run, ckpt_path, snapshot, rotate, mask=mask, birth=birth, score=score, step=step,
+            last = max(step - 1, 0)                         # the last step taken: where a NaN would come from
+            where = (f"epoch {last // steps_per_epoch + 1}, "
+                     f"stage {stage_name(stages, stage_at(stages, last, steps_per_epoch, scale))}")
+            checkpoint_run(run, ckpt_path, snapshot, rotate, where, mask=mask, birth=birth, score=score, step=step,
                            epoch=step / steps_per_epoch, config=cfg, image_shape=list(shape), num_images=len(images),
                            wall_seconds=wall + time.perf_counter() - t_start)
             rotate = True
@@ -801,8 +805,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
                 if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
                     raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
-                                   f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} "
-                                   "(intact). Lower train.lr or raise train.warmup, then rerun to resume")
+                                   f"{good_checkpoints(ckpt_path)}. Lower train.lr or raise train.warmup, then rerun "
+                                   "to resume")
                 now = time.perf_counter()
                 img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
@@ -904,8 +908,9 @@ def stage_banner(run, i, mask, regrown):
     epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
              else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
-    if run.mix_weights:
-        where = f"t ~ mixture of all {len(stages)} stage windows (order 'mixture'; this stage's: {where[5:]})"
+    if run.mix_weights:                                     # every stage draws from all windows alike
+        where = "t ~ mixture of " + ", ".join(f"[{lo}, {hi}) x {w}" for (lo, hi), w in mixture_of(run)) + \
+                " (order 'mixture': weights = steps per stage, the same in every stage)"
     text = f"== stage {i + 1}/{len(stages)} [{stage_name(stages, i)}] {epochs} | {where}"
     if run.mode == "cs":
         s = stage_sparsity(stages, i, cfg["sparsity"]["initial_sparsity"])
@@ -916,12 +921,21 @@ def stage_banner(run, i, mask, regrown):
     return text
 
 
+def mixture_of(run):
+    """[((lo, hi), weight)] of curriculum.order "mixture": every stage's window with its steps, drawn in every stage."""
+    T = run.cfg["diffusion"]["timesteps"]
+    return [(time_window(run.stages, k, T, run.positions), w) for k, w in enumerate(run.mix_weights)]
+
+
 def stage_record(run, i, step, steps_per_epoch, mask, regrown, birth):
-    """The metrics.jsonl record written when stage i starts (no window for a soft stage: it has none)."""
+    """The metrics.jsonl record written when stage i starts: its window [lo, hi), none for a soft stage (it has
+    none), and for order "mixture" the windows and weights every stage draws from instead ("mixture")."""
     record = {"kind": "stage", "step": step, "epoch": step // steps_per_epoch, "stage": i,
               "name": stage_name(run.stages, i), "lambda": run.lambdas[i], "active": int(mask.sum()),
               "regrown": regrown, "birth_stage": birth.tolist()}
-    if not run.soft:
+    if run.mix_weights:
+        record["mixture"] = {"windows": [list(w) for w, _ in mixture_of(run)], "weights": list(run.mix_weights)}
+    elif not run.soft:
         record["window"] = list(time_window(run.stages, i, run.cfg["diffusion"]["timesteps"], run.positions))
     if run.mode == "cr":
         record["small_norm_channels"] = small_norm_channels(run.model)
@@ -971,16 +985,24 @@ class StepStats:
                 "bucket_mse": buckets, "stop": v[24].item() > 0}
 
 
-def checkpoint_run(run, ckpt_path, snapshot_path, rotate, **state):
+def good_checkpoints(ckpt_path):
+    """'Last good checkpoint: ...' naming ckpt.pt and ckpt_prev.pt where they exist (intact: nothing was written)."""
+    files = [p for p in (ckpt_path, ckpt_path.removesuffix(".pt") + "_prev.pt") if os.path.isfile(p)]
+    if not files:
+        return "No checkpoint was written yet"
+    return f"Last good checkpoint: {files[0]} (intact)" + "".join(f", the one before it: {p}" for p in files[1:])
+
+
+def checkpoint_run(run, ckpt_path, snapshot_path, rotate, where, **state):
     """Check that the run is finite and the ranks agree, then (rank 0) write ckpt.pt, keeping the one before as
     ckpt_prev.pt when `rotate` (ckpt.pt is known good: never rotate a torn file over the good one), and an optional
-    snapshot. `state` holds mask, birth, score, step ... as the checkpoint stores them."""
+    snapshot. `where` ("epoch 3, stage mid") locates the last step for an error; `state` holds mask, birth, score,
+    step ... as the checkpoint stores them."""
     # Finite: the losses since the last log and all parameters, on every rank (one all-reduce, so all ranks agree).
     bad = [~torch.isfinite(run.stats.v[:3]).all()] + [~torch.isfinite(p).all() for p in run.model.parameters()]
     if all_reduce_sum(torch.stack(bad).any().double().reshape(1), run.world).item():
-        raise RunError(f"loss or parameters became non-finite before step {state['step']}; not saved. Last good "
-                       f"checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} (intact), and the one "
-                       "before it: ckpt_prev.pt. Lower train.lr or raise train.warmup, then rerun to resume")
+        raise RunError(f"loss or parameters became non-finite before step {state['step']} ({where}); not saved. "
+                       f"{good_checkpoints(ckpt_path)}. Lower train.lr or raise train.warmup, then rerun to resume")
     assert_ranks_agree(run.model, state["mask"].detach(), run.world)
     if run.rank == 0:
         state.update(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
@@ -1514,15 +1536,21 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     if rank > 0:
         return None
     quiet = lambda *a: None
+    progress = lambda msg: print(f"eval: {msg}", file=sys.stderr, flush=True)   # stdout: the result line alone
     fake = fid.read_images(images, download=download, log=quiet)[:num]
     weights = fid.find_weights(inception, download)
     model = fid.load_inception(weights, device=device)
     t0 = time.perf_counter()
     real_feats = None
-    if real:
-        real_images = fid.read_images(real, download=download, log=quiet)[:num]
-        real_feats = fid.features(model, real_images, device=device, log=quiet)
-    result = fid.score(fake, ref, model, real_feats=real_feats, k=k, device=device)
+    if real:                                                # precision/recall compare at equal n
+        real_images = fid.read_images(real, download=download, log=quiet)
+        n = min(len(fake), len(real_images))
+        progress(f"precision/recall at equal n = {n}: {n} of {len(fake)} generated and {n} of {len(real_images)} "
+                 f"real images ({real})")
+        real_feats = fid.features(model, real_images[:n], device=device, log=lambda m: progress(f"real {m}"))
+    progress(f"FID of {len(fake)} generated images")
+    result = fid.score(fake, ref, model, real_feats=real_feats, k=k, device=device,
+                       log=lambda m: progress(f"generated {m}"))
     result.update({"images": images, "ckpt": ckpt, "ref": ref, "sampler": sample_kw if ckpt else None,
                    "inception_sha256": fid.weights_sha256(weights),
                    "feature_seconds": round(time.perf_counter() - t0, 1)})

@@ -542,13 +542,15 @@ def reference_and_floor(images, other, path, floor_path, model, device=None):
 
 def score(images, ref_stats_path, model, real_feats=None, k=3, batch_size=200, device=None, log=print):
     """{"fid", "n"} of uint8 images (N, H, W, C) against reference statistics; with `real_feats` (Inception
-    features of real images) also "precision" and "recall" on PR_FEATURES."""
+    features of real images) also "precision" and "recall" on PR_FEATURES, at equal n ("pr_n"): the first
+    min(N, len(real_feats)) of each set (k-NN radii shrink as n grows, so unequal sets bias both numbers)."""
     ref = load_stats(ref_stats_path)  # before the long feature pass, so a bad path fails at once
     feats = features(model, images, batch_size, device, log)
     result = {"fid": frechet_distance(*feature_stats(feats), *ref), "n": len(feats)}
     if real_feats is not None:
-        result["precision"], result["recall"] = precision_recall(real_feats, feats, k, device=device)
-        result["pr_features"] = PR_FEATURES
+        n = min(len(feats), len(real_feats))
+        result["precision"], result["recall"] = precision_recall(real_feats[:n], feats[:n], k, device=device)
+        result["pr_n"], result["pr_features"] = n, PR_FEATURES
     return result
 
 
@@ -722,13 +724,16 @@ def cmd_calc(args):
     if not args.real:
         return
     real = read_images(args.real, args.num, args.data_root, args.split, args.download, args.log)
+    n = min(len(real), len(images))  # precision/recall compare at equal n: the first n of each
+    real, images, feats = real[:n], images[:n], feats[:n]
+    args.log(f"precision/recall at equal n = {n} (the first {n} generated and real images)")
     if args.vgg:
         real_feats, feats = (vgg16_features(args.vgg, x, args.batch_size, args.device) for x in (real, images))
         label = "VGG-16 fc2 features (as the paper)"
     else:
         real_feats, label = features(model, real, args.batch_size, args.device, args.log), PR_FEATURES
     precision, recall = precision_recall(real_feats, feats, args.k, device=args.device)
-    print(f"precision {precision:.4f} | recall {recall:.4f} | k {args.k} | n_real {len(real)} | {label}")
+    print(f"precision {precision:.4f} | recall {recall:.4f} | k {args.k} | n {n} | {label}")
 
 
 def check_device(device):

@@ -2150,7 +2150,8 @@ def test_non_finite_parameters_never_reach_a_checkpoint_and_the_previous_one_is_
             with torch.no_grad():
                 next(a[-1].model.parameters()).fill_(float("inf"))   # a[-1]: the Run
     monkeypatch.setattr(D, "train_step", blowing_up)
-    with pytest.raises(D.RunError, match=r"non-finite before step 9; not saved. Last good checkpoint: .*ckpt.pt"):
+    with pytest.raises(D.RunError, match=r"non-finite before step 9 \(epoch 2, stage full\); not saved. Last good "
+                                         r"checkpoint: \S*ckpt.pt \(intact\), the one before it: \S*ckpt_prev.pt\. "):
         D.train(cfg)
     last = torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=True)
     prev = torch.load(os.path.join(cfg["out_dir"], "ckpt_prev.pt"), weights_only=True)
@@ -3488,3 +3489,68 @@ def test_fid_calc_of_a_non_covariance_is_a_one_line_error(tmp_path, capsys):
     captured = capsys.readouterr()
     assert e.value.code == 2 and "FID" not in captured.out
     assert captured.err.startswith("error: the scored sigma has eigenvalue -16 < 0") and captured.err.count("\n") == 1
+
+
+def test_logsnr_positions_are_defined_for_every_schedule_even_jsd_at_two_steps():
+    ab = D.diffusion_tables(D.beta_schedule("jsd", 2))["alpha_bar"]          # 1/2, then 0: log-SNR 0, -inf
+    assert ab.tolist() == [0.5, 0.0] and D.logsnr_positions(ab).tolist() == [0.0, 1.0]
+    halves = [{"t_min": 0.0, "t_max": 0.5, "epochs": 1}, {"t_min": 0.5, "t_max": 1.0, "epochs": 1}]
+    assert [D.time_window(halves, i, 2, D.logsnr_positions(ab)) for i in (0, 1)] == [(0, 1), (1, 2)]
+    # jsd at T = 3: alpha_bar 2/3, 1/3, 0 -> log-SNR log 2, -log 2, -inf -> positions 0, 1, 1
+    ab = D.diffusion_tables(D.beta_schedule("jsd", 3))["alpha_bar"]
+    assert np.allclose(D.logsnr_positions(ab), [0, 1, 1], atol=1e-12)
+    for name in ("linear", "cosine", "jsd", "const"):                        # finite, 0 to 1, non-decreasing
+        p = D.logsnr_positions(D.diffusion_tables(D.beta_schedule(name, 2))["alpha_bar"])
+        assert np.isfinite(p).all() and p[0] == 0 and p[-1] == 1
+
+
+def test_a_mixture_stage_names_the_mixture_it_draws_from_not_one_window(tmp_path):
+    cfg = D.merge_config(tiny_cfg(tmp_path, "c", model=ONE_LEVEL, curriculum={**TINY_RUN["curriculum"],
+                                                                              "order": "mixture"}), "tiny")
+    model, ema, opt, mask, birth, _ = D.new_state(cfg, torch.device("cpu"))
+    run = D.make_run(cfg, model, ema, opt, torch.device("cpu"), steps_per_epoch=3)   # 3 steps in each stage
+    for i in (0, 1):
+        record = D.stage_record(run, i, 3 * i, 3, mask, [], birth)
+        assert "window" not in record and record["mixture"] == {"windows": [[10, 20], [0, 20]], "weights": [3, 3]}
+        banner = D.stage_banner(run, i, mask, [])
+        assert "t ~ mixture of [10, 20) x 3, [0, 20) x 3 (order 'mixture'" in banner and "t in" not in banner
+
+
+def test_a_non_finite_first_checkpoint_names_its_stage_and_no_file_that_does_not_exist(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "image_intv": 0, "save_every": 1, "log_intv": 100},
+                   model=ONE_LEVEL, data_limit=16)
+    real_step = D.train_step
+
+    def blowing_up(x0, step, *a, **kw):
+        real_step(x0, step, *a, **kw)
+        with torch.no_grad():
+            next(a[-1].model.parameters()).fill_(float("nan"))
+    monkeypatch.setattr(D, "train_step", blowing_up)
+    with pytest.raises(D.RunError) as e:
+        D.train(cfg)
+    assert str(e.value).startswith("loss or parameters became non-finite before step 1 (epoch 1, stage high); not "
+                                   "saved. No checkpoint was written yet. Lower train.lr")
+    assert "ckpt" not in str(e.value) and not os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt"))
+
+
+def test_eval_precision_recall_compare_equal_numbers_of_real_and_generated_images(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    fake = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    real = rng.integers(16, 240, (30, 8, 8, 3), dtype=np.uint8)      # 30: precision 0.3 against all, 0.4 at n = 10
+    np.save(tmp_path / "fake.npy", fake)
+    np.save(tmp_path / "real.npy", real)
+    fid.save_stats(str(tmp_path / "ref.npz"), np.zeros(64), np.eye(64))
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu": StandInFeatures())
+    monkeypatch.setattr(fid, "find_weights", lambda *a: "stand-in")
+    monkeypatch.setattr(fid, "weights_sha256", lambda path: "stand-in")
+    result = D.evaluate(images=str(tmp_path / "fake.npy"), ref=str(tmp_path / "ref.npz"),
+                        real=str(tmp_path / "real.npy"))
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result and "precision/recall at equal n = 10" in captured.err
+    feats = lambda x: F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2).double() / 127.5 - 1, 4).flatten(1)
+    f, r = feats(fake), feats(real[:10])                  # 64-d stand-in features, in float64 here
+    radii = lambda x: torch.cdist(x, x).sort(dim=1).values[:, 3]           # k = 3 (column 0: the point itself)
+    inside = lambda x, y: (torch.cdist(x, y) <= radii(y)).any(1).double().mean().item()
+    proj = StandInFeatures().proj.double()
+    assert result["pr_n"] == result["n"] == 10 and 0 < result["precision"] < 1, result
+    assert (result["precision"], result["recall"]) == (inside(f @ proj, r @ proj), inside(r @ proj, f @ proj))
