@@ -2178,6 +2178,8 @@ def run_command(cmd, args, rest):
             raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
                               "train ... (or bash run.sh MODE N); plain python runs one process")
         return train(cfg, path, resume=args.resume, force=args.force, download=args.download)
+    if cmd in ("demo", "compare"):                          # Ctrl-C: the runs save, main names the rerun
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if cmd == "demo":
         return demo(args.out, args.dataset, rest, jobs=args.jobs)
     if cmd == "compare":
