@@ -1374,20 +1374,20 @@ def load_checkpoint(path):
 
 
 def checkpoint_value_problem(state):
-    """What is impossible about a structurally sound checkpoint's values, or None. A written checkpoint has: a float
-    0/1 mask with one entry per bottleneck channel and at least one on (all on outside CS); integer birth stages,
-    >= 0 exactly where the mask is on and below the number of stages; finite scores >= 0; the same shape for all
-    three; step >= 0, at most the schedule's last step and equal to epoch x steps per epoch; image_shape (in_channels,
-    res, res); finite weights; an EMA exactly when train.use_ema; num_images >= 1, wall_seconds finite >= 0."""
+    """What is impossible about a structurally sound checkpoint's values, or None. A written checkpoint has: step >= 0;
+    a float 0/1 mask with at least one 1; integer birth stages, >= 0 exactly where the mask is on and -1 where it is
+    off; finite scores >= 0; one entry per bottleneck channel in all three; finite weights. Against its own config
+    (skipped when this version cannot read that config; `sample` says so): image_shape (in_channels, res, res), an EMA
+    exactly when train.use_ema, num_images at least one batch, step at most the schedule's last one and equal to
+    epoch x steps per epoch; wall_seconds finite >= 0."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    mask, birth, score, step = state["mask"], state["birth"], state["score"], state["step"]
     try:
         cfg = merge_config(state["config"], "checkpoint")
-    except ConfigError as e:
-        return f"its config is not valid for this version ({e})"
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    mask, birth, score, step, tr = state["mask"], state["birth"], state["score"], state["step"], cfg["train"]
+    except ConfigError:
+        cfg = None
     with torch.device("meta"):                              # sizes only: nothing is allocated
-        channels = UNet(**cfg["model"]).bottleneck_channels
-    stages = len(stages_of(cfg))
+        channels = UNet(**cfg["model"]).bottleneck_channels if cfg else mask.numel()
     if isinstance(step, bool) or step < 0:
         return f"step is {step!r}, not a count >= 0"
     for name, t in (("mask", mask), ("birth", birth), ("score", score)):
@@ -1395,18 +1395,11 @@ def checkpoint_value_problem(state):
             return f"{name} has shape {tuple(t.shape)}; the model has {channels} bottleneck channels"
     if not mask.is_floating_point() or not ((mask == 0) | (mask == 1)).all() or not mask.any():
         return "mask must be a float tensor of 0s and 1s with at least one 1"
-    if run_mode(cfg) != "cs" and not mask.all():
-        return f"mask switches channels off, but the config's mode is {run_mode(cfg)}, not cs"
     if birth.is_floating_point() or birth.dtype == torch.bool or not torch.equal(birth >= 0, mask > 0) \
-            or birth.min() < -1 or birth.max() >= stages:
-        return f"birth must hold integer stages in [0, {stages}) where the mask is on and -1 where it is off"
+            or birth.min() < -1:
+        return "birth must hold integer stages >= 0 where the mask is on and -1 where it is off"
     if not score.is_floating_point() or not (torch.isfinite(score) & (score >= 0)).all():
         return "score must hold finite values >= 0"
-    if list(state["image_shape"]) != [cfg["model"]["in_channels"], image_resolution(cfg), image_resolution(cfg)]:
-        return (f"image_shape {state['image_shape']} is not (model.in_channels, resolution, resolution) = "
-                f"({cfg['model']['in_channels']}, {image_resolution(cfg)}, {image_resolution(cfg)})")
-    if (state["ema"] is None) == tr["use_ema"]:
-        return f"it {'lacks' if tr['use_ema'] else 'has'} EMA weights but its train.use_ema is {tr['use_ema']}"
     for key in ("model", "ema"):
         if any(isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
                for v in (state[key] or {}).values()):
@@ -1415,6 +1408,14 @@ def checkpoint_value_problem(state):
                     ("wall_seconds", lambda v: number(v) and v >= 0), ("epoch", lambda v: number(v) and v >= 0)):
         if key in state and not ok(state[key]):
             return f"{key} is {state[key]!r}"
+    if cfg is None:
+        return None
+    tr, res = cfg["train"], image_resolution(cfg)
+    if list(state["image_shape"]) != [cfg["model"]["in_channels"], res, res]:
+        return (f"image_shape {state['image_shape']} is not (model.in_channels, resolution, resolution) = "
+                f"({cfg['model']['in_channels']}, {res}, {res})")
+    if (state["ema"] is None) == tr["use_ema"]:
+        return f"it {'lacks' if tr['use_ema'] else 'has'} EMA weights but its train.use_ema is {tr['use_ema']}"
     if "num_images" in state:
         if state["num_images"] < tr["batch_size"]:
             return f"num_images {state['num_images']} is less than one batch ({tr['batch_size']})"

@@ -2508,7 +2508,7 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     assert not any(np.array_equal(read_png(out / f"{i:06d}.png"), first[i]) for i in range(3))   # seeds matter
     other = tmp_path / "other.pt"
     state = torch.load(cs_checkpoint, weights_only=True)
-    torch.save(dict(state, step=state["step"] + 6), other)      # "the same run, trained further"
+    torch.save(dict(state, step=state["step"] - 6, epoch=state["epoch"] - 1), other)   # "an epoch earlier"
     with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     capsys.readouterr()
@@ -3465,7 +3465,8 @@ def damaged_checkpoints(good):
             ("mask_all_off", dict(good, mask=torch.zeros(32), birth=torch.full((32,), -1)), "at least one 1"),
             ("mask_int", dict(good, mask=mask.long()), "float tensor"),
             ("birth_off_where_on", dict(good, birth=with_(birth, on, -1)), "where the mask is on"),
-            ("birth_past_the_stages", dict(good, birth=with_(birth, on, 3)), r"stages in \[0, 3\)"),
+            ("birth_below_minus_one", dict(good, birth=with_(birth, off, -2)), "-1 where it is off"),
+            ("birth_float", dict(good, birth=birth.float()), "integer stages"),
             ("score_nan", dict(good, score=with_(score, 0, float("nan"))), "finite values >= 0"),
             ("score_negative", dict(good, score=with_(score, 0, -1.0)), "finite values >= 0"),
             ("image_shape", dict(good, image_shape=[1, 8, 8]), r"image_shape \[1, 8, 8\]"),
