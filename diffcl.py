@@ -1867,9 +1867,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         return (fmt % m + (f" ± {fmt % sd}" if std and not math.isnan(sd) else "")
                 + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
 
-    controls = [f"- {m}: {CONTROLS[m][0]} with {' and '.join(CONTROLS[m][1] + ['the wide stages'] * (m in WIDE_MODES))}; "
-                f"isolates {CONTROLS[m][2]}"
-                for m in modes if m in CONTROLS]
+    overlays = {m: CONTROLS[m][1] + ["the wide stages"] * (m in WIDE_MODES) for m in modes if m in CONTROLS}
+    controls = [f"- {m}: {CONTROLS[m][0]} with {' and '.join(o)}; isolates {CONTROLS[m][2]}"
+                for m, o in overlays.items()]
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
     lines = [f"# {dataset}: {' vs '.join(modes)}, {epochs} epochs each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split"
