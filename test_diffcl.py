@@ -1675,7 +1675,7 @@ def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path, uninterrup
         D.train(tiny_cfg(tmp_path, "c", out_dir=str(blocker / "sub")))
     cfg, _ = finished_run_copy(uninterrupted, tmp_path)
     with pytest.raises(D.RunError, match=r"different config \(train.lr\)"):
-        D.train(dict(cfg, train={**cfg["train"], "lr": 1e-3}))
+        D.train(dict(cfg, train={**cfg["train"], "lr": 0.5}))
 
 
 def test_truncated_checkpoint_in_run_folder_is_reported_not_overwritten(tmp_path):
@@ -3420,6 +3420,205 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
 
 
+# ---- compare: faults
+
+def test_compare_states_the_length_as_run_and_counts_finished_runs_truly(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = str(tmp_path / "cmp")
+    # 32 images / batch 8 = 4 steps per epoch; the stages' 6 epochs x 0.25 = 1.5 epochs = 6 steps (not 6 epochs).
+    scaled = [*DEMO_OVERRIDES, "--data_limit=32", "--train.length_scale=0.25", "--train.image_intv=0"]
+    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
+    text = capsys.readouterr().out
+    assert "2 of 2 runs to train (0 resuming), 2 to score; 1.5 epochs each" in text
+    saved = json.load(open(os.path.join(out, "compare.json")))
+    assert (saved["epochs"], saved["steps"]) == (1.5, 6)
+    assert torch.load(os.path.join(out, "base_seed0", "ckpt.pt"), weights_only=True)["step"] == 6
+    assert "base vs c, 1.5 epochs (6 optimizer steps) each" in open(os.path.join(out, "compare.md")).read()
+    # Both runs trained but not scored (compare.json lost, as when a compare stops between training and scoring):
+    # nothing is trained again, both are scored.
+    os.remove(os.path.join(out, "compare.json"))
+    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
+    assert "0 of 2 runs to train (0 resuming), 2 to score;" in capsys.readouterr().out
+    assert calls[-1] == (1, "train.log", []) and len(json.load(open(os.path.join(out, "compare.json")))["runs"]) == 2
+
+
+def test_compare_refuses_a_run_trained_past_its_length_before_any_work(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = tmp_path / "cmp"
+    base = D.mode_config("shapes", "base")[0]
+    assert D.main(["train", base, *DEMO_OVERRIDES, "--train.image_intv=0", "--train.epochs=8",
+                   f"--out_dir={out / 'base_seed0'}"]) == 0          # a user's longer run: 8 steps, compare's are 6
+    capsys.readouterr()
+    with pytest.raises(D.RunError, match=r"^base/seed0: .*base_seed0/ckpt.pt holds 8 optimizer steps where this "
+                                         r"compare needs 6 .*move .*base_seed0 away"):
+        D.compare(str(out), "shapes", 1, [*DEMO_OVERRIDES, "--train.image_intv=0"], fid_num=0, modes=("base", "c"))
+    assert calls == [] and not (out / "c_seed0").exists() and not (out / "compare.json").exists()
+
+
+def test_work_mismatch_names_steps_batch_data_and_config_differences():
+    cfg = D.load_config(D.mode_config("shapes", "base")[0], [*DEMO_OVERRIDES, "--train.epochs=6"])
+    assert D.run_length(cfg, 8) == (6, 6)                     # 8 images, batch 8: 1 step per epoch
+    assert D.run_length(dict(cfg, train={**cfg["train"], "length_scale": 0.25}), 35) == (1.5, 6)   # 4 full batches
+    state = {"config": cfg, "step": 6, "num_images": 8}
+    check = lambda finished, **kw: D.work_mismatch("c/seed1", "o/c_seed1/ckpt.pt", {**state, **kw}, cfg, finished)
+    assert check(True) is None and check(False) is None
+    assert check(False, step=4) is None                       # unfinished: train resumes it
+    assert "holds 4 optimizer steps where this compare needs 6" in check(True, step=4)
+    assert "holds 7 optimizer steps" in check(False, step=7)
+    assert check(True, step=6, num_images=16) .startswith("c/seed1: o/c_seed1/ckpt.pt holds 6 optimizer steps "
+                                                          "where this compare needs 12")
+    assert "holds 4 train.batch_size where this compare needs 8" in check(False, config=dict(
+        cfg, train={**cfg["train"], "batch_size": 4}))
+    assert "another config (train.lr)" in check(False, config=dict(cfg, train={**cfg["train"], "lr": 0.5}))
+    assert "another config" not in (check(True, config=dict(cfg, out_dir="elsewhere")) or "")
+
+
+def test_compare_refuses_a_mode_named_twice_in_one_line(tmp_path, capsys):
+    assert D.main(["compare", "--modes", "base,c,base", "--out", str(tmp_path / "cmp"), "--fid-num", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --modes names base more than once; list each mode once\n"
+
+
+# ---- held-out bits/dim and evaluation during training
+
+def test_gaussian_kl_matches_numerical_integral():
+    from scipy import integrate
+    logpdf = lambda x, m, v: -0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)
+    for m1, v1, m2, v2 in [(0.3, 0.5, -0.2, 2.0), (1.0, 1e-2, 0.9, 3e-2), (0.0, 1.0, 0.0, 1.0)]:
+        direct = integrate.quad(lambda x: math.exp(logpdf(x, m1, v1)) * (logpdf(x, m1, v1) - logpdf(x, m2, v2)),
+                                m1 - 40 * math.sqrt(v1), m1 + 40 * math.sqrt(v1), points=[m1], limit=200)[0]
+        got = D.gaussian_kl(*(torch.tensor(v, dtype=F64) for v in (m1, math.log(v1), m2, math.log(v2))))
+        assert got.item() == pytest.approx(direct, rel=1e-7, abs=1e-12)
+
+
+def test_discretised_likelihood_is_the_gaussian_mass_of_each_bin_end_bins_open():
+    from scipy import integrate
+    levels = torch.arange(256, dtype=F64) / 127.5 - 1
+    for mean, scale in [(0.0, 0.05), (0.7, 0.01), (-0.98, 0.3), (0.2, 2e-3), (1.3, 0.1), (0.9, 0.03)]:
+        got = D.discretised_log_likelihood(levels, torch.full_like(levels, mean), torch.tensor(math.log(scale), dtype=F64))
+        assert torch.exp(got).sum().item() == pytest.approx(1.0, abs=1e-12)           # the bins cover the line
+        logpdf = lambda x: -0.5 * ((x - mean) / scale) ** 2 - math.log(scale * math.sqrt(2 * math.pi))
+        for k in [0, 1, 100, 127, 128, 140, 200, 254, 255]:
+            lo = -math.inf if k == 0 else levels[k].item() - 1 / 255
+            hi = math.inf if k == 255 else levels[k].item() + 1 / 255
+            # the integral of the pdf over the bin, relative to the pdf at the bin's point nearest the mean (no
+            # underflow even 100 standard deviations out)
+            ref = min(max(mean, lo), hi)                    # an open end stops 40 sd beyond it (nothing left there)
+            lo, hi = max(lo, ref - 40 * scale), min(hi, ref + 40 * scale)
+            mass = integrate.quad(lambda x: math.exp(logpdf(x) - logpdf(ref)), lo, hi, epsabs=0, epsrel=1e-12,
+                                  limit=200, points=[ref] if lo < ref < hi else None)[0]
+            assert got[k].item() == pytest.approx(logpdf(ref) + math.log(mass), rel=1e-8, abs=1e-9), (mean, scale, k)
+
+
+def nll_setup(var_type="fixed-small", T=20, n=2, seed=0):
+    cfg = D.merge_config({"diffusion": {"timesteps": T, "model_var_type": var_type},
+                          "model": {**ONE_LEVEL, "in_channels": 1}})
+    net = tiny(seed, in_channels=1, ch_multipliers=[1], apply_attn=[False])
+    imgs = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    imgs[0, :2] = 0                                         # both end bins appear
+    imgs[0, -2:] = 255
+    return cfg, net, torch.ones(net.bottleneck_channels), imgs
+
+
+@pytest.mark.parametrize("var_type", ["fixed-small", "fixed-large"])
+def test_nll_bpd_every_term_matches_a_float64_computation_from_the_formulas(var_type):
+    from scipy import stats
+    T = 20
+    cfg, net, mask, imgs = nll_setup(var_type, T)
+    seen = []                                               # what the network saw and said, in call order
+
+    def recording(xt, t, m):
+        out = net(xt, t, m)
+        seen.extend(zip(xt.double().numpy(), t.tolist(), out.double().numpy()))
+        return out
+    got = D.nll_bpd(recording, cfg, mask, imgs, batch=7)
+    # Ho et al.'s tables in float64, written out here.
+    betas = np.linspace(1e-4, 0.02, T)
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    p_var = np.append(post_var[1], (post_var if var_type == "fixed-small" else betas)[1:])
+    q_var = np.append(post_var[1], post_var[1:])
+    mu = lambda x0, xt, t: (np.sqrt(ab_prev[t]) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - ab_prev[t]) * xt) / (1 - ab[t])
+    N, dims = len(imgs), imgs[0].size
+    assert len(seen) == N * T
+    terms = np.zeros((N, 12))                              # prior, decoder, KL per tenth
+    for row, (xt, t, out) in enumerate(seen):              # (image, t) pairs come image-major, every t once
+        i = row // T
+        assert t == row % T
+        x0 = imgs[i].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1
+        x0_hat = np.clip((xt - np.sqrt(1 - ab[t]) * out) / np.sqrt(ab[t]), -1, 1)
+        m_p, s_p = mu(x0_hat, xt, t), np.sqrt(p_var[t])
+        if t == 0:
+            lo = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
+            hi = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
+            mass = stats.norm.sf(lo, m_p, s_p) - stats.norm.sf(hi, m_p, s_p)
+            mass = np.where(lo > m_p, mass, stats.norm.cdf(hi, m_p, s_p) - stats.norm.cdf(lo, m_p, s_p))
+            terms[i, 1] += -np.log(mass).sum()
+        else:
+            kl = 0.5 * (np.log(p_var[t] / q_var[t]) + q_var[t] / p_var[t] + (mu(x0, xt, t) - m_p) ** 2 / p_var[t] - 1)
+            terms[i, 2 + t * 10 // T] += kl.sum()
+    for i in range(N):                                     # KL(N(sqrt(ab) x0, 1 - ab) || N(0, 1)) per dimension
+        x0 = imgs[i].astype(np.float64) / 127.5 - 1
+        terms[i, 0] = (0.5 * (-np.log(1 - ab[-1]) - 1 + (1 - ab[-1]) + ab[-1] * x0 ** 2)).sum()
+    bits = terms.mean(0) / (dims * math.log(2))
+    assert got["n"] == N and got["timesteps"] == T and got["estimator"] == f"all {T} timesteps"
+    assert got["bpd_terms"]["prior"] == pytest.approx(bits[0], rel=1e-10)
+    assert got["bpd_terms"]["decoder"] == pytest.approx(bits[1], rel=1e-8)
+    assert got["bpd_terms"]["kl"] == pytest.approx(list(bits[2:]), rel=1e-8)
+    assert got["bpd"] == pytest.approx(bits.sum(), rel=1e-8) and bits[1] > 0 and min(bits[2:]) > 0
+
+
+def bpd_numbers(r):
+    return [r["bpd"], r["bpd_terms"]["prior"], r["bpd_terms"]["decoder"], *r["bpd_terms"]["kl"]]
+
+
+def test_nll_bpd_is_keyed_and_split_images_give_the_same_bound():
+    cfg, net, mask, imgs = nll_setup(n=4)
+    full = D.nll_bpd(net, cfg, mask, imgs, batch=16)
+    again = D.nll_bpd(net, cfg, mask, imgs, batch=5)            # batching changes nothing beyond float32 rounding
+    assert bpd_numbers(again) == pytest.approx(bpd_numbers(full), rel=1e-6)
+    halves = [D.nll_bpd(net, cfg, mask, imgs[a:a + 2], first=a) for a in (0, 2)]      # how ranks share images
+    assert (halves[0]["bpd"] + halves[1]["bpd"]) / 2 == pytest.approx(full["bpd"], rel=1e-6)
+    assert D.nll_bpd(net, cfg, mask, imgs, seed=1)["bpd"] != pytest.approx(full["bpd"], rel=1e-6)
+
+
+def test_stratified_estimate_is_the_full_sum_at_k_equals_t_and_unbiased():
+    T = 20
+    cfg, net, mask, imgs = nll_setup(T=T)
+    full = D.nll_bpd(net, cfg, mask, imgs)
+    k_is_t = D.nll_bpd(net, cfg, mask, imgs, timesteps=T, t_seed=5)
+    assert bpd_numbers(k_is_t) == pytest.approx(bpd_numbers(full), rel=1e-12) and k_is_t["timesteps"] == T
+    draws = [D.nll_bpd(net, cfg, mask, imgs, timesteps=4, t_seed=s) for s in range(100)]
+    assert all(d["estimator"] == "stratified 4 of 20" and d["timesteps"] == 4 for d in draws)
+    assert [d["bpd_terms"]["decoder"] for d in draws] == pytest.approx([full["bpd_terms"]["decoder"]] * 100,
+                                                                      rel=1e-6)          # t = 0 is always taken
+    values = np.array([d["bpd"] for d in draws])
+    se = values.std(ddof=1) / math.sqrt(len(values))
+    assert se > 1e-3 and abs(values.mean() - full["bpd"]) < 4 * se, (values.mean(), full["bpd"], se)
+
+
+def test_eval_nll_cli_prints_one_json_line_without_ref(uninterrupted, tmp_path, capsys):
+    _, out = finished_run_copy(uninterrupted, tmp_path)
+    ckpt = os.path.join(out, "ckpt.pt")
+    capsys.readouterr()
+    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "5", "--seed", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert (r["n"], r["timesteps"], r["estimator"], r["weights"], r["step"]) == (3, 5, "stratified 5 of 20", "ema", 12)
+    net, cfg, mask, _ = D.model_from_checkpoint(ckpt, torch.device("cpu"))
+    held = data.held_out_images("shapes", 3, 8)
+    assert r["bpd"] == pytest.approx(D.nll_bpd(net, cfg, mask, held, timesteps=5, seed=2)["bpd"], rel=1e-12)
+    terms = r["bpd_terms"]
+    assert r["bpd"] == pytest.approx(terms["prior"] + terms["decoder"] + sum(terms["kl"]), rel=1e-12)
+    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "1"]) == 2
+    assert D.main(["eval", "--ckpt", ckpt]) == 2
+    assert "--ref STATS.npz" in capsys.readouterr().err
+
+
 # ---- compare arms: flat and wide
 
 def test_full_window_keeps_every_stage_length_mask_and_lambda_of_cs_and_cr():
@@ -3539,9 +3738,10 @@ def test_each_new_arm_trains_and_resumes_bit_identical(tmp_path, monkeypatch, ca
 def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "run_jobs", in_process_jobs([]))
     modes = ("base", "cs_flat", "cr_flat", "wide", "wide_cs")
-    # 32 images, batch 8: 4 steps per epoch, DEMO_STAGES' 6 epochs: 24 steps; wide's starts 24 x (0, .05, .1, .2, ...)
-    table = D.compare(str(tmp_path / "arms"), "shapes", 1, [*DEMO_OVERRIDES, "--data_limit=32", "--train.image_intv=0",
-                                                           "--resolution=8"], fid_num=0, held_out_n=4, modes=modes)
+    # 64 images, batch 8, x0.5: 4 steps per epoch, DEMO_STAGES' 6 epochs: 24 steps; wide's starts 24 x (0, .05, .1, ...)
+    table = D.compare(str(tmp_path / "arms"), "shapes", 1, [*DEMO_OVERRIDES, "--data_limit=64", "--train.image_intv=0",
+                                                           "--resolution=8", "--train.length_scale=0.5"],
+                      fid_num=0, held_out_n=4, modes=modes)
     saved = json.load(open(tmp_path / "arms" / "compare.json"))
     assert {r["images_seen"] for r in saved["runs"].values()} == {192}      # 24 steps x 8 for every mode
     for mode in modes:
