@@ -31,6 +31,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import subprocess
 import threading
 import time
@@ -1887,36 +1888,64 @@ def work_mismatch(key, path, state, cfg, finished):
     return None
 
 
+def job_report(label, returncode, seconds, done, total, log_text):
+    """The lines that report an ended job: its label (mode/seed), how many of the jobs have ended, its wall time
+    and last log line, then every warning it logged (e.g. a warm-up longer than the run), so none goes unseen."""
+    lines = log_text.strip().splitlines()
+    return ([f"  {'finished' if returncode == 0 else 'FAILED'} {label} ({done}/{total}) in {fmt_time(seconds)}: "
+             f"{(lines[-1:] or ['(no output)'])[0][:150]}"]
+            + [f"    {line.strip()}" for line in lines if line.startswith("warning:")])
+
+
 def run_jobs(jobs, parallel, log_name):
     """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses in `parallel` slots: slot k on GPU k mod
     the GPU count when there are several, else all sharing the device; CPU threads split between the slots. Returns
-    {label: seconds}; a failed job is reported with the end of its log after the others finish."""
+    {label: seconds}; a failed job is reported with the end of its log after the others finish. Each job has its own
+    process group: Ctrl-C reaches this process alone, which passes it on once (each job saves at its next step) and
+    waits for them; a second Ctrl-C passes that on too (they stop at once)."""
     gpus = torch.cuda.device_count() if device_kind() == "cuda" else 0
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
-    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []    # slot: (label, process, log, start)
-    while pending or any(slots):
-        for k, job in enumerate(slots):
-            if job and job[1].poll() is not None:       # ended: report it and free its slot
-                label, proc, logf, t0 = job
-                logf.close()
-                seconds[label] = time.perf_counter() - t0
-                with open(logf.name) as f:
-                    tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-                print(f"  {'finished' if proc.returncode == 0 else 'FAILED'} {label} in {fmt_time(seconds[label])}: "
-                      f"{tail[0][:150]}", flush=True)
-                if proc.returncode:
-                    failed.append(f"{label} (see {logf.name})")
-                slots[k] = job = None
-            if job is None and pending:
-                label, argv, run_dir = pending.pop(0)
-                os.makedirs(run_dir, exist_ok=True)
-                logf = open(os.path.join(run_dir, log_name), "a")
-                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
-                                        stderr=subprocess.STDOUT,
-                                        env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
-                slots[k] = (label, proc, logf, time.perf_counter())
-                print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
-        time.sleep(0.2)
+    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []   # slot: (label, process, log, t0, offset)
+    try:
+        while pending or any(slots):
+            for k, job in enumerate(slots):
+                if job and job[1].poll() is not None:       # ended: report it and free its slot
+                    label, proc, logf, t0, start = job
+                    logf.close()
+                    seconds[label] = time.perf_counter() - t0
+                    with open(logf.name, "rb") as f:
+                        f.seek(start)
+                        text = f.read().decode(errors="replace")
+                    print("\n".join(job_report(label, proc.returncode, seconds[label], len(seconds), len(jobs),
+                                                text)), flush=True)
+                    if proc.returncode:
+                        failed.append(f"{label} (see {logf.name})")
+                    slots[k] = job = None
+                if job is None and pending:
+                    label, argv, run_dir = pending.pop(0)
+                    os.makedirs(run_dir, exist_ok=True)
+                    logf = open(os.path.join(run_dir, log_name), "a")
+                    start = os.path.getsize(logf.name)      # this job's part of a log that a resume appends to
+                    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
+                    slots[k] = (label, proc, logf, time.perf_counter(), start)
+                    print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        running = [job[1] for job in slots if job and job[1].poll() is None]
+        print(f"\n  Ctrl-C: {len(running)} running job(s) save at their next step and stop (Ctrl-C again: stop "
+              "them at once)", flush=True)
+        for _ in range(2):
+            try:
+                for proc in running:
+                    proc.send_signal(signal.SIGINT)
+                for proc in running:
+                    proc.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
     if failed:
         raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun compare to resume")
     return seconds
@@ -2111,6 +2140,11 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         if mode == "cr" and stages:
             notes.append("- cr, seed 0: channels with norm<1e-3 per stage "
                          + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
+    warned = {}                                             # what the runs' train.log warned of, and which runs
+    for key in (k for k in results if k.split("/")[0] in modes):
+        for text in log_warnings(os.path.join(out, key.replace("/", "_"), "train.log")):
+            warned.setdefault(text, []).append(key)
+    notes += [f"- {', '.join(keys)}: {text}" for text, keys in warned.items()]
     table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
@@ -2118,6 +2152,14 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                    "starts)", marks=sorted(marks))
     print("\n" + table, flush=True)
     return table
+
+
+def log_warnings(path):
+    """The distinct `warning:` lines of a run's log, in order ([] without a log)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return list(dict.fromkeys(line.strip() for line in f if line.startswith("warning:")))
 
 
 def by_step(records, kind):
@@ -2304,6 +2346,8 @@ def run_command(cmd, args, rest):
             raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
                               "train ... (or bash run.sh MODE N); plain python runs one process")
         return train(cfg, path, resume=args.resume, force=args.force, download=args.download)
+    if cmd in ("demo", "compare"):                          # Ctrl-C: the runs save, main names the rerun
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if cmd == "demo":
         return demo(args.out, args.dataset, rest, jobs=args.jobs)
     if cmd == "compare":
@@ -2352,8 +2396,10 @@ def main(argv):
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:                               # before training started: nothing to save
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:                               # train: before training started, nothing to save
+        again = (f"; finished runs and scores are kept: to resume, rerun python "
+                 f"{shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}") if argv[:1] in (["compare"], ["demo"]) else ""
+        print(f"interrupted{again}", file=sys.stderr, flush=True)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -16,6 +16,7 @@ import json
 import math
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -3420,67 +3421,6 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
 
 
-# ---- compare: faults
-
-def test_compare_states_the_length_as_run_and_counts_finished_runs_truly(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
-    out = str(tmp_path / "cmp")
-    # 32 images / batch 8 = 4 steps per epoch; the stages' 6 epochs x 0.25 = 1.5 epochs = 6 steps (not 6 epochs).
-    scaled = [*DEMO_OVERRIDES, "--data_limit=32", "--train.length_scale=0.25", "--train.image_intv=0"]
-    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
-    text = capsys.readouterr().out
-    assert "2 of 2 runs to train (0 resuming), 2 to score; 1.5 epochs each" in text
-    saved = json.load(open(os.path.join(out, "compare.json")))
-    assert (saved["epochs"], saved["steps"]) == (1.5, 6)
-    assert torch.load(os.path.join(out, "base_seed0", "ckpt.pt"), weights_only=True)["step"] == 6
-    assert "base vs c, 1.5 epochs (6 optimizer steps) each" in open(os.path.join(out, "compare.md")).read()
-    # Both runs trained but not scored (compare.json lost, as when a compare stops between training and scoring):
-    # nothing is trained again, both are scored.
-    os.remove(os.path.join(out, "compare.json"))
-    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
-    assert "0 of 2 runs to train (0 resuming), 2 to score;" in capsys.readouterr().out
-    assert calls[-1] == (1, "train.log", []) and len(json.load(open(os.path.join(out, "compare.json")))["runs"]) == 2
-
-
-def test_compare_refuses_a_run_trained_past_its_length_before_any_work(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
-    out = tmp_path / "cmp"
-    base = D.mode_config("shapes", "base")[0]
-    assert D.main(["train", base, *DEMO_OVERRIDES, "--train.image_intv=0", "--train.epochs=8",
-                   f"--out_dir={out / 'base_seed0'}"]) == 0          # a user's longer run: 8 steps, compare's are 6
-    capsys.readouterr()
-    with pytest.raises(D.RunError, match=r"^base/seed0: .*base_seed0/ckpt.pt holds 8 optimizer steps where this "
-                                         r"compare needs 6 .*move .*base_seed0 away"):
-        D.compare(str(out), "shapes", 1, [*DEMO_OVERRIDES, "--train.image_intv=0"], fid_num=0, modes=("base", "c"))
-    assert calls == [] and not (out / "c_seed0").exists() and not (out / "compare.json").exists()
-
-
-def test_work_mismatch_names_steps_batch_data_and_config_differences():
-    cfg = D.load_config(D.mode_config("shapes", "base")[0], [*DEMO_OVERRIDES, "--train.epochs=6"])
-    assert D.run_length(cfg, 8) == (6, 6)                     # 8 images, batch 8: 1 step per epoch
-    assert D.run_length(dict(cfg, train={**cfg["train"], "length_scale": 0.25}), 35) == (1.5, 6)   # 4 full batches
-    state = {"config": cfg, "step": 6, "num_images": 8}
-    check = lambda finished, **kw: D.work_mismatch("c/seed1", "o/c_seed1/ckpt.pt", {**state, **kw}, cfg, finished)
-    assert check(True) is None and check(False) is None
-    assert check(False, step=4) is None                       # unfinished: train resumes it
-    assert "holds 4 optimizer steps where this compare needs 6" in check(True, step=4)
-    assert "holds 7 optimizer steps" in check(False, step=7)
-    assert check(True, step=6, num_images=16) .startswith("c/seed1: o/c_seed1/ckpt.pt holds 6 optimizer steps "
-                                                          "where this compare needs 12")
-    assert "holds 4 train.batch_size where this compare needs 8" in check(False, config=dict(
-        cfg, train={**cfg["train"], "batch_size": 4}))
-    assert "another config (train.lr)" in check(False, config=dict(cfg, train={**cfg["train"], "lr": 0.5}))
-    assert "another config" not in (check(True, config=dict(cfg, out_dir="elsewhere")) or "")
-
-
-def test_compare_refuses_a_mode_named_twice_in_one_line(tmp_path, capsys):
-    assert D.main(["compare", "--modes", "base,c,base", "--out", str(tmp_path / "cmp"), "--fid-num", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err == "error: --modes names base more than once; list each mode once\n"
-
-
 # ---- held-out bits/dim and evaluation during training
 
 def test_gaussian_kl_matches_numerical_integral():
@@ -3617,6 +3557,125 @@ def test_eval_nll_cli_prints_one_json_line_without_ref(uninterrupted, tmp_path, 
     assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "1"]) == 2
     assert D.main(["eval", "--ckpt", ckpt]) == 2
     assert "--ref STATS.npz" in capsys.readouterr().err
+
+
+# ---- compare: faults
+
+def test_compare_states_the_length_as_run_and_counts_finished_runs_truly(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = str(tmp_path / "cmp")
+    # 32 images / batch 8 = 4 steps per epoch; the stages' 6 epochs x 0.25 = 1.5 epochs = 6 steps (not 6 epochs).
+    scaled = [*DEMO_OVERRIDES, "--data_limit=32", "--train.length_scale=0.25", "--train.image_intv=0"]
+    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
+    text = capsys.readouterr().out
+    assert "2 of 2 runs to train (0 resuming), 2 to score; 1.5 epochs each" in text
+    saved = json.load(open(os.path.join(out, "compare.json")))
+    assert (saved["epochs"], saved["steps"]) == (1.5, 6)
+    assert torch.load(os.path.join(out, "base_seed0", "ckpt.pt"), weights_only=True)["step"] == 6
+    assert "base vs c, 1.5 epochs (6 optimizer steps) each" in open(os.path.join(out, "compare.md")).read()
+    # Both runs trained but not scored (compare.json lost, as when a compare stops between training and scoring):
+    # nothing is trained again, both are scored.
+    os.remove(os.path.join(out, "compare.json"))
+    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
+    assert "0 of 2 runs to train (0 resuming), 2 to score;" in capsys.readouterr().out
+    assert calls[-1] == (1, "train.log", []) and len(json.load(open(os.path.join(out, "compare.json")))["runs"]) == 2
+
+
+def test_compare_refuses_a_run_trained_past_its_length_before_any_work(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = tmp_path / "cmp"
+    base = D.mode_config("shapes", "base")[0]
+    assert D.main(["train", base, *DEMO_OVERRIDES, "--train.image_intv=0", "--train.epochs=8",
+                   f"--out_dir={out / 'base_seed0'}"]) == 0          # a user's longer run: 8 steps, compare's are 6
+    capsys.readouterr()
+    with pytest.raises(D.RunError, match=r"^base/seed0: .*base_seed0/ckpt.pt holds 8 optimizer steps where this "
+                                         r"compare needs 6 .*move .*base_seed0 away"):
+        D.compare(str(out), "shapes", 1, [*DEMO_OVERRIDES, "--train.image_intv=0"], fid_num=0, modes=("base", "c"))
+    assert calls == [] and not (out / "c_seed0").exists() and not (out / "compare.json").exists()
+
+
+def test_work_mismatch_names_steps_batch_data_and_config_differences():
+    cfg = D.load_config(D.mode_config("shapes", "base")[0], [*DEMO_OVERRIDES, "--train.epochs=6"])
+    assert D.run_length(cfg, 8) == (6, 6)                     # 8 images, batch 8: 1 step per epoch
+    assert D.run_length(dict(cfg, train={**cfg["train"], "length_scale": 0.25}), 35) == (1.5, 6)   # 4 full batches
+    state = {"config": cfg, "step": 6, "num_images": 8}
+    check = lambda finished, **kw: D.work_mismatch("c/seed1", "o/c_seed1/ckpt.pt", {**state, **kw}, cfg, finished)
+    assert check(True) is None and check(False) is None
+    assert check(False, step=4) is None                       # unfinished: train resumes it
+    assert "holds 4 optimizer steps where this compare needs 6" in check(True, step=4)
+    assert "holds 7 optimizer steps" in check(False, step=7)
+    assert check(True, step=6, num_images=16) .startswith("c/seed1: o/c_seed1/ckpt.pt holds 6 optimizer steps "
+                                                          "where this compare needs 12")
+    assert "holds 4 train.batch_size where this compare needs 8" in check(False, config=dict(
+        cfg, train={**cfg["train"], "batch_size": 4}))
+    assert "another config (train.lr)" in check(False, config=dict(cfg, train={**cfg["train"], "lr": 0.5}))
+    assert "another config" not in (check(True, config=dict(cfg, out_dir="elsewhere")) or "")
+
+
+def test_compare_refuses_a_mode_named_twice_in_one_line(tmp_path, capsys):
+    assert D.main(["compare", "--modes", "base,c,base", "--out", str(tmp_path / "cmp"), "--fid-num", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --modes names base more than once; list each mode once\n"
+
+
+@pytest.mark.parametrize("name", ["compare.json", "compare.md", "loss_over_steps.png"])
+def test_compare_refuses_a_folder_where_an_output_goes_before_training(tmp_path, monkeypatch, name):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    (tmp_path / "cmp" / name).mkdir(parents=True)
+    with pytest.raises(D.RunError, match=rf"^{re.escape(str(tmp_path / 'cmp' / name))} is a folder where compare "
+                                         r"writes a file; move it away, then rerun$"):
+        D.compare(str(tmp_path / "cmp"), "shapes", 1, DEMO_OVERRIDES, fid_num=0, modes=("base", "c"))
+    assert calls == [] and sorted(os.listdir(tmp_path / "cmp")) == [".lock", name]
+
+
+def test_job_report_names_the_run_its_time_and_every_warning_of_its_log():
+    log = ("diffcl train | mode c\nwarning: train.warmup (5000 steps) is longer than the run (6 steps): the learning "
+           "rate never reaches train.lr; lower train.warmup for a short run\n1/6 epochs step 2/6\ndone: 6 steps\n")
+    assert D.job_report("c/seed1", 0, 75.9, 3, 8, log) == [
+        "  finished c/seed1 (3/8) in 1m15s: done: 6 steps",
+        "    warning: train.warmup (5000 steps) is longer than the run (6 steps): the learning rate never reaches "
+        "train.lr; lower train.warmup for a short run"]
+    assert D.job_report("base/seed0", 2, 3.0, 1, 1, "") == ["  FAILED base/seed0 (1/1) in 3s: (no output)"]
+
+
+def test_compare_md_reads_metrics_by_step_and_lists_the_runs_warnings(tmp_path):
+    out = tmp_path / "cmp"
+    for run in ("base_seed0", "cs_seed0"):
+        (out / run).mkdir(parents=True)
+    stage = lambda step, active, birth: {"kind": "stage", "step": step, "active": active, "birth_stage": birth}
+    train = lambda step, mse: {"kind": "train", "step": step, "mse": mse}
+    # A resumed run's file: step 4's stage record written twice (the first by the run that was killed), step 2's
+    # after it, and training records out of order and repeated. By step, last record wins: actives 2/3/5.
+    lines = [stage(0, 2, [0, 0, -1, -1, -1, -1]), train(2, 0.9), stage(4, 4, [0, 0, 1, 2, -1, -1]), train(4, 0.7),
+             stage(2, 3, [0, 0, 1, -1, -1, -1]), train(2, 0.8), stage(4, 5, [0, 0, 1, 2, 2, -1]), train(6, 0.5)]
+    (out / "cs_seed0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    warning = "warning: train.warmup (5000 steps) is longer than the run (6 steps)"
+    (out / "base_seed0" / "train.log").write_text(f"{warning}\ndone\n{warning}\n")
+    (out / "cs_seed0" / "train.log").write_text(f"start\n{warning}\n")
+    entry = {"bucket_mse": [0.5] * 10, "steps": 6, "train_seconds": 1.0, "train_tflops": 0.0}
+    table = D.write_comparison(str(out), "shapes", 1, 1.5, {"base/seed0": entry, "cs/seed0": entry}, 0, None, 50,
+                               modes=("base", "cs"))
+    assert "- cs, seed 0: active per stage 2/3/5; channels born in stage never: 1, 1: 2, 2: 1, 3: 2" in table
+    assert f"- base/seed0, cs/seed0: {warning}" in table and table.count(warning) == 1
+    assert "shapes: base vs cs, 1.5 epochs (6 optimizer steps) each" in table
+    assert [r["step"] for r in D.by_step([r for r in lines], "train")] == [2, 4, 6]
+    assert D.by_step(lines, "train")[0]["mse"] == 0.8
+
+
+def test_an_interrupted_compare_or_demo_names_the_command_that_resumes_it(tmp_path, monkeypatch, capsys):
+    def ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D, "compare", ctrl_c)
+    for argv in (["compare", "--out", str(tmp_path / "my runs"), "--seeds", "2", "--modes", "base,c", "--train.lr=0.5"],
+                 ["demo", "--jobs", "1"]):
+        assert D.main(argv) == 130
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("interrupted; finished runs and scores are kept")
+        command = shlex.split(err.split("to resume, rerun ")[1])
+        assert command[0] == "python" and os.path.samefile(command[1], HERE / "diffcl.py") and command[2:] == argv
 
 
 # ---- compare arms: flat and wide
