@@ -959,6 +959,7 @@ def resume_state(source, cfg, force, model, ema, opt, num_images):
     if ema is not None and state["ema"] is not None:
         load_weights(ema, state["ema"], source)
     load_weights(opt, state["opt"], source)
+    check_optimizer_state(opt, source)
     if state["mask"].shape != (model.bottleneck_channels,):
         raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
                        f"{model.bottleneck_channels}")
@@ -1461,7 +1462,90 @@ def load_checkpoint(path):
     bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
     if bad or len(state["image_shape"]) != 3:
         raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
+    check_checkpoint_values(state, path)
     return state
+
+
+def checkpoint_value_problem(state):
+    """What is impossible about a structurally sound checkpoint's values, or None. A written checkpoint has: step >= 0;
+    a float 0/1 mask with at least one 1; integer birth stages, >= 0 exactly where the mask is on and -1 where it is
+    off; finite scores >= 0; one entry per bottleneck channel in all three; finite weights. Against its own config
+    (skipped when this version cannot read that config; `sample` says so): image_shape (in_channels, res, res), an EMA
+    exactly when train.use_ema, num_images at least one batch, step at most the schedule's last one and equal to
+    epoch x steps per epoch; wall_seconds finite >= 0."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    mask, birth, score, step = state["mask"], state["birth"], state["score"], state["step"]
+    try:
+        cfg = merge_config(state["config"], "checkpoint")
+    except ConfigError:
+        cfg = None
+    with torch.device("meta"):                              # sizes only: nothing is allocated
+        channels = UNet(**cfg["model"]).bottleneck_channels if cfg else mask.numel()
+    if isinstance(step, bool) or step < 0:
+        return f"step is {step!r}, not a count >= 0"
+    for name, t in (("mask", mask), ("birth", birth), ("score", score)):
+        if t.shape != (channels,):
+            return f"{name} has shape {tuple(t.shape)}; the model has {channels} bottleneck channels"
+    if not mask.is_floating_point() or not ((mask == 0) | (mask == 1)).all() or not mask.any():
+        return "mask must be a float tensor of 0s and 1s with at least one 1"
+    if birth.is_floating_point() or birth.dtype == torch.bool or not torch.equal(birth >= 0, mask > 0) \
+            or birth.min() < -1:
+        return "birth must hold integer stages >= 0 where the mask is on and -1 where it is off"
+    if not score.is_floating_point() or not (torch.isfinite(score) & (score >= 0)).all():
+        return "score must hold finite values >= 0"
+    for key in ("model", "ema"):
+        if any(isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+               for v in (state[key] or {}).values()):
+            return f"its {key} weights are not finite"
+    for key, ok in (("num_images", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                    ("wall_seconds", lambda v: number(v) and v >= 0), ("epoch", lambda v: number(v) and v >= 0)):
+        if key in state and not ok(state[key]):
+            return f"{key} is {state[key]!r}"
+    if cfg is None:
+        return None
+    tr, res = cfg["train"], image_resolution(cfg)
+    if list(state["image_shape"]) != [cfg["model"]["in_channels"], res, res]:
+        return (f"image_shape {state['image_shape']} is not (model.in_channels, resolution, resolution) = "
+                f"({cfg['model']['in_channels']}, {res}, {res})")
+    if (state["ema"] is None) == tr["use_ema"]:
+        return f"it {'lacks' if tr['use_ema'] else 'has'} EMA weights but its train.use_ema is {tr['use_ema']}"
+    if "num_images" in state:
+        if state["num_images"] < tr["batch_size"]:
+            return f"num_images {state['num_images']} is less than one batch ({tr['batch_size']})"
+        steps_per_epoch = data.steps_per_epoch(state["num_images"], tr["batch_size"])
+        try:
+            last = schedule_in_steps(cfg, stages_of(cfg), steps_per_epoch)[1]
+        except ConfigError as e:
+            return f"its schedule is impossible ({e})"
+        if step > last:
+            return f"step {step} is past the schedule's last step {last}"
+        if "epoch" in state and abs(state["epoch"] * steps_per_epoch - step) > 1e-6 * max(1, step):
+            return f"epoch {state['epoch']} is not step {step} / {steps_per_epoch} steps per epoch"
+    return None
+
+
+def check_checkpoint_values(state, path):
+    """RunError in one line when checkpoint_value_problem finds something: a damaged or hand-edited file."""
+    problem = checkpoint_value_problem(state)
+    if problem:
+        raise RunError(f"{path} is a damaged diffcl checkpoint: {problem}; use another checkpoint (ckpt_prev.pt or "
+                       "a snapshot), or train again")
+
+
+def check_optimizer_state(opt, path):
+    """After opt.load_state_dict (which checks only the parameter counts): every per-parameter tensor of the
+    optimizer's state has its parameter's shape (or is a scalar), is finite, and Adam's moments and step are >= 0."""
+    for p, st in opt.state.items():
+        for key, v in st.items():
+            if not isinstance(v, torch.Tensor) or (v.dim() and v.shape != p.shape):
+                what = f"has shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"is a {type(v).__name__}"
+                problem = f"its optimizer's {key} {what} for a parameter of shape {tuple(p.shape)}"
+            elif not torch.isfinite(v).all() or key in ("step", "exp_avg_sq", "max_exp_avg_sq") and (v < 0).any():
+                problem = f"its optimizer's {key} is not finite or below 0"
+            else:
+                continue
+            raise RunError(f"{path} is a damaged diffcl checkpoint: {problem}; use another checkpoint (ckpt_prev.pt "
+                           "or a snapshot), or train again")
 
 
 def load_weights(module, weights, path):

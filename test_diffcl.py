@@ -77,7 +77,16 @@ def starts_early(test_name):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def children(request, tmp_path_factory):
+def image_cache(tmp_path_factory):
+    """The image cache of every load without cache_dir (this process and its children) in this session's temporary
+    folder: the tests never write into the user's ~/.cache/diffcl."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(data.CACHE_ENV, str(tmp_path_factory.mktemp("image_cache")))
+        yield os.environ[data.CACHE_ENV]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children(request, tmp_path_factory, image_cache):
     """test name -> what its launcher started, for the selected tests; `cases` are their parameters (after -k)."""
     cases = {}
     for item in request.session.items:
@@ -2500,7 +2509,7 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     assert not any(np.array_equal(read_png(out / f"{i:06d}.png"), first[i]) for i in range(3))   # seeds matter
     other = tmp_path / "other.pt"
     state = torch.load(cs_checkpoint, weights_only=True)
-    torch.save(dict(state, step=state["step"] + 6), other)      # "the same run, trained further"
+    torch.save(dict(state, step=state["step"] - 6, epoch=state["epoch"] - 1), other)   # "an epoch earlier"
     with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     capsys.readouterr()
@@ -3676,6 +3685,97 @@ def test_an_interrupted_compare_or_demo_names_the_command_that_resumes_it(tmp_pa
         assert err.count("\n") == 1 and err.startswith("interrupted; finished runs and scores are kept")
         command = shlex.split(err.split("to resume, rerun ")[1])
         assert command[0] == "python" and os.path.samefile(command[1], HERE / "diffcl.py") and command[2:] == argv
+
+
+# ---- damaged inputs: impossible checkpoint values, folders where files go, pipes and devices as configs,
+# undecodable file names, temporaries of killed processes, the image cache kept out of the user's home
+
+def test_the_image_cache_goes_to_diffcl_cache_never_the_users_home(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (9, 9), (200, 10, 10)).save(folder / "a.png")
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    images = data.load_images(f"folder:{folder}", resolution=4, log=lambda *a: None)
+    assert images.shape == (1, 4, 4, 3) and images[0, 0, 0].tolist() == [200, 10, 10]
+    made = sorted(os.listdir(tmp_path / "cache"))
+    assert len(made) == 2 and made[0].startswith("folder_all_4px_") and made[0].endswith(".json")
+    assert data.cache_folder(str(tmp_path / "x")) == str(tmp_path / "x")             # an explicit cache_dir wins
+    monkeypatch.delenv(data.CACHE_ENV)
+    assert data.cache_folder() == os.path.join(os.path.expanduser("~"), ".cache", "diffcl")
+
+
+def damaged_checkpoints(good):
+    """(name, state, what the one-line error must name): every value a written checkpoint cannot hold."""
+    mask, birth, score = good["mask"], good["birth"], good["score"]
+    off, on = int(torch.nonzero(mask == 0)[0]), int(torch.nonzero(mask == 1)[0])
+    with_ = lambda t, i, v: t.clone().index_fill_(0, torch.tensor([i]), v)
+    nan_weights = dict(good["model"])
+    first = next(iter(nan_weights))
+    nan_weights[first] = nan_weights[first].clone().fill_(float("nan"))
+    return [("birth_longer", dict(good, birth=torch.cat([birth, torch.tensor([-1])])), r"birth has shape \(33,\)"),
+            ("birth_shorter", dict(good, birth=birth[:-1]), r"birth has shape \(31,\).* 32 bottleneck"),
+            ("score_shorter", dict(good, score=score[:5]), r"score has shape \(5,\)"),
+            ("mask_2d", dict(good, mask=mask[None]), r"mask has shape \(1, 32\)"),
+            ("negative_step", dict(good, step=-1), "step is -1"),
+            ("step_past_the_end", dict(good, step=good["step"] + 1000), "past the schedule's last step"),
+            ("epoch_disagrees", dict(good, epoch=good["epoch"] + 0.5), "is not step"),
+            ("mask_half", dict(good, mask=with_(mask, off, 0.5)), "0s and 1s"),
+            ("mask_all_off", dict(good, mask=torch.zeros(32), birth=torch.full((32,), -1)), "at least one 1"),
+            ("mask_int", dict(good, mask=mask.long()), "float tensor"),
+            ("birth_off_where_on", dict(good, birth=with_(birth, on, -1)), "where the mask is on"),
+            ("birth_below_minus_one", dict(good, birth=with_(birth, off, -2)), "-1 where it is off"),
+            ("birth_float", dict(good, birth=birth.float()), "integer stages"),
+            ("score_nan", dict(good, score=with_(score, 0, float("nan"))), "finite values >= 0"),
+            ("score_negative", dict(good, score=with_(score, 0, -1.0)), "finite values >= 0"),
+            ("image_shape", dict(good, image_shape=[1, 8, 8]), r"image_shape \[1, 8, 8\]"),
+            ("no_ema", dict(good, ema=None), "lacks EMA weights"),
+            ("nan_weights", dict(good, model=nan_weights), "model weights are not finite"),
+            ("num_images", dict(good, num_images=0), "num_images"),
+            ("wall_seconds", dict(good, wall_seconds="1 h"), "wall_seconds"),
+            ("step_bool", dict(good, step=True), "step is True")]
+
+
+def test_checkpoints_with_impossible_values_are_refused_in_one_line_by_sample_and_eval(cs_checkpoint, tmp_path,
+                                                                                        capsys):
+    good = torch.load(cs_checkpoint, weights_only=True)
+    assert D.checkpoint_value_problem(good) is None                                 # what training wrote is sound
+    cases = damaged_checkpoints(good)
+    for name, state, message in cases:
+        err = raises_one_line(D.RunError, message, D.check_checkpoint_values, state, f"{name}.pt")
+        assert err.startswith(f"{name}.pt is a damaged diffcl checkpoint: ") and "ckpt_prev.pt" in err, err
+    fid.save_stats(tmp_path / "ref.npz", np.zeros(2), np.eye(2))                    # eval checks --ref first
+    for (name, state, message), cmd in zip(cases, ("sample", "eval", "sample")):     # the loaders call the check
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        before = path.read_bytes()
+        ref = ["--ref", str(tmp_path / "ref.npz")] if cmd == "eval" else []
+        assert D.main([cmd, "--ckpt", str(path), "--out", str(tmp_path / "s"), *ref]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), (name, err)
+        assert path.read_bytes() == before and not (tmp_path / "s").exists()     # nothing written, nothing changed
+
+
+def resume_into(tmp_path, state):
+    """(config, run folder) of a run whose ckpt.pt is `state`: the next train(config) resumes from it."""
+    cfg = D.merge_config(dict(state["config"], out_dir=str(tmp_path / "run")), "ckpt")
+    os.makedirs(cfg["out_dir"])
+    torch.save(state, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    return cfg, cfg["out_dir"]
+
+
+def test_resuming_from_a_checkpoint_with_impossible_values_stops_in_one_line_and_keeps_it(cs_checkpoint, tmp_path):
+    good = torch.load(cs_checkpoint, weights_only=True)
+    damaged = {name: (state, "damaged diffcl checkpoint: " + message)                # the two birth lengths
+               for name, state, message in damaged_checkpoints(good)[:2]}
+    opt = {"state": {k: dict(v) for k, v in good["opt"]["state"].items()}, "param_groups": good["opt"]["param_groups"]}
+    opt["state"][0]["exp_avg"] = opt["state"][0]["exp_avg"].flatten()[:3]              # an Adam moment cut short
+    damaged["short_moment"] = (dict(good, opt=opt), r"damaged diffcl checkpoint: its optimizer's exp_avg has shape \(3,\) for a param")
+    for name, (state, match) in damaged.items():
+        cfg, out = resume_into(tmp_path / name, state)
+        before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+        raises_one_line(D.RunError, match, D.train, cfg)
+        assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+        assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "samples"]           # nothing else written
 
 
 # ---- compare arms: flat and wide
