@@ -443,9 +443,11 @@ def mirrored(stage):
 
 def stage_start(stages, i, steps_per_epoch, scale=1.0):
     """First optimizer step of stage i (i = len(stages): the run's length): epochs before it x steps per epoch
-    x scale, rounded half up to a whole step in exact arithmetic (as `active_count`), the scale read as the decimal
-    a config writes (2.53 = 253/100: 50 epochs x 1 x 2.53 = 126.5 -> 127). With scale 1 stages start on epochs."""
-    steps = sum(s["epochs"] for s in stages[:i]) * steps_per_epoch * Fraction(repr(float(scale)))
+    x scale, rounded half up to a whole step in exact arithmetic (as `active_count`), epochs and scale read as the
+    decimals a config writes (2.53 = 253/100: 2 epochs x 25 steps x 2.53 = 126.5 -> 127). With scale 1 and whole
+    epochs, stages start on epoch boundaries."""
+    decimal = lambda x: Fraction(repr(float(x)))           # 2.53 -> 253/100, not the binary float just below it
+    steps = sum(decimal(s["epochs"]) for s in stages[:i]) * steps_per_epoch * decimal(scale)
     return math.floor(steps + Fraction(1, 2))
 
 

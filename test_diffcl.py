@@ -3928,6 +3928,7 @@ def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_pa
 def test_stage_starts_round_exact_halves_up_like_active_count():
     # 2 epochs x 25 steps x 2.53 = 126.5 exactly; the float product is 126.49999999999999
     assert D.stage_start([{"epochs": 2}], 1, 25, 2.53) == 127
+    assert D.stage_start([{"epochs": 2.53}], 1, 50) == 127                    # fractional epochs: the same rule
     assert [D.stage_at([{"epochs": 2}, {"epochs": 1}], s, 25, 2.53) for s in (126, 127)] == [0, 1]
     cfg = D.merge_config({"train": {"length_scale": 2.53}, "curriculum": {
         "enabled": True, "stages": [{"t_min": 0.5, "t_max": 1.0, "epochs": 2}, {"t_min": 0.0, "t_max": 1.0, "epochs": 2}]}})
