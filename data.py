@@ -544,7 +544,7 @@ def write_cache(path, images, meta):
         atomic_write(path[:-4] + ".json", json.dumps(meta, indent=1))
     except OSError as e:  # unwritable or full disk, or cache_dir is a file: only our temporary file is removed
         raise DataError(f"cannot write the image cache {path} ({one_line(e)}): free disk space or pass a writable "
-                        f"cache_dir") from None
+                        f"cache_dir (or set {CACHE_ENV})") from None
 
 
 # ---------------------------------------------------------------------------- shapes (built in)

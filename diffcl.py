@@ -1550,12 +1550,12 @@ def check_optimizer_state(opt, path):
 
 def check_run_folder(out_dir):
     """Before training (under the folder lock): no folder sits where the run writes a file (checkpoints, snapshots,
-    config.json, metrics.jsonl, sample grids), and temporaries of killed writers are removed."""
+    config.json, sample grids), and temporaries of killed writers are removed."""
     def names(folder, pattern):
         with contextlib.suppress(OSError):
             return [os.path.join(folder, f) for f in os.listdir(folder) if re.fullmatch(pattern, f)]
         return []
-    data.check_not_folder(*names(out_dir, r"ckpt(_prev|_epoch\d{4})?\.pt|config\.json|metrics\.jsonl"),
+    data.check_not_folder(*names(out_dir, r"ckpt(_prev|_epoch\d{4})?\.pt|config\.json"),   # metrics: truncate_jsonl
                           *names(os.path.join(out_dir, "samples"), r"epoch\d{4}_.*\.png"))
     for folder in (out_dir, os.path.join(out_dir, "samples")):
         data.remove_stale_temps(folder)

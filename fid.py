@@ -433,6 +433,7 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6, method="sym"):
 def save_stats(path, mu, sigma, meta=None):
     """pytorch-fid's .npz (mu, sigma), written atomically; `meta` (a dict) is kept as JSON for cache checks."""
     extra = {"meta": np.array(json.dumps(meta, sort_keys=True))} if meta else {}
+    check_not_folder(path)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))  # to a file: no .npz appended
@@ -559,7 +560,6 @@ def atomic_write(path, write):
     """write(f) into a new temporary file beside `path`, then rename it over `path`, so readers never see half a
     file. A leftover temporary file (or a link planted in a shared folder) is removed, never followed; on any
     error the temporary file goes and `path` is untouched."""
-    check_not_folder(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         if os.path.lexists(tmp):

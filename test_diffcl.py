@@ -3796,7 +3796,7 @@ def test_a_folder_where_an_output_file_goes_is_one_line_before_any_work(cs_check
     assert "eval.jsonl is a folder where a file goes" in capsys.readouterr().err and not list(out.glob("*.png"))
     # training: checked under the lock before the data is loaded; the checkpoint writer says which file it is
     cfg = tiny_cfg(tmp_path, "c", model=ONE_LEVEL)
-    for where in ("ckpt_prev.pt", "samples/epoch0002_full.png", "metrics.jsonl"):
+    for where in ("ckpt_prev.pt", "samples/epoch0002_full.png", "ckpt_epoch0001.pt"):
         (Path(cfg["out_dir"]) / where).mkdir(parents=True)
         raises_one_line(data.DataError, f"{re.escape(where)} is a folder where a file goes", D.train, cfg)
         assert set(os.listdir(cfg["out_dir"])) == {".lock", "samples", where.split("/")[0]}      # nothing written
