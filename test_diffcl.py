@@ -2316,15 +2316,20 @@ def test_gpu_build_model_uses_channels_last_only_when_asked():
 
 
 def test_gpu_choosing_cuda_allows_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # restored after the test
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setenv("DIFFCL_DEVICE", "cpu")
-    assert D.setup_dist()[2].type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # setup_dist only asks this
-    monkeypatch.setenv("DIFFCL_DEVICE", "auto")
-    monkeypatch.delenv("RANK", raising=False)
-    assert D.setup_dist()[2].type == "cuda"
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # Saved and restored by hand: torch's backend flags are properties that pytest's monkeypatch (9.2) cannot
+    # undo (it deletes them).
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        monkeypatch.setenv("DIFFCL_DEVICE", "cpu")
+        assert D.setup_dist()[2].type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # setup_dist only asks this
+        monkeypatch.setenv("DIFFCL_DEVICE", "auto")
+        monkeypatch.delenv("RANK", raising=False)
+        assert D.setup_dist()[2].type == "cuda"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------
