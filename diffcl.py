@@ -2,8 +2,8 @@
 
     python diffcl.py train   --config-path configs/celeba32_cs.json [--train.lr=1e-4 ...]
     torchrun --standalone --nproc_per_node 4 diffcl.py train --config-path configs/celeba32_cs.json
-    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num 64 --out samples/ [--ddim --steps 50]
-    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num 10000
+    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num-images 64 --out samples/ [--ddim --steps 50]
+    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num-images 10000
     python diffcl.py bench   --config-path configs/celeba32.json [--precision bf16]
     python diffcl.py compare --dataset fashion32 --seeds 3 --jobs 4      (demo: the same, one seed, no FID)
 
@@ -1788,7 +1788,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
               f"{jobs} at a time", flush=True)
         train_seconds = run_jobs(train_jobs, jobs, "train.log")
         if weights and todo:
-            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
+            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num-images", str(fid_num), "--ddim", "--steps",
                              str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
                       for key, (_, _, d) in todo.items()], jobs, "sample.log")
 
@@ -1950,7 +1950,8 @@ LAUNCHER = ("the description's mp.spawn launcher; use torchrun instead: torchrun
             "diffcl.py train CONFIG (or bash run.sh MODE N)")
 
 REMOVED_FLAGS = {"--num-gpus": LAUNCHER, "--rigid-launch": LAUNCHER,   # each: what to use instead
-                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb"}
+                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb",
+                 "--num": "now --num-images (torchrun takes --num for an abbreviation of its --numa-binding)"}
 
 
 def number_in(lo, hi=math.inf, what="a whole number", cast=int):
@@ -1970,10 +1971,9 @@ def usage_error(message):
     raise ConfigError(f"{message} (see python diffcl.py {{{','.join(COMMANDS)}}} --help)")
 
 
-def parse_cli(argv):
-    cmd = argv[0] if argv else ""
-    if cmd not in COMMANDS:
-        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+def cli_parser(cmd):
+    """The argparse parser of one command. No flag may be a prefix of one of torchrun's (test_diffcl checks): torchrun
+    reads abbreviations of its own options anywhere on its command line, after the script name too."""
     count = number_in(1, what="a whole number >= 1")
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
                                 epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 "
@@ -1991,7 +1991,8 @@ def parse_cli(argv):
         add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
         add("--ckpt", required=cmd == "sample")
-        add("--num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"), default=64 if cmd == "sample" else 10000)
+        add("--num-images", dest="num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
+            default=64 if cmd == "sample" else 10000)
         add("--out", default=None, help="image folder to write")
         add("--ddim", action="store_true")
         add("--steps", type=count, default=50)
@@ -2032,7 +2033,14 @@ def parse_cli(argv):
         add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
             help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required)")
         add("--inception")
-    args, rest = p.parse_known_args(argv[1:])
+    return p
+
+
+def parse_cli(argv):
+    cmd = argv[0] if argv else ""
+    if cmd not in COMMANDS:
+        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+    args, rest = cli_parser(cmd).parse_known_args(argv[1:])
     for flag, instead in REMOVED_FLAGS.items():
         if any(r.split("=")[0] == flag for r in rest):
             raise ConfigError(f"{flag} is {instead}")

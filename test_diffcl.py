@@ -2508,13 +2508,13 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     capsys.readouterr()
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"), "--num", "1"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"), "--num-images", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not writable" in err
 
 
 def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
-    for args in (["sample", "--ckpt", cs_checkpoint, "--num", "0"], ["sample", "--ckpt", cs_checkpoint, "--batch-size", "-1"],
+    for args in (["sample", "--ckpt", cs_checkpoint, "--num-images", "0"], ["sample", "--ckpt", cs_checkpoint, "--batch-size", "-1"],
                  ["sample", "--ckpt", cs_checkpoint, "--seed", "-3"], ["sample", "--ckpt", cs_checkpoint, "--eta", "nan"],
                  ["bench", "--steps", "0"], ["compare", "--seeds", "0"],
                  ["train", str(HERE / "configs" / "shapes_c.json"), "--distributed", f"--out_dir={tmp_path / 'd'}"]):
@@ -2525,11 +2525,11 @@ def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
 
 
 def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path, capsys):
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num-images", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
     out = capsys.readouterr().out
     assert "DDPM 20 steps" in out and "raw weights" in out
     assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 8, 8, 3)
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num-images", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
     assert "DDIM needs between 1 and T = 20 steps" in capsys.readouterr().err
 
 
@@ -3132,7 +3132,7 @@ def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch, uni
 
 
 def test_hostile_inputs_found_by_probing_are_one_line_errors(tmp_path, cs_checkpoint, monkeypatch, capsys):
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "99999999999999999999"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num-images", "99999999999999999999"]) == 2
     assert "must be a whole number in [1, 10^8]" in capsys.readouterr().err
     for env, message in (({"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "need LOCAL_RANK <= RANK < WORLD_SIZE"),
                          ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "abc"}, "not all whole")):
@@ -3371,7 +3371,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
     bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
     for args, message in [
             (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
-            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
+            (["sample", "--ckpt", str(bad_ckpt), "--num-images", "2"], "truncated or corrupt"),
             (["bench", "--soak", "5"], "--soak is removed from bench: the suite tests that memory does not grow"),
             (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
               f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
@@ -3423,3 +3423,47 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
     assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 process(es) x train.num_accum "
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- first day: the README's commands as a new user types them (torchrun's parser, run.sh, the Python snippets)
+
+def diffcl_flags():
+    """(command, argument) for every flag of every command and every config override, as a user types them."""
+    flags = [(cmd, opt) for cmd in D.COMMANDS for a in D.cli_parser(cmd)._actions for opt in a.option_strings]
+    sections = {k: v for k, v in D.DEFAULTS.items() if isinstance(v, dict)}
+    keys = [k for k, v in D.DEFAULTS.items() if not isinstance(v, dict)] + \
+        [f"{s}.{k}" for s, d in sections.items() for k in d] + \
+        [k for s, d in sections.items() for k in d if sum(k in e for e in sections.values()) == 1]
+    return flags + [("train", f"--{k}=1") for k in keys]
+
+
+def test_first_day_no_diffcl_flag_is_taken_by_torchrun_after_the_script_name():
+    import torch.distributed.run as torchrun
+
+    def refuse(message):
+        raise ValueError(message)
+    parser = torchrun.get_args_parser()
+    parser.error = refuse
+    theirs = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+    def taken(cmd, flag):
+        """torchrun errs on the flag or keeps it, or (any Python's argparse) the flag abbreviates one of its options."""
+        argv = ["--standalone", "--nproc_per_node", "2", "diffcl.py", cmd, flag, "1"]
+        try:
+            args = parser.parse_args(argv)
+        except ValueError:                                  # argparse: "ambiguous option: --num could match ..."
+            return True
+        name = flag.partition("=")[0]
+        return args.training_script_args != [cmd, flag, "1"] or any(o.startswith(name) != (o == name) for o in theirs)
+    assert taken("sample", "--num") and taken("train", "--nproc=1") and not taken("train", "--standalone")
+    ours = diffcl_flags()
+    assert [f for f in ours if taken(*f)] == []
+    assert len(ours) > 60 and ("sample", "--num-images") in ours and ("train", "--train.length_scale=1") in ours
+
+
+def test_first_day_the_old_num_flag_is_one_line_naming_the_new_one(capsys, tmp_path):
+    for cmd, more in (("sample", []), ("eval", ["--ref", str(tmp_path / "r.npz")])):
+        assert D.main([cmd, "--ckpt", str(tmp_path / "ckpt.pt"), *more, "--num", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--num-images" in err and "numa" in err, err
