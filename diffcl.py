@@ -27,6 +27,7 @@ import datetime
 import functools
 import gc
 import json
+import logging
 import math
 import os
 import re
@@ -1271,6 +1272,41 @@ def setup_dist():
     return rank, world, device
 
 
+USER_ERROR_KEY = "diffcl/user_error"                      # in torchrun's store: ranks that stopped on a user error
+
+
+def torchrun_store():
+    """A client of the store that torchrun itself holds (so it outlives the ranks), or None when torchrun did not
+    start this process or its store cannot be reached: every rank then reports its own failure."""
+    if "RANK" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def first_user_error():
+    """Count this rank's user error in torchrun's store: True for the first rank to stop on one (it alone prints the
+    line, so a mistake every rank meets is still one line); True outside torchrun."""
+    store = torchrun_store()
+    try:
+        return store is None or store.add(USER_ERROR_KEY, 1) == 1
+    except RuntimeError:
+        return True
+
+
+def after_user_error():
+    """Whether a rank of this torchrun run stopped on a user error: a collective that then fails on another rank
+    failed because of it, and that rank's one line says why."""
+    store = torchrun_store()
+    try:
+        return store is not None and store.check([USER_ERROR_KEY])
+    except RuntimeError:
+        return False
+
+
 def all_reduce_sum(x, world):
     """Sum a tensor over ranks (in place); a no-op on one process."""
     if world > 1:
@@ -2092,11 +2128,42 @@ def preflight(argv, ngpus):
         cmd, args, rest = parse_cli(["train", *argv])
         cfg = load_config(args.config_path or args.config, rest)
         check_batch_split(cfg["train"], world)
+        data.check_source(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
+                          cfg["resolution"] or None, download=args.download)
         print(world)
         return 0
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+def torchrun(argv):
+    """run.sh's launcher: `torchrun ARGV` (torch.distributed.run), except that a run stopped by a user error (every
+    failed rank exited 2 or was stopped by torchrun; the one-line message is printed) exits 2 without torchrun's
+    failure report. Any other failure raises that report, as torchrun does."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    held, quiet = [], False                                 # torchrun's lines on its ranks' exits, for its report
+    reports = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+
+    def hold(record):
+        if record.levelno >= logging.WARNING:
+            held.append(record)
+        return record.levelno < logging.WARNING
+    reports.addFilter(hold)
+    try:
+        run(parse_args(argv))
+        return 0
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        quiet = 2 in codes and all(c in (2, -signal.SIGTERM) for c in codes)
+        if quiet:
+            return 2
+        raise
+    finally:
+        reports.removeFilter(hold)
+        for record in held if not quiet else ():
+            reports.handle(record)
 
 
 def main(argv):
@@ -2107,11 +2174,16 @@ def main(argv):
         run_command(*parse_cli(argv))
         return 0
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if first_user_error():                              # under torchrun: one line, from the first rank to stop
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:                               # before training started: nothing to save
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        if after_user_error():                              # another rank stopped on a user error and said why
+            return 2
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             gc.collect()                                    # avoids an intermittent gloo abort at exit

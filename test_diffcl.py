@@ -3467,3 +3467,39 @@ def test_first_day_the_old_num_flag_is_one_line_naming_the_new_one(capsys, tmp_p
         assert D.main([cmd, "--ckpt", str(tmp_path / "ckpt.pt"), *more, "--num", "5"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--num-images" in err and "numa" in err, err
+
+
+def test_first_day_run_sh_preflight_finds_a_missing_dataset_before_torchrun(tmp_path, capsys):
+    config = str(HERE / "configs" / "celeba32_cs.json")
+    assert D.preflight(["--config-path", config, f"--data_root={tmp_path}/none"], 2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: CelebA not found at {tmp_path}/none: expected img_align_celeba") and err.count("\n") == 1
+    cifar = str(HERE / "configs" / "cifar10_c.json")              # --download: fetched later by rank 0, not here
+    assert D.preflight(["--config-path", cifar, f"--data_root={tmp_path}/c"], 1) == 2 and "--download" in \
+        capsys.readouterr().err
+    assert D.preflight(["--config-path", cifar, f"--data_root={tmp_path}/c", "--download"], 1) == 0
+    assert capsys.readouterr().out == "1\n" and not (tmp_path / "c").exists()
+
+
+@starts_early("test_first_day_run_sh_user_errors_inside_torchrun_are_one_line_exit_2_with_the_given_python")
+def start_run_sh_with_user_errors(folder, cases):
+    (folder / "file").write_text("")
+    python = folder / "python"                                    # PYTHON: run.sh must use it, not python3 on PATH
+    python.write_text(f"#!/bin/sh\necho used >> {folder}/used\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    # rank 0 alone meets the first error (its run folder) after torchrun started; both ranks meet the second
+    script = (f"bash run.sh base 2 --out_dir={folder}/file/run 2> {folder}/one.err; echo $? > {folder}/one.rc; "
+              f"bash run.sh base 2 --out_dir={folder}/run --resume={folder}/none.pt 2> {folder}/all.err; echo $?")
+    return Child(["bash", "-c", script], folder, env=dict(os.environ, DATASET="shapes", PYTHON=str(python)))
+
+
+def test_first_day_run_sh_user_errors_inside_torchrun_are_one_line_exit_2_with_the_given_python(child):
+    r, folder = child.result(timeout=300), child.folder
+    # torchrun's start banner (W... lines about OMP_NUM_THREADS) and run.sh's echo of its line are the only others
+    errors = lambda name: [line for line in (folder / name).read_text().splitlines() if not line.startswith(("W", "+ "))]
+    assert (folder / "one.rc").read_text() == "2\n" and errors("one.err") == [
+        f"error: folder {folder}/file/run is not writable (Not a directory); choose another output path"]
+    assert r.stdout == "2\n" and errors("all.err") == [f"error: checkpoint not found: {folder}/none.pt"]
+    assert f"+ {folder}/python -m torch.distributed.run --standalone --nproc_per_node=2 diffcl.py" in \
+        (folder / "one.err").read_text()
+    assert (folder / "used").read_text() == "used\n" * 4         # the preflight check and the launcher, twice
