@@ -259,7 +259,8 @@ def source_files(dataset, root, split, download, log):
         if not os.path.isfile(tar):
             if not download:
                 raise DataError(f"CIFAR-10 not found at {root}: expected cifar-10-batches-py/ or "
-                                f"cifar-10-python.tar.gz (from {CIFAR_URL}), {ROOT_HINT}, or add --download to fetch it")
+                                f"cifar-10-python.tar.gz (from {CIFAR_URL}), {ROOT_HINT}, or add --download to "
+                                "fetch it")
             fetch(CIFAR_URL, tar, CIFAR_MD5, log)
         return [tar]  # the split's batches are read straight from the tarball, no extraction
     if dataset == "fashion32":

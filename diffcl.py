@@ -2011,9 +2011,9 @@ def cli_parser(cmd):
     """The argparse parser of one command. No flag may be a prefix of one of torchrun's (test_diffcl checks): torchrun
     reads abbreviations of its own options anywhere on its command line, after the script name too."""
     count = number_in(1, what="a whole number >= 1")
+    overrides = "config overrides: --section.key=value, e.g. --train.lr=1e-4 --train.length_scale=0.2"
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
-                                epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 "
-                                       "--train.length_scale=0.2")
+                                epilog=overrides if cmd not in ("sample", "eval") else None)
     p.error = usage_error                                   # one line, exit 2, like every other mistake
     add = p.add_argument
     if cmd in ("train", "bench"):
@@ -2026,16 +2026,20 @@ def cli_parser(cmd):
             help="the description's flag: insist on a torchrun launch (torchrun alone decides the world)")
         add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
-        add("--ckpt", required=cmd == "sample")
+        add("--ckpt", required=cmd == "sample", help="checkpoint to sample (EMA weights, its CS mask)")
         add("--num-images", dest="num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
-            default=64 if cmd == "sample" else 10000)
-        add("--out", default=None, help="image folder to write")
-        add("--ddim", action="store_true")
-        add("--steps", type=count, default=50)
-        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0)
-        add("--skip", choices=("uniform", "quadratic"), default="uniform")
-        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256)
-        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
+            default=64 if cmd == "sample" else 10000, metavar="N", help="images to generate (default %(default)s)")
+        add("--out", default=None, help="image folder to write (default: beside the checkpoint)")
+        add("--ddim", action="store_true", help="DDIM sampling (default: the full DDPM chain)")
+        add("--steps", type=count, default=50, help="DDIM steps, with --ddim (default %(default)s)")
+        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0,
+            help="DDIM noise, with --ddim (default %(default)s: deterministic)")
+        add("--skip", choices=("uniform", "quadratic"), default="uniform",
+            help="DDIM step spacing, with --ddim (default %(default)s)")
+        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256,
+            help="images per batch (default %(default)s)")
+        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0,
+            help="image i's noise is keyed by (seed, i) (default %(default)s)")
         add("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
         add("--npz", action="store_true", help="also write samples.npz (uint8 images)")
@@ -2045,30 +2049,32 @@ def cli_parser(cmd):
         add("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
         add("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
         add("--real", help="real images (dataset name, folder or .npy) for precision/recall")
-        add("--inception")
-        add("--download", action="store_true")
+        add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
+        add("--download", action="store_true", help="fetch missing weights (and a --real CIFAR-10)")
     if cmd == "bench":
-        add("--batch-size", type=count)
-        add("--steps", type=count, default=10)
-        add("--precision", choices=("fp32", "bf16"))
-        add("--compile", action="store_true")
+        add("--batch-size", type=count, help="images per step (default: the config's train.batch_size)")
+        add("--steps", type=count, default=10, help="steps per timed window (default %(default)s)")
+        add("--precision", choices=("fp32", "bf16"), help="default: the config's train.precision")
+        add("--compile", action="store_true", help="torch.compile the step")
         add("--cuda-graphs", action="store_true", help="with --compile on CUDA: as CUDA graphs")
         add("--sample", action="store_true", help="also time DDIM sampling of a batch")
-        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample")
+        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample (default %(default)s)")
         add("--data", action="store_true", help="also time the data path")
     if cmd in ("demo", "compare"):
-        add("--out", default=f"runs/{cmd}")
-        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
+        add("--out", default=f"runs/{cmd}", help="folder of the runs and the table (default %(default)s)")
+        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json "
+                                                "(default %(default)s)")
         add("--jobs", type=count, default=2 if cmd == "demo" else 1,
-            help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
+            help="runs trained at once (one per GPU when there are enough; CPU threads are split; default "
+                 "%(default)s)")
     if cmd == "compare":
-        add("--seeds", type=count, default=3)
+        add("--seeds", type=count, default=3, help="paired seeds per mode (default %(default)s)")
         add("--fid-num", type=number_in(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
-            help="FID-n images per run; 0 = no FID")
-        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
+            help="FID-n images per run; 0 = no FID (default %(default)s)")
+        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples (default %(default)s)")
         add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
-            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required)")
-        add("--inception")
+            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required; default {','.join(MODES)})")
+        add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
     return p
 
 

@@ -2508,7 +2508,8 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     capsys.readouterr()
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"), "--num-images", "1"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"),
+                   "--num-images", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not writable" in err
 
@@ -3473,7 +3474,8 @@ def test_first_day_run_sh_preflight_finds_a_missing_dataset_before_torchrun(tmp_
     config = str(HERE / "configs" / "celeba32_cs.json")
     assert D.preflight(["--config-path", config, f"--data_root={tmp_path}/none"], 2) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: CelebA not found at {tmp_path}/none: expected img_align_celeba") and err.count("\n") == 1
+    assert err.startswith(f"error: CelebA not found at {tmp_path}/none: expected img_align_celeba")
+    assert err.count("\n") == 1
     cifar = str(HERE / "configs" / "cifar10_c.json")              # --download: fetched later by rank 0, not here
     assert D.preflight(["--config-path", cifar, f"--data_root={tmp_path}/c"], 1) == 2 and "--download" in \
         capsys.readouterr().err
@@ -3496,10 +3498,48 @@ def start_run_sh_with_user_errors(folder, cases):
 def test_first_day_run_sh_user_errors_inside_torchrun_are_one_line_exit_2_with_the_given_python(child):
     r, folder = child.result(timeout=300), child.folder
     # torchrun's start banner (W... lines about OMP_NUM_THREADS) and run.sh's echo of its line are the only others
-    errors = lambda name: [line for line in (folder / name).read_text().splitlines() if not line.startswith(("W", "+ "))]
+    errors = lambda name: [line for line in (folder / name).read_text().splitlines()
+                           if not line.startswith(("W", "+ "))]
     assert (folder / "one.rc").read_text() == "2\n" and errors("one.err") == [
         f"error: folder {folder}/file/run is not writable (Not a directory); choose another output path"]
     assert r.stdout == "2\n" and errors("all.err") == [f"error: checkpoint not found: {folder}/none.pt"]
     assert f"+ {folder}/python -m torch.distributed.run --standalone --nproc_per_node=2 diffcl.py" in \
         (folder / "one.err").read_text()
     assert (folder / "used").read_text() == "used\n" * 4         # the preflight check and the launcher, twice
+
+
+def test_first_day_readme_python_snippets_run_as_printed_on_a_demo_layout(cs_checkpoint, tmp_path, monkeypatch, capsys):
+    # The README's snippets, exactly as printed, in one namespace (the FID one continues the sample one), in a folder
+    # laid out as `bash run.sh demo` leaves it (its CS checkpoint: here a tiny one). The Inception is a stand-in: the
+    # snippet's wiring is under test, the real network has its own tests.
+    readme = (HERE / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(snippets) == 2 and "runs/demo/cs_seed0/ckpt.pt" in snippets[0]
+    (tmp_path / "runs" / "demo" / "cs_seed0").mkdir(parents=True)
+    shutil.copy(cs_checkpoint, tmp_path / "runs" / "demo" / "cs_seed0" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu":
+                        StandInFeatures().to(device))
+    namespace = {}
+    for code in snippets:
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["images"].shape == (16, 8, 8, 3) and namespace["images"].dtype == np.uint8
+    result = namespace["result"]
+    assert result["n"] == 16 and math.isfinite(result["fid"]) and 0 <= result["precision"] <= 1
+    assert capsys.readouterr().out.strip().startswith("{'fid': ")
+
+
+def test_first_day_help_shows_defaults_and_offers_overrides_only_where_accepted(capsys):
+    for cmd in D.COMMANDS:
+        parser = D.cli_parser(cmd)
+        text = parser.format_help()
+        assert ("--section.key=value" in text) == (cmd not in ("sample", "eval")), cmd
+        for a in parser._actions:                           # every default worth saying is said
+            if a.default not in (None, False, "==SUPPRESS==") and a.option_strings:
+                shown = ",".join(a.default) if isinstance(a.default, tuple) else str(a.default)
+                assert a.help and ("%(default)s" in a.help or shown in a.help), (cmd, a.option_strings)
+    assert D.main(["sample", "--ckpt", "x.pt", "--train.lr=1e-4"]) == 2
+    assert "unrecognised arguments: --train.lr=1e-4" in capsys.readouterr().err
+    r = subprocess.run(["bash", str(HERE / "run.sh"), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("usage: bash run.sh MODE [NGPUS]") and "PYTHON=" in r.stdout
+    assert r.stderr == ""
