@@ -142,6 +142,13 @@ def load_config(path=None, overrides=(), base=None):
     """Defaults < JSON file (or `base`, e.g. a checkpoint's stored config) < --key=value overrides."""
     user = read_json_file(path) if path else copy.deepcopy(base) if base is not None else {}
     over = parse_overrides(overrides)
+    for section, value in over.items():                     # an override's own mistake is named as typed
+        for key, v in value.items() if isinstance(value, dict) else [(None, value)]:
+            name = f"{section}.{key}" if key else section
+            merge_keys(copy.deepcopy(DEFAULTS), DEFAULTS, {section: {key: v}} if key else {section: v},
+                       f"command-line override --{name}")
+            for _, lo, hi in (r for r in RANGES if r[0] == name and not r[1] <= v <= r[2]):
+                raise ConfigError(f"command-line override --{name}: must be in [{lo}, {hi}], got {v!r}")
     for section, value in over.items():
         if isinstance(value, dict) and isinstance(user.get(section), dict):
             user[section] = {**user[section], **value}
@@ -742,7 +749,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         rotate = source is not None and os.path.samefile(source, ckpt_path) if os.path.exists(ckpt_path) else True
         if source:
             mask, birth, score, step, wall = resume_state(source, cfg, force, model, ema, opt, len(images))
-            log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
+            log(f"resumed from {source} at step {step} (epoch {step / steps_per_epoch:.2f})")
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
             if os.path.isdir(os.path.join(out_dir, "config.json")):
@@ -797,13 +804,15 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 s = run.stats.reduce(world)
                 epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
                 if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
-                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
+                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {step / steps_per_epoch:.2f}, stage "
+                                   f"{name}); stopped. "
                                    f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} "
                                    "(intact). Lower train.lr or raise train.warmup, then rerun to resume")
                 now = time.perf_counter()
                 img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
-                log(f"{epoch + 1}/{epochs:g} epochs [{name}] step {step}/{total_steps} | loss={s['loss']:.4f} "
+                log(f"epoch {step / steps_per_epoch:.2f}/{epochs:g} [{name}] step {step}/{total_steps} | "
+                    f"loss={s['loss']:.4f} "
                     f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
                     f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                 if is_main:
@@ -898,7 +907,7 @@ def stage_banner(run, i, mask, regrown):
     stages, cfg = run.stages, run.cfg
     T, scale = cfg["diffusion"]["timesteps"], cfg["train"]["length_scale"]
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
-    epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
+    epochs = f"epochs {first:g}-{last:g}" + (f" (x{scale:g})" if scale != 1 else "")   # as the progress line: from 0
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
              else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
     if run.mix_weights:
@@ -1098,22 +1107,25 @@ def parse_overrides(args):
 def merge_config(user, source="config"):
     """Defaults < user dict. Keys starting with '_' are comments. Returns a validated nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
-
-    def merge(into, defaults, given, prefix):               # the top level, then each section (one level deep)
-        for key, value in given.items():
-            if key.startswith("_"):
-                continue
-            if key not in defaults:
-                raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
-            if not isinstance(defaults[key], dict):
-                into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
-            elif isinstance(value, dict):
-                merge(into[key], defaults[key], value, f"{key}.")
-            else:
-                raise ConfigError(f"{source}: '{key}' must be an object")
-    merge(cfg, DEFAULTS, user, "")
+    merge_keys(cfg, DEFAULTS, user, source)
     validate_config(cfg, source)
     return cfg
+
+
+def merge_keys(into, defaults, given, source, prefix=""):
+    """Copy `given` into `into`, the top level, then each section (one level deep): an unknown key or a wrong type
+    is a ConfigError that starts with `source` (the config file, or the override as typed)."""
+    for key, value in given.items():
+        if key.startswith("_"):
+            continue
+        if key not in defaults:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
+        if not isinstance(defaults[key], dict):
+            into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
+        elif isinstance(value, dict):
+            merge_keys(into[key], defaults[key], value, source, f"{key}.")
+        else:
+            raise ConfigError(f"{source}: '{key}' must be an object")
 
 
 def _check_value(where, key, value, default):

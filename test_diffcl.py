@@ -1547,7 +1547,7 @@ def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
         assert r["loss"] == pytest.approx(r["mse"] + r["reg"], rel=1e-5)
         assert (r["reg"] > 0) == (mode == "cr" and r["stage"] == 0)   # lambda decays to 0 in the last stage
     if mode == "base":
-        assert log.count("== stage 1/1 [plain] epochs 1-2 | t in [0, 20)") == 1     # plain DDPM: one stage on [0, T)
+        assert log.count("== stage 1/1 [plain] epochs 0-2 | t in [0, 20)") == 1     # plain DDPM: one stage on [0, T)
         assert any(r["bucket_mse"][0] is not None for r in train) and {r["stage"] for r in train} == {0}
         assert [(r["step"], r["name"], r["window"]) for r in records(out, "stage")] == [(0, "plain", [0, 20])]
     else:
@@ -1663,7 +1663,7 @@ def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(D, "mse_per_sample", lambda o, t: real(o, t) * float("nan"))
     cfg2 = dict(cfg, train={**cfg["train"], "epochs": 5}, curriculum={**cfg["curriculum"], "stages": [
         *cfg["curriculum"]["stages"][:-1], {**cfg["curriculum"]["stages"][-1], "epochs": 3}]})
-    with pytest.raises(D.RunError, match=r"loss is nan at step 14 \(epoch 3, stage full\).*ckpt.pt \(intact\)"):
+    with pytest.raises(D.RunError, match=r"loss is nan at step 14 \(epoch 2\.33, stage full\).*ckpt.pt \(intact\)"):
         D.train(cfg2, force=True)
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
@@ -3543,3 +3543,26 @@ def test_first_day_help_shows_defaults_and_offers_overrides_only_where_accepted(
     r = subprocess.run(["bash", str(HERE / "run.sh"), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("usage: bash run.sh MODE [NGPUS]") and "PYTHON=" in r.stdout
     assert r.stderr == ""
+
+
+def test_first_day_an_override_mistake_is_named_as_typed_a_file_mistake_by_its_file(tmp_path):
+    config = str(HERE / "configs" / "fashion32_c.json")
+    for override, message in (("--train.lrr=1", "--train.lrr: unknown key 'train.lrr'"),
+                              ("--lr=abc", "--train.lr: train.lr: expected float, got 'abc'"),
+                              ("--train.length_scale=0", "--train.length_scale: must be in [1e-06, 1000000.0], got 0")):
+        with pytest.raises(D.ConfigError) as e:
+            D.load_config(config, [override])
+        assert str(e.value).startswith(f"command-line override {message}") and "fashion32" not in str(e.value)
+    (tmp_path / "bad.json").write_text(json.dumps({"train": {"lrr": 1}}))
+    with pytest.raises(D.ConfigError, match=f"^{re.escape(str(tmp_path))}/bad.json: unknown key 'train.lrr'"):
+        D.load_config(str(tmp_path / "bad.json"), ["--train.lr=1e-3"])
+
+
+def test_first_day_epochs_count_from_0_in_the_scaled_length_in_banners_and_progress(tmp_path, capsys):
+    # 48 images, batch 8: 6 steps an epoch; stages of 1 + 1 epochs x 0.75 = 1.5 epochs, 9 steps, the second from 0.75
+    D.train(tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "length_scale": 0.75, "log_intv": 3,
+                                           "image_intv": 0}))
+    log = capsys.readouterr().out
+    assert "== stage 1/2 [high] epochs 0-0.75 (x0.75)" in log and "== stage 2/2 [full] epochs 0.75-1.5 (x0.75)" in log
+    progress = re.findall(r"epoch (\S+)/(\S+) \[\w+\] step (\d+)/9 ", log)
+    assert progress == [("0.50", "1.5", "3"), ("1.00", "1.5", "6"), ("1.50", "1.5", "9")], log
