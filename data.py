@@ -173,6 +173,25 @@ def lock_run_folder(out_dir, holder_kind="trainer"):
     return f
 
 
+def not_yet_made(out_dir, *subdirs):
+    """What prepare_out_dir(out_dir, *subdirs) and lock_run_folder would make that does not exist yet, deepest first
+    (out_dir's missing parents too): remove_made undoes a failed start with this list."""
+    made = [p for p in (os.path.join(out_dir, n) for n in (".lock", *subdirs)) if not os.path.lexists(p)]
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_made(paths):
+    """Remove, deepest first, what a failed start made (not_yet_made's list): the lock file, then each folder while it
+    is empty. Anything else (files another process put there meanwhile) stays, and so do the folders holding it."""
+    for p in paths:
+        with contextlib.suppress(OSError):                   # a folder that is not empty is kept, on purpose
+            os.remove(p) if os.path.basename(p) == ".lock" else os.rmdir(p)
+
+
 # ---------------------------------------------------------------------------- load_images
 def load_images(name, root=None, split=None, resolution=None, cache_dir=None, download=False, strict=False,
                 log=print, num_images=None):

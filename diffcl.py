@@ -726,8 +726,13 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         raise RunError(f"checkpoint not found: {resume}")
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
+    made = data.not_yet_made(out_dir, "samples") if is_main else []   # a failed start removes these again
     if is_main:
-        data.prepare_out_dir(out_dir, "samples")
+        try:
+            data.prepare_out_dir(out_dir, "samples")
+        except data.DataError:
+            data.remove_made(made)
+            raise
     lock = data.lock_run_folder(out_dir) if is_main else None
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
@@ -755,6 +760,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             if os.path.isdir(os.path.join(out_dir, "config.json")):
                 raise RunError(f"{out_dir}/config.json is a folder; move it away, then rerun")
             data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
+        made = []                                           # started: the run folder stays from here on
         run = make_run(cfg, model, ema, opt, device, rank, world, steps_per_epoch)
         mask, score = place_mask_and_score(run, mask, score, device)
         epochs = total_epochs(cfg) * scale
@@ -850,6 +856,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         signal.signal(signal.SIGINT, previous_handler)
         if lock is not None:
             lock.close()
+        data.remove_made(made)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
 

@@ -3566,3 +3566,24 @@ def test_first_day_epochs_count_from_0_in_the_scaled_length_in_banners_and_progr
     assert "== stage 1/2 [high] epochs 0-0.75 (x0.75)" in log and "== stage 2/2 [full] epochs 0.75-1.5 (x0.75)" in log
     progress = re.findall(r"epoch (\S+)/(\S+) \[\w+\] step (\d+)/9 ", log)
     assert progress == [("0.50", "1.5", "3"), ("1.00", "1.5", "6"), ("1.50", "1.5", "9")], log
+
+
+def test_first_day_a_failed_start_leaves_nothing_new_and_keeps_what_was_there(tmp_path):
+    missing = {"dataset": f"folder:{tmp_path}/no_images"}
+    with pytest.raises(data.DataError, match="does not exist"):          # new folders, three deep: all go again
+        D.train(tiny_cfg(tmp_path, "c", **missing, out_dir=str(tmp_path / "new" / "a" / "b")))
+    assert sorted(os.listdir(tmp_path)) == []
+    old = tmp_path / "old"                                               # a folder that was there: only ours goes
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    (old / "samples").mkdir()
+    (old / "samples" / "mine.png").write_text("")
+    with pytest.raises(data.DataError, match="does not exist"):
+        D.train(tiny_cfg(tmp_path, "c", **missing, out_dir=str(old)))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "old", "old/keep.txt", "old/samples", "old/samples/mine.png"]
+    (old / ".lock").write_text("")                                      # an earlier run's lock file stays too
+    (old / "samples" / "mine.png").unlink()
+    with pytest.raises(D.ConfigError, match="model.in_channels is 1 but shapes images have 3"):
+        D.train(tiny_cfg(tmp_path, "c", model={**TINY_RUN["model"], "in_channels": 1}, out_dir=str(old)))
+    assert sorted(os.listdir(old)) == [".lock", "keep.txt", "samples"]
