@@ -3587,3 +3587,20 @@ def test_first_day_a_failed_start_leaves_nothing_new_and_keeps_what_was_there(tm
     with pytest.raises(D.ConfigError, match="model.in_channels is 1 but shapes images have 3"):
         D.train(tiny_cfg(tmp_path, "c", model={**TINY_RUN["model"], "in_channels": 1}, out_dir=str(old)))
     assert sorted(os.listdir(old)) == [".lock", "keep.txt", "samples"]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_first_day_every_gradient_is_strided_like_its_parameter_as_ddp_expects(layout):
+    # DDP copies each gradient into a bucket view strided like the parameter and warns at every step when they differ.
+    # On the CPU the conv backward's layout depends on the thread count (one thread hid the mismatch): two here.
+    torch.manual_seed(0)
+    model = UNet(3, 32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False).to(memory_format=layout)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=layout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model(x, torch.tensor([3, 17])).square().mean().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()] == []
+    assert any("middle.1.project_out" in n for n, _ in model.named_parameters())    # the attention in the middle
