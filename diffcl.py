@@ -32,6 +32,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import subprocess
 import threading
 import time
@@ -311,12 +312,96 @@ def ddim_step(out, xt, t, t_prev, tab, eta, noise, mean_type="eps"):
     return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
 
 
+def gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretised_log_likelihood(x, mean, log_scale):
+    """Elementwise log-probability in nats of pixels x on the 256 levels k/127.5 - 1 of [-1, 1] under
+    N(mean, e^(2 log_scale)): the Gaussian's mass on the level's bin [x - 1/255, x + 1/255], the lowest bin open to
+    -inf, the highest to +inf. Exact normal CDF in log space, so no floor is needed (improved-diffusion uses a tanh
+    approximation clamped at 1e-12)."""
+    inv = torch.exp(-log_scale)
+    lo, hi = (x - mean - 1 / 255) * inv, (x - mean + 1 / 255) * inv
+    flip = lo > 0                                           # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): keep both CDFs
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)   # below 1/2 at the bigger one (no cancellation)
+    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    inner = lb + torch.log(-torch.expm1(la - lb))           # log(Phi(b) - Phi(a)), a < b
+    edge = torch.where(x < -0.999, torch.special.log_ndtr(hi), torch.special.log_ndtr(-lo))   # open end bins
+    return torch.where((x < -0.999) | (x > 0.999), edge, inner)
+
+
+@torch.no_grad()
+def nll_bpd(net, cfg, mask, images, timesteps=0, seed=0, t_seed=None, batch=256, first=0, on_chunk=None):
+    """Variational bound on -log p(x_0) of uint8 images (N, H, W, C) in bits/dim, as improved-diffusion's
+    calc_bpd_loop (Nichol & Dhariwal 2021) with t 0-indexed as everywhere here:
+
+        L = KL(q(x_{T-1}|x_0) || N(0, I)) + sum_{t>=1} KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) - log p(x_0|x_t=0)
+
+    in nats summed over the D = C H W dimensions, divided by D ln 2, averaged over the images. p's mean is the
+    posterior mean at the network's x0 estimate clipped to [-1, 1] (as the sampler); its variance is beta tilde
+    (fixed-small) or beta (fixed-large), beta tilde_1 standing in at t = 0 in both (so is q's log-variance); the
+    t = 0 term is the decoder, discretised_log_likelihood of x_0 under that Gaussian. x_t of (image i, t) uses
+    noise keyed by (seed, i, t), i counted from `first`: reruns, every checkpoint and every split of the images over
+    ranks see the same noise.
+
+    timesteps = 0 or T: every t (exact up to the one noise draw). K in [2, T): an unbiased estimate from K
+    network calls per image: t = 0 (the decoder: large, so never left to chance) plus one uniform draw in each of
+    K - 1 equal strata of [1, T), keyed by (t_seed or seed, i), each term times its stratum's size; K = T is
+    the full sum. Returns {"bpd", "n", "timesteps", "estimator", "bpd_terms": {"prior", "decoder", "kl": the KL
+    terms summed per tenth of [0, T)}} (terms in bits/dim, summing to bpd). on_chunk(done, total) after each batch."""
+    dif, device = cfg["diffusion"], mask.device
+    T, mean_type, var_type = dif["timesteps"], dif["model_mean_type"], dif["model_var_type"]
+    K = timesteps or T
+    if not 2 <= K <= T:
+        raise ValueError(f"timesteps must be 0 (all) or in [2, T = {T}], got {timesteps}")
+    tab = tables_on(cfg, device)
+    q_logvar = torch.cat([tab["post_var"][1:2], tab["post_var"][1:]]).log()
+    p_logvar = q_logvar if var_type == "fixed-small" else tab["large_var"].log()
+    x0 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).double() / 127.5 - 1
+    N, D = len(x0), x0[0].numel()
+    edges = [1 + j * (T - 1) // (K - 1) for j in range(K)]             # strata [edges[j], edges[j+1]) of [1, T)
+    lo, size = torch.tensor(edges[:-1]), torch.tensor(edges[1:]) - torch.tensor(edges[:-1])
+    keyed, draw = lambda *key: torch.Generator().manual_seed(key_seed(*key)), seed if t_seed is None else t_seed
+    ts, weight, noise_seeds = [], torch.cat([torch.ones(1), size.double()]), []
+    for i in range(first, first + N):                       # t draws and noise seeds: functions of (seed, i) alone
+        u = torch.rand(K - 1, dtype=torch.float64, generator=keyed(NLL_TIMESTEPS, draw, i))
+        ts.append(torch.cat([torch.zeros(1, dtype=torch.long), lo + (u * size).long().clamp(max=size - 1)]))
+        noise_seeds.append(torch.randint(0, 2 ** 62, (T,), generator=keyed(NLL_NOISE, seed, i)))
+    ts, noise_seeds, g = torch.stack(ts), torch.stack(noise_seeds), torch.Generator()
+    nats = torch.zeros(N, 12, dtype=torch.float64)           # per image: prior, decoder, KL per tenth of [0, T)
+    ab = tab["alpha_bar"][-1].cpu()
+    zero = torch.zeros((), dtype=torch.float64)
+    nats[:, 0] = gaussian_kl(ab.sqrt() * x0, (1 - ab).log(), zero, zero).flatten(1).sum(1)
+    for a in range(0, N * K, batch):                        # (image, t) pairs, image-major
+        pair = torch.arange(a, min(a + batch, N * K))
+        i, k = pair // K, pair % K
+        t = ts[i, k]
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(s)) for s in noise_seeds[i, t].tolist()])
+        xb, td = x0[i].to(device), t.to(device)
+        xt = q_sample(xb.float(), td, eps.to(device), tab).double()   # the network's input, exactly
+        mean, _, _ = p_mean_var(net(xt.float(), td, mask).double(), xt, td, tab, mean_type, var_type)
+        lv = p_logvar[td].reshape(-1, 1, 1, 1)
+        kl = gaussian_kl(q_posterior(xb, xt, td, tab)[0], q_logvar[td].reshape(-1, 1, 1, 1), mean, lv)
+        decoder = -discretised_log_likelihood(xb, mean, 0.5 * lv)
+        term = torch.where(td == 0, decoder.flatten(1).sum(1), kl.flatten(1).sum(1)).cpu() * weight[k]
+        nats.index_put_((i, torch.where(t == 0, 1, 2 + t * 10 // T)), term, accumulate=True)
+        if on_chunk:
+            on_chunk(a + len(pair), N * K)
+    bits = (nats / (D * math.log(2))).mean(0).tolist()
+    return {"bpd": sum(bits), "n": N, "timesteps": K,
+            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
+            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Random streams. Every draw comes from a generator keyed by integers -- (purpose, seed, step, rank) in
 # training, (purpose, seed, image) in sampling -- so a resumed run draws exactly what the uninterrupted
 # run drew, and ranks, seeds and steps get unrelated streams.
 
-TIMESTEPS, NOISE, DROPOUT, X_T, SAMPLER_NOISE, FIRST_MASK, RANDOM_REGROWTH = range(7)   # purposes
+# purposes
+TIMESTEPS, NOISE, DROPOUT, X_T, SAMPLER_NOISE, FIRST_MASK, RANDOM_REGROWTH, NLL_TIMESTEPS, NLL_NOISE = range(9)
 
 
 def key_seed(*key):
@@ -887,6 +972,7 @@ def resume_state(source, cfg, force, model, ema, opt, num_images):
     if ema is not None and state["ema"] is not None:
         load_weights(ema, state["ema"], source)
     load_weights(opt, state["opt"], source)
+    check_optimizer_state(opt, source)
     if state["mask"].shape != (model.bottleneck_channels,):
         raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
                        f"{model.bottleneck_channels}")
@@ -1423,7 +1509,90 @@ def load_checkpoint(path):
     bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
     if bad or len(state["image_shape"]) != 3:
         raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
+    check_checkpoint_values(state, path)
     return state
+
+
+def checkpoint_value_problem(state):
+    """What is impossible about a structurally sound checkpoint's values, or None. A written checkpoint has: step >= 0;
+    a float 0/1 mask with at least one 1; integer birth stages, >= 0 exactly where the mask is on and -1 where it is
+    off; finite scores >= 0; one entry per bottleneck channel in all three; finite weights. Against its own config
+    (skipped when this version cannot read that config; `sample` says so): image_shape (in_channels, res, res), an EMA
+    exactly when train.use_ema, num_images at least one batch, step at most the schedule's last one and equal to
+    epoch x steps per epoch; wall_seconds finite >= 0."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    mask, birth, score, step = state["mask"], state["birth"], state["score"], state["step"]
+    try:
+        cfg = merge_config(state["config"], "checkpoint")
+    except ConfigError:
+        cfg = None
+    with torch.device("meta"):                              # sizes only: nothing is allocated
+        channels = UNet(**cfg["model"]).bottleneck_channels if cfg else mask.numel()
+    if isinstance(step, bool) or step < 0:
+        return f"step is {step!r}, not a count >= 0"
+    for name, t in (("mask", mask), ("birth", birth), ("score", score)):
+        if t.shape != (channels,):
+            return f"{name} has shape {tuple(t.shape)}; the model has {channels} bottleneck channels"
+    if not mask.is_floating_point() or not ((mask == 0) | (mask == 1)).all() or not mask.any():
+        return "mask must be a float tensor of 0s and 1s with at least one 1"
+    if birth.is_floating_point() or birth.dtype == torch.bool or not torch.equal(birth >= 0, mask > 0) \
+            or birth.min() < -1:
+        return "birth must hold integer stages >= 0 where the mask is on and -1 where it is off"
+    if not score.is_floating_point() or not (torch.isfinite(score) & (score >= 0)).all():
+        return "score must hold finite values >= 0"
+    for key in ("model", "ema"):
+        if any(isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+               for v in (state[key] or {}).values()):
+            return f"its {key} weights are not finite"
+    for key, ok in (("num_images", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                    ("wall_seconds", lambda v: number(v) and v >= 0), ("epoch", lambda v: number(v) and v >= 0)):
+        if key in state and not ok(state[key]):
+            return f"{key} is {state[key]!r}"
+    if cfg is None:
+        return None
+    tr, res = cfg["train"], image_resolution(cfg)
+    if list(state["image_shape"]) != [cfg["model"]["in_channels"], res, res]:
+        return (f"image_shape {state['image_shape']} is not (model.in_channels, resolution, resolution) = "
+                f"({cfg['model']['in_channels']}, {res}, {res})")
+    if (state["ema"] is None) == tr["use_ema"]:
+        return f"it {'lacks' if tr['use_ema'] else 'has'} EMA weights but its train.use_ema is {tr['use_ema']}"
+    if "num_images" in state:
+        if state["num_images"] < tr["batch_size"]:
+            return f"num_images {state['num_images']} is less than one batch ({tr['batch_size']})"
+        steps_per_epoch = data.steps_per_epoch(state["num_images"], tr["batch_size"])
+        try:
+            last = schedule_in_steps(cfg, stages_of(cfg), steps_per_epoch)[1]
+        except ConfigError as e:
+            return f"its schedule is impossible ({e})"
+        if step > last:
+            return f"step {step} is past the schedule's last step {last}"
+        if "epoch" in state and abs(state["epoch"] * steps_per_epoch - step) > 1e-6 * max(1, step):
+            return f"epoch {state['epoch']} is not step {step} / {steps_per_epoch} steps per epoch"
+    return None
+
+
+def check_checkpoint_values(state, path):
+    """RunError in one line when checkpoint_value_problem finds something: a damaged or hand-edited file."""
+    problem = checkpoint_value_problem(state)
+    if problem:
+        raise RunError(f"{path} is a damaged diffcl checkpoint: {problem}; use another checkpoint (ckpt_prev.pt or "
+                       "a snapshot), or train again")
+
+
+def check_optimizer_state(opt, path):
+    """After opt.load_state_dict (which checks only the parameter counts): every per-parameter tensor of the
+    optimizer's state has its parameter's shape (or is a scalar), is finite, and Adam's moments and step are >= 0."""
+    for p, st in opt.state.items():
+        for key, v in st.items():
+            if not isinstance(v, torch.Tensor) or (v.dim() and v.shape != p.shape):
+                what = f"has shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"is a {type(v).__name__}"
+                problem = f"its optimizer's {key} {what} for a parameter of shape {tuple(p.shape)}"
+            elif not torch.isfinite(v).all() or key in ("step", "exp_avg_sq", "max_exp_avg_sq") and (v < 0).any():
+                problem = f"its optimizer's {key} is not finite or below 0"
+            else:
+                continue
+            raise RunError(f"{path} is a damaged diffcl checkpoint: {problem}; use another checkpoint (ckpt_prev.pt "
+                           "or a snapshot), or train again")
 
 
 def load_weights(module, weights, path):
@@ -1578,6 +1747,53 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     except data.DataError:
         raise RunError(f"could not append to {log} (not writable, or a full disk); the result is the line "
                        "above") from None
+    return result
+
+
+def nll_on_ranks(net, cfg, mask, images, timesteps, seed, rank, world, batch=256, on_chunk=None):
+    """nll_bpd of `images` with the images split over ranks (one rank_chunks chunk each) and the sums all-reduced:
+    every rank returns the same result, which does not depend on the number of ranks (up to rounding)."""
+    n = len(images)
+    sums = torch.zeros(13, dtype=torch.float64)             # images, then their prior, decoder, KL per tenth, summed
+    for a, m in rank_chunks(n, -(-n // world), rank, world):
+        r = nll_bpd(net, cfg, mask, images[a:a + m], timesteps, seed, batch=batch, first=a, on_chunk=on_chunk)
+        terms = r["bpd_terms"]
+        sums += m * torch.tensor([1.0, terms["prior"], terms["decoder"], *terms["kl"]], dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(mask.device), world).cpu() if world > 1 else sums
+    bits = (sums[1:] / sums[0]).tolist()
+    T = cfg["diffusion"]["timesteps"]
+    K = timesteps or T
+    return {"bpd": sum(bits), "n": n, "timesteps": K,
+            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
+            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
+
+
+def evaluate_nll(ckpt, num, timesteps=0, seed=0, batch_size=256, raw=False):
+    """`eval --nll N`: the bound of nll_bpd on the first N held-out (test) images, EMA weights unless raw, the
+    checkpoint's mask; ranks share the images under torchrun. Prints one JSON line (rank 0) and returns it."""
+    rank, world, device = setup_dist()
+    state = load_checkpoint(ckpt)
+    net, cfg, mask, _ = model_from_checkpoint(ckpt, device, raw, state)
+    T = cfg["diffusion"]["timesteps"]
+    if timesteps and not 2 <= timesteps <= T:
+        raise ConfigError(f"--nll-timesteps {timesteps}: use 0 (all T = {T}) or a number in [2, {T}]")
+    images = data.held_out_images(cfg["dataset"], num, cfg["resolution"] or None, cfg["data_root"] or None,
+                                  cfg["data_split"] or None)
+    if len(images) < num:
+        raise RunError(f"{cfg['dataset']} has only {len(images)} held-out images; use --nll {len(images)}")
+    t0, last = time.perf_counter(), [0.0]
+
+    def report(done, total):                                # a line every 10 s on stderr: all T can take hours
+        now = time.perf_counter()
+        if rank == 0 and (now - last[0] > 10 or done == total):
+            last[0], rate = now, done / max(now - t0, 1e-9)
+            print(f"nll (network evaluations, this rank): {done}/{total} | {rate:.1f}/s | "
+                  f"ETA {fmt_time((total - done) / rate)}", file=sys.stderr, flush=True)
+    result = nll_on_ranks(net, cfg, mask, images, timesteps, seed, rank, world, batch_size, report)
+    result.update({"ckpt": ckpt, "step": state["step"], "weights": "raw" if raw else "ema", "seed": seed,
+                   "dataset": cfg["dataset"], "seconds": round(time.perf_counter() - t0, 1)})
+    if rank == 0:
+        print(json.dumps(result), flush=True)
     return result
 
 
@@ -1745,36 +1961,99 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
     return [v / len(x0) for v in sums]
 
 
+def run_length(cfg, num_images):
+    """(epochs as run, optimizer steps) of a config on `num_images` training images: the schedule's epochs times
+    train.length_scale (rounded to 1e-6), and the steps train takes for them."""
+    steps = schedule_in_steps(cfg, stages_of(cfg), data.steps_per_epoch(num_images, cfg["train"]["batch_size"]))[1]
+    return round(total_epochs(cfg) * cfg["train"]["length_scale"], 6), steps
+
+
+def work_of(cfg, steps):
+    """What equal work compares between runs of one dataset: optimizer steps, global batch, and which data
+    (dataset, split, resolution, data_limit; data_root is left out: the same data may move)."""
+    return {"optimizer steps": steps, "train.batch_size": cfg["train"]["batch_size"], "dataset": cfg["dataset"],
+            "data_split": cfg["data_split"], "resolution": cfg["resolution"], "data_limit": cfg["data_limit"]}
+
+
+def work_mismatch(key, path, state, cfg, finished):
+    """None when checkpoint `state` (at `path`) of run `key` holds the work compare asks of it (`cfg`: the config
+    compare trains it with): all of its optimizer steps when `finished`, at most that many before training, the
+    same batch and data, and the same config but for the keys a resume may change. Else the one-line error naming
+    the run, the difference and the fix."""
+    if not isinstance(state.get("num_images"), int):
+        return f"{key}: {path} does not record its number of training images; move it away, then rerun"
+    have = work_of(state["config"], state["step"])
+    want = work_of(cfg, run_length(cfg, state["num_images"])[1])
+    for name in have:
+        if have[name] != want[name] and (finished or name != "optimizer steps" or have[name] > want[name]):
+            return (f"{key}: {path} holds {have[name]} {name} where this compare needs {want[name]} (not equal "
+                    f"work; trained outside compare or with other settings?); move {os.path.dirname(path)} away "
+                    "or use another --out, then rerun")
+    diff = config_diff(state["config"], cfg)
+    if diff:
+        return (f"{key}: {path} was trained with another config ({', '.join(diff)}); move {os.path.dirname(path)} "
+                "away or use another --out, then rerun")
+    return None
+
+
+def job_report(label, returncode, seconds, done, total, log_text):
+    """The lines that report an ended job: its label (mode/seed), how many of the jobs have ended, its wall time
+    and last log line, then every warning it logged (e.g. a warm-up longer than the run), so none goes unseen."""
+    lines = log_text.strip().splitlines()
+    return ([f"  {'finished' if returncode == 0 else 'FAILED'} {label} ({done}/{total}) in {fmt_time(seconds)}: "
+             f"{(lines[-1:] or ['(no output)'])[0][:150]}"]
+            + [f"    {line.strip()}" for line in lines if line.startswith("warning:")])
+
+
 def run_jobs(jobs, parallel, log_name):
     """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses in `parallel` slots: slot k on GPU k mod
     the GPU count when there are several, else all sharing the device; CPU threads split between the slots. Returns
-    {label: seconds}; a failed job is reported with the end of its log after the others finish."""
+    {label: seconds}; a failed job is reported with the end of its log after the others finish. Each job has its own
+    process group: Ctrl-C reaches this process alone, which passes it on once (each job saves at its next step) and
+    waits for them; a second Ctrl-C passes that on too (they stop at once)."""
     gpus = torch.cuda.device_count() if device_kind() == "cuda" else 0
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
-    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []    # slot: (label, process, log, start)
-    while pending or any(slots):
-        for k, job in enumerate(slots):
-            if job and job[1].poll() is not None:       # ended: report it and free its slot
-                label, proc, logf, t0 = job
-                logf.close()
-                seconds[label] = time.perf_counter() - t0
-                with open(logf.name) as f:
-                    tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-                print(f"  {'finished' if proc.returncode == 0 else 'FAILED'} {label} in {fmt_time(seconds[label])}: "
-                      f"{tail[0][:150]}", flush=True)
-                if proc.returncode:
-                    failed.append(f"{label} (see {logf.name})")
-                slots[k] = job = None
-            if job is None and pending:
-                label, argv, run_dir = pending.pop(0)
-                os.makedirs(run_dir, exist_ok=True)
-                logf = open(os.path.join(run_dir, log_name), "a")
-                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
-                                        stderr=subprocess.STDOUT,
-                                        env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
-                slots[k] = (label, proc, logf, time.perf_counter())
-                print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
-        time.sleep(0.2)
+    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []   # slot: (label, process, log, t0, offset)
+    try:
+        while pending or any(slots):
+            for k, job in enumerate(slots):
+                if job and job[1].poll() is not None:       # ended: report it and free its slot
+                    label, proc, logf, t0, start = job
+                    logf.close()
+                    seconds[label] = time.perf_counter() - t0
+                    with open(logf.name, "rb") as f:
+                        f.seek(start)
+                        text = f.read().decode(errors="replace")
+                    print("\n".join(job_report(label, proc.returncode, seconds[label], len(seconds), len(jobs),
+                                                text)), flush=True)
+                    if proc.returncode:
+                        failed.append(f"{label} (see {logf.name})")
+                    slots[k] = job = None
+                if job is None and pending:
+                    label, argv, run_dir = pending.pop(0)
+                    os.makedirs(run_dir, exist_ok=True)
+                    logf = open(os.path.join(run_dir, log_name), "a")
+                    start = os.path.getsize(logf.name)      # this job's part of a log that a resume appends to
+                    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
+                    slots[k] = (label, proc, logf, time.perf_counter(), start)
+                    print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        running = [job[1] for job in slots if job and job[1].poll() is None]
+        print(f"\n  Ctrl-C: {len(running)} running job(s) save at their next step and stop (Ctrl-C again: stop "
+              "them at once)", flush=True)
+        for _ in range(2):
+            try:
+                for proc in running:
+                    proc.send_signal(signal.SIGINT)
+                for proc in running:
+                    proc.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
     if failed:
         raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun compare to resume")
     return seconds
@@ -1805,7 +2084,16 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
         if "base" not in modes or not set(modes) <= {*MODES, *CONTROLS}:
             raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
-        epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
+        twice = sorted({m for m in modes if modes.count(m) > 1})
+        if twice:
+            raise ConfigError(f"--modes names {', '.join(twice)} more than once; list each mode once")
+        for name in ("compare.json", "compare.md", "loss_over_steps.png"):     # before any work, not after it
+            if os.path.isdir(os.path.join(out, name)):
+                raise RunError(f"{os.path.join(out, name)} is a folder where compare writes a file; move it away, "
+                               "then rerun")
+        c_cfg = load_config(mode_config(dataset, "c")[0], overrides)
+        schedule = total_epochs(c_cfg)                      # base trains the curriculum's epochs
+        epochs = round(schedule * c_cfg["train"]["length_scale"], 6)           # as run
         # Every run is scored on the same held-out (test) images; loading them first checks they were never trained on.
         base_cfg = load_config(mode_config(dataset, "base")[0], overrides)
         held = data.held_out_images(base_cfg["dataset"], max(held_out_n, 2 * fid_num), base_cfg["resolution"] or None,
@@ -1831,17 +2119,40 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                            "use another --out, or delete that folder to start over")
 
         # Train every unfinished run (train itself resumes an interrupted one); base gets the curriculum's epochs.
-        train_jobs = []
+        # A checkpoint already there must hold no more than the run's work, on the same batch and data.
+        cfgs, train_jobs, resuming = {}, [], 0
         for key, (mode, seed, run_dir) in todo.items():
             config, overlay = mode_config(dataset, mode)
             args = [*overlay, *overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
-                args.append(f"--train.epochs={epochs}")
-            load_config(config, args)                            # a bad override fails here, before any work
-            train_jobs.append((key, ["train", config, *args], run_dir))
-        print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
-              f"{jobs} at a time", flush=True)
+                args.append(f"--train.epochs={schedule}")
+            cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
+            ckpt = os.path.join(run_dir, "ckpt.pt")
+            state = load_checkpoint(ckpt) if os.path.exists(ckpt) else None
+            problem = state is not None and work_mismatch(key, ckpt, state, cfgs[key], finished=False)
+            if problem:
+                raise RunError(problem)
+            if state is None or work_mismatch(key, ckpt, state, cfgs[key], finished=True):
+                train_jobs.append((key, ["train", config, *args], run_dir))
+                resuming += state is not None
+        print(f"compare {dataset}: {len(train_jobs)} of {len(runs)} runs to train ({resuming} resuming), "
+              f"{len(todo)} to score; {epochs:g} epochs each, {jobs} at a time", flush=True)
         train_seconds = run_jobs(train_jobs, jobs, "train.log")
+        # Equal work, proven from the checkpoints about to be scored: every run's steps, batch and data.
+        images = {k: r["training_images"] for k, r in results.items() if "training_images" in r}
+        for key in todo:
+            ckpt = os.path.join(runs[key][2], "ckpt.pt")
+            state = load_checkpoint(ckpt)
+            problem = work_mismatch(key, ckpt, state, cfgs[key], finished=True)
+            if problem:
+                raise RunError(problem)
+            images[key] = state["num_images"]
+        first = next(iter(images), None)
+        odd = [k for k in images if images[k] != images[first]]
+        if odd:
+            raise RunError(f"{odd[0]} was trained on {images[odd[0]]} images, {first} on {images[first]} (not equal "
+                           f"work: the data changed between runs); move {os.path.join(out, odd[0].replace('/', '_'))} away, "
+                           "then rerun")
         if weights and todo:
             run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num-images", str(fid_num), "--ddim", "--steps",
                              str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
@@ -1863,13 +2174,14 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             seen = state["step"] * cfg["train"]["batch_size"]
             entry = results[key] = {
                 "bucket_mse": bucket_loss(net, cfg, mask, held, n=held_out_n),
-                "steps": state["step"], "images_seen": seen,
+                "steps": state["step"], "images_seen": seen, "training_images": state["num_images"],
                 "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
                 "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
             if weights:
                 images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
                 entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
-            saved = {"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": settings["fid_num"],
+            saved = {"dataset": dataset, "epochs": epochs, "steps": state["step"], "seeds": seeds,
+                     "fid_num": settings["fid_num"],
                      "fid_floor": floor, "settings": settings, "runs": results}
             data.atomic_write(path, json.dumps(saved, indent=1))    # after every run: an interrupted compare resumes
             print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
@@ -1894,7 +2206,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     controls = [f"- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates {CONTROLS[m][2]}"
                 for m in modes if m in CONTROLS]
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
-    lines = [f"# {dataset}: {' vs '.join(modes)}, {epochs} epochs each, {seeds} paired seed(s)", "",
+    steps = sorted({r["steps"] for k, r in results.items() if k.split("/")[0] in modes and "steps" in r})
+    length = f"{epochs:g} epochs" + (f" ({'/'.join(map(str, steps))} optimizer steps)" if steps else "")
+    lines = [f"# {dataset}: {' vs '.join(modes)}, {length} each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
                 f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
@@ -1922,8 +2236,8 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     for mode in means:
         path = os.path.join(out, f"{mode}_seed0", "metrics.jsonl")
         records = [r for _, r in data.read_jsonl(path)] if os.path.isfile(path) else []
-        stages = [r for r in records if r.get("kind") == "stage"]
-        curves[mode] = [(r["step"], r["mse"]) for r in records if r.get("kind") == "train"]
+        stages = by_step(records, "stage")
+        curves[mode] = [(r["step"], r["mse"]) for r in by_step(records, "train")]
         marks |= {r["step"] for r in stages if r["step"] > 0}
         if mode == "cs" and stages:
             birth = stages[-1]["birth_stage"]                # masks change only at stage starts
@@ -1933,6 +2247,11 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         if mode == "cr" and stages:
             notes.append("- cr, seed 0: channels with norm<1e-3 per stage "
                          + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
+    warned = {}                                             # what the runs' train.log warned of, and which runs
+    for key in (k for k in results if k.split("/")[0] in modes):
+        for text in log_warnings(os.path.join(out, key.replace("/", "_"), "train.log")):
+            warned.setdefault(text, []).append(key)
+    notes += [f"- {', '.join(keys)}: {text}" for text, keys in warned.items()]
     table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
@@ -1940,6 +2259,21 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                    "starts)", marks=sorted(marks))
     print("\n" + table, flush=True)
     return table
+
+
+def log_warnings(path):
+    """The distinct `warning:` lines of a run's log, in order ([] without a log)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return list(dict.fromkeys(line.strip() for line in f if line.startswith("warning:")))
+
+
+def by_step(records, kind):
+    """metrics.jsonl records of one kind in step order, the last one written for each step (a resumed run may
+    have written a step twice, or out of order)."""
+    last = {r["step"]: r for r in records if r.get("kind") == kind and "step" in r}
+    return [last[step] for step in sorted(last)]
 
 
 # The chart: a plain pillow drawing, 720 x 420, legend on the right.
@@ -1996,6 +2330,7 @@ USAGE = """usage: python diffcl.py COMMAND [options] [--section.key=value ...]
   train    CONFIG            train (resumes from <out_dir>/ckpt.pt)    e.g. train configs/celeba32_cs.json
   sample   --ckpt CKPT       write PNGs (DDPM, or --ddim --steps N)
   eval     --ckpt|--images   FID (+ precision/recall with --real) against --ref statistics
+  eval     --ckpt --nll N    held-out NLL bound in bits/dim on N test images (--nll-timesteps K: estimate)
   bench    [CONFIG]          time the training step
   demo                       all four modes on a small dataset, one seed
   compare  --dataset D       base vs C vs CS vs CR, paired seeds, held-out loss and FID
@@ -2066,10 +2401,14 @@ def cli_parser(cmd):
             help="delete images in --out that another checkpoint or setting made (default: refuse)")
     if cmd == "eval":
         add("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
-        add("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
+        add("--ref", help="reference statistics .npz (python fid.py ref ...); not needed with --nll")
         add("--real", help="real images (dataset name, folder or .npy) for precision/recall")
         add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
         add("--download", action="store_true", help="fetch missing weights (and a --real CIFAR-10)")
+        add("--nll", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
+            help="instead of FID: the NLL bound in bits/dim on the first N held-out images")
+        add("--nll-timesteps", type=number_in(0, 10 ** 6, "a whole number >= 0"), default=0,
+            help="with --nll: K stratified timesteps per image (0 = every timestep)")
     if cmd == "bench":
         add("--batch-size", type=count, help="images per step (default: the config's train.batch_size)")
         add("--steps", type=count, default=10, help="steps per timed window (default %(default)s)")
@@ -2128,6 +2467,8 @@ def run_command(cmd, args, rest):
             raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
                               "train ... (or bash run.sh MODE N); plain python runs one process")
         return train(cfg, path, resume=args.resume, force=args.force, download=args.download)
+    if cmd in ("demo", "compare"):                          # Ctrl-C: the runs save, main names the rerun
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if cmd == "demo":
         return demo(args.out, args.dataset, rest, jobs=args.jobs)
     if cmd == "compare":
@@ -2138,8 +2479,14 @@ def run_command(cmd, args, rest):
         out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + (f"ddim{args.steps}" if args.ddim else "ddpm"))
         return sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz,
                       replace_stale=args.replace_stale, **kw)
+    if args.nll:
+        if not args.ckpt:
+            raise ConfigError("eval --nll needs --ckpt CKPT")
+        return evaluate_nll(args.ckpt, args.nll, args.nll_timesteps, args.seed, args.batch_size, args.raw)
     if not args.ckpt and not args.images:
         raise ConfigError("eval needs --ckpt CKPT (sample then score) or --images FOLDER|NPZ")
+    if not args.ref:
+        raise ConfigError("eval needs --ref STATS.npz (python fid.py ref ...), or --nll N for bits/dim")
     return evaluate(args.ckpt, args.out if args.ckpt else args.images, args.ref, args.num, args.real,
                     args.inception, args.download, batch_size=args.batch_size, **kw)
 
@@ -2202,8 +2549,10 @@ def main(argv):
         if first_user_error():                              # under torchrun: one line, from the first rank to stop
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:                               # before training started: nothing to save
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:                               # train: before training started, nothing to save
+        again = (f"; finished runs and scores are kept: to resume, rerun python "
+                 f"{shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}") if argv[:1] in (["compare"], ["demo"]) else ""
+        print(f"interrupted{again}", file=sys.stderr, flush=True)
         return 130
     except Exception:
         if after_user_error():                              # another rank stopped on a user error and said why
