@@ -109,7 +109,8 @@ DEFAULTS = {
     "curriculum": {
         "enabled": False,
         "mode": "hard",             # hard: t ~ U[window) ; soft: t = floor(u T), u ~ Beta(alpha, beta) per stage
-        "window": "t",              # t: t_min/t_max are fractions of T ; logsnr: fractions of the log-SNR range
+        "window": "t",              # t: t_min/t_max are fractions of T ; logsnr: fractions of the log-SNR range ;
+                                    # full: every window is [0, T) (the stage schedule, capacity alone, no curriculum)
         "order": "forward",         # forward (high noise first) | reverse (mirrored windows) | mixture (no order)
         "stages": [],               # [{"t_min", "t_max", "epochs", "name", ["sparsity", "lambda", "alpha", "beta"]}]
     },
@@ -130,7 +131,7 @@ CHOICES = {
     "model_var_type": ("fixed-small", "fixed-large"),
     "loss_type": ("mse",),
     "loss_weight": ("uniform", "min_snr"),
-    "window": ("t", "logsnr"),
+    "window": ("t", "logsnr", "full"),
     "order": ("forward", "reverse", "mixture"),
     "precision": ("auto", "fp32", "bf16"),
     "channels_last": ("auto", "on", "off"),
@@ -424,9 +425,12 @@ def step_generators(seed, step, rank, device):
 
 def stages_of(cfg):
     """The run's stages. Plain DDPM is one stage on [0, 1) lasting train.epochs, so every mode runs one loop.
-    curriculum.order "reverse" (the anti-curriculum) mirrors every window: low noise first, widening upward."""
+    curriculum.order "reverse" (the anti-curriculum) mirrors every window: low noise first, widening upward.
+    curriculum.window "full" keeps every stage (its length, sparsity, lambda) but widens its window to [0, 1)."""
     if not cfg["curriculum"]["enabled"]:
         return [{"t_min": 0.0, "t_max": 1.0, "epochs": cfg["train"]["epochs"], "name": "plain"}]
+    if cfg["curriculum"]["window"] == "full":
+        return [{**s, "t_min": 0.0, "t_max": 1.0} for s in cfg["curriculum"]["stages"]]
     if cfg["curriculum"]["order"] == "reverse":
         return [mirrored(s) for s in cfg["curriculum"]["stages"]]
     return cfg["curriculum"]["stages"]
@@ -1151,7 +1155,7 @@ RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 1
           ("train.num_samples", 0, 10_000), ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7),
           ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9)]
 
-STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": int, "name": str,
+STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": float, "name": str,
               "sparsity": float, "lambda": float, "alpha": float, "beta": float}
 
 
@@ -1258,11 +1262,12 @@ def validate_config(cfg, source="config"):
         (cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"],
          "sparsity.enabled and regularization.enabled are both true; choose one mode (CS or CR)"),
         ((cfg["sparsity"]["enabled"] or cfg["regularization"]["enabled"]) and not cur["enabled"],
-         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true"),
+         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true (with "
+         "curriculum.window 'full' every stage draws t from [0, T): the capacity schedule without the curriculum)"),
         (not 0 <= cfg["sparsity"]["initial_sparsity"] < 1, "sparsity.initial_sparsity must be in [0, 1)"),
         (cfg["regularization"]["lambda_max"] < 0, "regularization.lambda_max must be >= 0"),
         (soft and (cur["window"] != "t" or cur["order"] == "mixture"),
-         "curriculum.window 'logsnr' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
+         "curriculum.window 'logsnr' or 'full' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
         (cfg["diffusion"]["loss_weight"] == "min_snr" and cfg["diffusion"]["model_mean_type"] == "mean",
          "diffusion.loss_weight 'min_snr' is defined for model_mean_type eps and x0"),
         (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
@@ -1281,7 +1286,8 @@ def validate_config(cfg, source="config"):
 
 
 def validate_stage(st, where, soft):
-    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs >= 1."""
+    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs > 0 (a
+    fraction of an epoch is fine: stage starts round to whole optimizer steps)."""
     if not isinstance(st, dict):
         raise ConfigError(f"{where}: must be an object with t_min, t_max, epochs")
     for k in ("epochs",) if soft else ("t_min", "t_max", "epochs"):
@@ -1297,8 +1303,8 @@ def validate_stage(st, where, soft):
         raise ConfigError(f"{where}: values must be finite numbers")
     if not soft and not 0 <= st["t_min"] < st["t_max"] <= 1:
         raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
-    if st["epochs"] < 1:
-        raise ConfigError(f"{where}.epochs: must be >= 1")
+    if not st["epochs"] > 0:
+        raise ConfigError(f"{where}.epochs: must be > 0")
     if not 0 <= st.get("sparsity", 0) < 1:
         raise ConfigError(f"{where}.sparsity: must be in [0, 1)")
     if st.get("lambda", 0) < 0 or st.get("alpha", 1) <= 0 or st.get("beta", 1) <= 0:
@@ -1923,7 +1929,30 @@ CONTROLS = {
     "mixture": ("c", ["--curriculum.order=mixture"], "order alone: the curriculum's timestep distribution, no order"),
     "logsnr": ("c", ["--curriculum.window=logsnr"], "where stages are cut: windows in log-SNR instead of t"),
     "minsnr": ("base", ["--diffusion.loss_weight=min_snr"], "a loss weighting (Min-SNR-5) instead of an order"),
+    "cs_flat": ("cs", ["--curriculum.window=full"],
+                "the capacity schedule alone: cs's stages, mask and regrowth, t uniform on [0, T) in every stage"),
+    "cr_flat": ("cr", ["--curriculum.window=full"],
+                "the capacity schedule alone: cr's stages and lambda, t uniform on [0, T) in every stage"),
+    "wide": ("c", [], "the first stage: accumulating windows that exclude only the least noisy t at first"),
+    "wide_cs": ("cs", ["--sparsity.initial_sparsity=0.15"], "the first stage, with a gentle mask (15 % masked at "
+                "first, down to 0)"),
 }
+
+# The wide curriculum: (t_min, percent of the run) per stage, t_max = 1 throughout; the modes that train it.
+WIDE = ((0.3, 5), (0.2, 5), (0.1, 10), (0.07, 5), (0.05, 5), (0.03, 10), (0.01, 10), (0.0, 50))
+WIDE_MODES = ("wide", "wide_cs")
+
+
+def wide_stages(epochs):
+    """The wide curriculum's stages for a run of `epochs` epochs (each lasting its exact share of them)."""
+    return [{"t_min": t, "t_max": 1.0, "epochs": float(Fraction(epochs) * pct / 100), "name": f"wide{i + 1}_from{t:g}"}
+            for i, (t, pct) in enumerate(WIDE)]
+
+
+def stage_overlay(mode, epochs):
+    """A wide mode's stages at the c schedule's length `epochs`, as an override given after compare's own (so
+    every mode does equal work); nothing for the other modes."""
+    return [f"--curriculum.stages={json.dumps(wide_stages(epochs))}"] if mode in WIDE_MODES else []
 
 
 def mode_config(dataset, mode):
@@ -2123,7 +2152,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         cfgs, train_jobs, resuming = {}, [], 0
         for key, (mode, seed, run_dir) in todo.items():
             config, overlay = mode_config(dataset, mode)
-            args = [*overlay, *overrides, f"--seed={seed}", f"--out_dir={run_dir}"]
+            args = [*overlay, *overrides, *stage_overlay(mode, schedule), f"--seed={seed}", f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
                 args.append(f"--train.epochs={schedule}")
             cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
@@ -2203,8 +2232,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         return (fmt % m + (f" ± {fmt % sd}" if std and not math.isnan(sd) else "")
                 + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
 
-    controls = [f"- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates {CONTROLS[m][2]}"
-                for m in modes if m in CONTROLS]
+    overlays = {m: CONTROLS[m][1] + ["the wide stages"] * (m in WIDE_MODES) for m in modes if m in CONTROLS}
+    controls = [f"- {m}: {CONTROLS[m][0]} with {' and '.join(o)}; isolates {CONTROLS[m][2]}"
+                for m, o in overlays.items()]
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
     steps = sorted({r["steps"] for k, r in results.items() if k.split("/")[0] in modes and "steps" in r})
     length = f"{epochs:g} epochs" + (f" ({'/'.join(map(str, steps))} optimizer steps)" if steps else "")
