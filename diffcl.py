@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import io
 import json
 import logging
 import math
@@ -812,7 +813,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     check_batch_split(tr, world)
     check_memory(cfg, device, world)
     if resume and not os.path.isfile(resume):               # before any folder is made
-        raise RunError(f"checkpoint not found: {resume}")
+        raise RunError(f"checkpoint not found: {resume}" if not os.path.exists(resume) else
+                       f"--resume {resume} is not a checkpoint file (a folder, pipe or device); pass the .pt file")
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
     made = data.not_yet_made(out_dir, "samples") if is_main else []   # a failed start removes these again
@@ -825,6 +827,8 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     lock = data.lock_run_folder(out_dir) if is_main else None
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
+        if is_main:
+            check_run_folder(out_dir)                       # under the lock: no folder where a file goes, no temps
         images = data.load_images_on_ranks(cfg["dataset"], rank, world, root=cfg["data_root"] or None,
                                            split=cfg["data_split"] or None, resolution=cfg["resolution"] or None,
                                            num_images=cfg["data_limit"] or None, download=download, log=log)
@@ -1162,6 +1166,7 @@ STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": float, "name": str,
 def read_json_file(path):
     """A config file's JSON object, or a one-line ConfigError saying what is wrong with the file."""
     try:
+        data.regular_file(path, data.MAX_JSON_BYTES)        # a FIFO would block the open, /dev/zero fill memory
         with open(path, encoding="utf-8") as f:
             user = json.load(f)
     except FileNotFoundError:
@@ -1493,6 +1498,8 @@ def save_checkpoint(path, state, keep_previous=False):
             data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
     try:
         data.atomic_write(path, write)
+    except data.DataError:                                  # a folder where the file (or _prev.pt) goes: says so
+        raise
     except Exception as e:                                  # disk full is a RuntimeError from torch.save
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
         raise RunError(f"could not write checkpoint {path}: {reason}; the previous one is intact. "
@@ -1503,7 +1510,8 @@ def load_checkpoint(path):
     """torch.load(weights_only=True), then a structure check: one-line errors for missing, truncated,
     foreign or malformed files (a file is never modified)."""
     if not os.path.isfile(path):
-        raise RunError(f"checkpoint not found: {path}")
+        raise RunError(f"checkpoint not found: {path}" if not os.path.exists(path) else
+                       f"{path} is not a checkpoint file (a folder, pipe or device); move it away or pass the .pt file")
     try:
         with warnings.catch_warnings(action="ignore"):      # torch warns before refusing a foreign pickle
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -1601,6 +1609,19 @@ def check_optimizer_state(opt, path):
                            "or a snapshot), or train again")
 
 
+def check_run_folder(out_dir):
+    """Before training (under the folder lock): no folder sits where the run writes a file (checkpoints, snapshots,
+    config.json, sample grids), and temporaries of killed writers are removed."""
+    def names(folder, pattern):
+        with contextlib.suppress(OSError):
+            return [os.path.join(folder, f) for f in os.listdir(folder) if re.fullmatch(pattern, f)]
+        return []
+    data.check_not_folder(*names(out_dir, r"ckpt(_prev|_epoch\d{4})?\.pt|config\.json"),   # metrics: truncate_jsonl
+                          *names(os.path.join(out_dir, "samples"), r"epoch\d{4}_.*\.png"))
+    for folder in (out_dir, os.path.join(out_dir, "samples")):
+        data.remove_stale_temps(folder)
+
+
 def load_weights(module, weights, path):
     """module.load_state_dict with a one-line error when the checkpoint is of another architecture."""
     try:
@@ -1686,11 +1707,14 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
         if rank == 0:                                       # one writer per folder: two would lose images
             data.prepare_out_dir(out)
             lock.enter_context(data.lock_run_folder(out, "sample or eval"))
+            data.remove_stale_temps(out)
+            data.check_not_folder(*(os.path.join(out, f) for f in os.listdir(out)
+                                    if re.fullmatch(r"\d{6}\.png", f) or npz and f == "samples.npz"))
             fid.claim_image_folder(out, made_by, replace_stale)
         barrier(world)
         name = lambda i: os.path.join(out, f"{i:06d}.png")
         chunks = rank_chunks(num, batch_size, rank, world)
-        todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
+        todo = [(a, n) for a, n in chunks if not all(os.path.isfile(name(i)) for i in range(a, a + n))]
         if rank == 0:
             sampler = f"DDIM {steps} steps, eta {eta:g}, {skip}" if ddim else f"DDPM {T} steps"
             print(f"sample: {num} images from {ckpt} ({sampler}, {'raw' if raw else 'EMA'} weights) -> {out}; "
@@ -1729,10 +1753,14 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:                                                # our own folder (one per checkpoint): refresh it
         default = os.path.join(os.path.dirname(ckpt), "eval_samples_" + os.path.basename(ckpt).removesuffix(".pt"))
+        data.check_not_folder(os.path.join(images or default, "eval.jsonl"))   # before the sampling
         images = sample(ckpt, num, images or default, batch_size=batch_size, replace_stale=not images, **sample_kw)
     if rank > 0:
         return None
     quiet = lambda *a: None
+    # eval.jsonl goes into the image folder, or beside an .npz of images
+    log = os.path.join(images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images)), "eval.jsonl")
+    data.check_not_folder(log)                              # before the features
     fake = fid.read_images(images, download=download, log=quiet)[:num]
     weights = fid.find_weights(inception, download)
     model = fid.load_inception(weights, device=device)
@@ -1746,8 +1774,6 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
                    "inception_sha256": fid.weights_sha256(weights),
                    "feature_seconds": round(time.perf_counter() - t0, 1)})
     print(json.dumps(result), flush=True)
-    # eval.jsonl goes into the image folder, or beside an .npz of images
-    log = os.path.join(images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images)), "eval.jsonl")
     try:
         data.append_jsonl(log, result)
     except data.DataError:
@@ -2091,6 +2117,7 @@ def run_jobs(jobs, parallel, log_name):
 def read_compare_json(path):
     """compare.json's results, or None when there is none yet; a damaged file is a one-line error, never rewritten."""
     try:
+        data.regular_file(path, data.MAX_JSON_BYTES)        # a FIFO would block the open
         with open(path) as f:
             saved = json.load(f)
     except FileNotFoundError:
@@ -2535,7 +2562,7 @@ def preflight(argv, ngpus):
         print(world)
         return 0
     except (ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
         return 2
 
 
@@ -2572,12 +2599,15 @@ def main(argv):
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    for stream in (sys.stdout, sys.stderr):                 # a file name that is not UTF-8: escaped, never a crash
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         run_command(*parse_cli(argv))
         return 0
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
         if first_user_error():                              # under torchrun: one line, from the first rank to stop
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:                               # train: before training started, nothing to save
         again = (f"; finished runs and scores are kept: to resume, rerun python "

@@ -3785,6 +3785,156 @@ def test_resuming_from_a_checkpoint_with_impossible_values_stops_in_one_line_and
         assert sorted(os.listdir(out)) == ["ckpt.pt"]         # nothing else written (a failed start removes its lock)
 
 
+def test_a_folder_where_an_output_file_goes_is_one_line_before_any_work(cs_checkpoint, tmp_path, capsys):
+    out = tmp_path / "s"
+    (out / "samples.npz").mkdir(parents=True)
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(out), "--npz", "--ddim", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"s/samples.npz is a folder where a file goes; move it away", err), err
+    assert not list(out.glob("*.png"))                                           # refused before sampling
+    os.rmdir(out / "samples.npz")
+    (out / "000001.png").mkdir()                                                 # an image's name: never "done"
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(out), "--ddim", "--steps", "2"]) == 2
+    assert "000001.png is a folder where a file goes" in capsys.readouterr().err and not list(out.glob("0*.png.*"))
+    os.rmdir(out / "000001.png")
+    (out / "eval.jsonl").mkdir()
+    fid.save_stats(tmp_path / "ref.npz", np.zeros(2), np.eye(2))
+    assert D.main(["eval", "--ckpt", cs_checkpoint, "--out", str(out), "--ref", str(tmp_path / "ref.npz")]) == 2
+    assert "eval.jsonl is a folder where a file goes" in capsys.readouterr().err and not list(out.glob("*.png"))
+    # training: checked under the lock before the data is loaded; the checkpoint writer says which file it is
+    cfg = tiny_cfg(tmp_path, "c", model=ONE_LEVEL)
+    for where in ("ckpt_prev.pt", "samples/epoch0002_full.png", "ckpt_epoch0001.pt"):
+        (Path(cfg["out_dir"]) / where).mkdir(parents=True)
+        raises_one_line(data.DataError, f"{re.escape(where)} is a folder where a file goes", D.train, cfg)
+        assert set(os.listdir(cfg["out_dir"])) == {".lock", "samples", where.split("/")[0]}      # nothing written
+        os.rmdir(Path(cfg["out_dir"]) / where)
+    ckpt = tmp_path / "ckpt.pt"
+    D.save_checkpoint(str(ckpt), {"step": 1})
+    (tmp_path / "ckpt_prev.pt").mkdir()
+    raises_one_line(data.DataError, "ckpt_prev.pt is a folder", D.save_checkpoint, str(ckpt), {"step": 2}, True)
+    assert torch.load(ckpt, weights_only=True) == {"step": 1} and not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "stats.npz").mkdir()
+    raises_one_line(fid.FIDError, "stats.npz is a folder where a file goes", fid.save_stats, tmp_path / "stats.npz",
+                    np.zeros(2), np.eye(2))
+    with pytest.raises(SystemExit) as e:                                          # before the weights or the images
+        fid.main(["ref", str(tmp_path / "nothing"), "--out", str(tmp_path / "stats.npz"), "--force"])
+    assert e.value.code == 2 and "stats.npz is a folder where a file goes" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def no_hang(seconds=20):
+    """Turn a blocked open (a FIFO) into a test failure instead of a hung suite."""
+    def stuck(*_):
+        raise TimeoutError("blocked: a pipe was opened for reading")
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_pipes_devices_and_huge_files_are_refused_as_configs_stats_checkpoints_and_images(tmp_path, capsys):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:                                                  # sparse: costs no disk
+        f.truncate(data.MAX_JSON_BYTES + 1)
+    with no_hang():
+        for path, what in ((fifo, "a pipe, not a regular file"), ("/dev/zero", "a device, not a regular file"),
+                           (tmp_path, "a folder, not a regular file"), (huge, "67,108,865 bytes, more than")):
+            assert D.main(["train", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"cannot read config {path}: {what}" in err, err
+        raises_one_line(fid.FIDError, "cannot read .*config.json: .*a pipe, not a regular file", fid.load_stats, fifo)
+        os.mkfifo(tmp_path / "x.npy")
+        raises_one_line(fid.FIDError, "cannot read .*x.npy: .*a pipe", fid.read_images, str(tmp_path / "x.npy"))
+        raises_one_line(D.RunError, "is not a checkpoint file .*a folder, pipe or device", D.load_checkpoint, str(fifo))
+        raises_one_line(D.RunError, r"config.json is damaged \(not compare's JSON\)", D.read_compare_json, str(fifo))
+        images = tmp_path / "images"
+        images.mkdir()
+        Image.new("RGB", (4, 4)).save(images / "000000.png")
+        os.mkfifo(images / "000001.png")
+        raises_one_line(fid.FIDError, r"cannot read image .*000001.png \(.*a pipe, not a regular file\)",
+                        fid.load_image_folder, str(images))
+        os.mkfifo(images / "manifest.json")                                      # read as "no manifest"
+        with pytest.raises(fid.FIDError, match="made differently"):
+            fid.claim_image_folder(str(images), {"seed": 0}, replace_stale=False)
+        cache = tmp_path / "cache"
+        first = data.load_images(f"folder:{images}", resolution=4, cache_dir=str(cache), log=lambda *a: None)
+        sidecar = next(cache.glob("*.json"))
+        sidecar.unlink()
+        os.mkfifo(sidecar)                                                       # a pipe as the cache's sidecar
+        again = data.load_images(f"folder:{images}", resolution=4, cache_dir=str(cache), log=lambda *a: None)
+    assert np.array_equal(first, again) and sidecar.is_file()                    # rebuilt, the pipe replaced
+    os.mkfifo(tmp_path / "w.pt")
+    raises_one_line(fid.FIDError, r"w.pt \(from --inception .*\): not a regular file", fid.find_weights,
+                    str(tmp_path / "w.pt"))
+
+
+def test_file_names_that_are_not_utf8_are_printed_escaped_on_a_strict_stream(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (6, 6), (1, 2, 3)).save(root / "good.png")
+    bad, pipe = os.path.join(os.fsencode(root), b"bad\xff.png"), os.path.join(os.fsencode(root), b"pipe\xfe.png")
+    open(bad, "wb").write(b"not a png")
+    os.mkfifo(pipe)
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")    # as PYTHONIOENCODING=utf-8:strict
+    images = data.load_images(f"folder:{root}", resolution=4, cache_dir=str(tmp_path / "c"),
+                              log=lambda line: print(line, file=strict))
+    strict.flush()
+    printed = strict.buffer.getvalue().decode("utf-8")
+    assert len(images) == 1 and "bad\\xff.png: " in printed and "pipe\\xfe.png" in printed, printed
+    message = raises_one_line(data.DataError, "could not be read", data.load_images, f"folder:{root}", resolution=4,
+                              cache_dir=str(tmp_path / "c"), strict=True, log=lambda line: None)
+    message.encode("utf-8", "strict")                                            # printable anywhere
+    # the command line: pytest's capture is a strict UTF-8 stream too; an error naming such a file is one line
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"conf\xff.json"))
+    assert D.main(["train", name]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_temporaries_of_killed_writers_are_removed_at_the_next_start_and_only_those(tmp_path, cs_checkpoint,
+                                                                                   uninterrupted):
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                                                  # a pid whose process has exited
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = tmp_path / "f"
+        folder.mkdir()
+        names = {f"ckpt.pt.{gone.pid}.tmp": True, f"config.json.{alive.pid}.tmp": False,
+                 f"x.png.{os.getpid()}.tmp": False, f"notes.{gone.pid}.tmpx": False, "ckpt.pt.tmp": False,
+                 f"y.pt.{gone.pid}.tmp/": False, f"z.pt.{gone.pid}.tmp@": False}           # a folder, a link: kept
+        for n in names:
+            if n.endswith("/"):
+                (folder / n[:-1]).mkdir()
+            elif n.endswith("@"):
+                os.symlink(tmp_path / "outside", folder / n[:-1])
+            else:
+                (folder / n).write_bytes(b"half a file")
+        lines = []
+        assert data.remove_stale_temps(str(folder), lines.append) == [f"ckpt.pt.{gone.pid}.tmp"]
+        assert sorted(os.listdir(folder)) == sorted(n.rstrip("/@") for n, removed in names.items() if not removed)
+        assert len(lines) == 1 and "removed 1 temporary file(s) left by killed processes" in lines[0]
+        # where the writers start: sample's folder, a run folder and its grids (training resumes there)
+        out = tmp_path / "s"
+        out.mkdir()
+        (out / f"000000.png.{gone.pid}.tmp").write_bytes(b"half")
+        (out / f"000001.png.{alive.pid}.tmp").write_bytes(b"half")
+        D.sample(cs_checkpoint, 1, str(out), ddim=True, steps=2)
+        assert sorted(f for f in os.listdir(out) if f.endswith(".tmp")) == [f"000001.png.{alive.pid}.tmp"]
+        cfg, run = finished_run_copy(uninterrupted, tmp_path)
+        for n in (f"ckpt.pt.{gone.pid}.tmp", f"samples/epoch0001_high.png.{gone.pid}.tmp"):
+            (Path(run) / n).write_bytes(b"half")
+        D.train(cfg)                                                             # finished: nothing left to train
+        assert not list(Path(run).rglob("*.tmp"))
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+
 # ---- compare arms: flat and wide
 
 def test_full_window_keeps_every_stage_length_mask_and_lambda_of_cs_and_cr():
