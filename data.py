@@ -239,6 +239,25 @@ def lock_run_folder(out_dir, holder_kind="trainer"):
     return f
 
 
+def not_yet_made(out_dir, *subdirs):
+    """What prepare_out_dir(out_dir, *subdirs) and lock_run_folder would make that does not exist yet, deepest first
+    (out_dir's missing parents too): remove_made undoes a failed start with this list."""
+    made = [p for p in (os.path.join(out_dir, n) for n in (".lock", *subdirs)) if not os.path.lexists(p)]
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_made(paths):
+    """Remove, deepest first, what a failed start made (not_yet_made's list): the lock file, then each folder while it
+    is empty. Anything else (files another process put there meanwhile) stays, and so do the folders holding it."""
+    for p in paths:
+        with contextlib.suppress(OSError):                   # a folder that is not empty is kept, on purpose
+            os.remove(p) if os.path.basename(p) == ".lock" else os.rmdir(p)
+
+
 # ---------------------------------------------------------------------------- load_images
 def load_images(name, root=None, split=None, resolution=None, cache_dir=None, download=False, strict=False,
                 log=print, num_images=None):
@@ -260,14 +279,33 @@ def load_images(name, root=None, split=None, resolution=None, cache_dir=None, do
             raise DataError(f"shapes: {n:,} images of {res}x{res} would take {need / 2 ** 30:.0f} GiB; generate at most "
                             f"{SHAPES_MAX_BYTES // (res * res * 3):,} (lower data_limit)")
         return make_shapes(n, res, seed)
+    root = checked_root(dataset, name, root, res)
+    files = source_files(dataset, root, split, download, log)
+    images = cached_decode(dataset, files, root, split, res, cache_dir, strict, log)
+    return images[:num_images] if num_images else images
+
+
+def checked_root(dataset, name, root, res):
+    """The dataset's folder, absolute, after the checks that need no file: 32x32-only datasets, a file for a folder."""
     if dataset in ("cifar10", "fashion32") and res != 32:
         raise DataError(f"{name} is 32x32 only; resolution={res} is not supported, drop the resolution setting")
     root = os.path.abspath(os.path.expanduser(find_root(dataset, name, root)))
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f"{root} is a file, not a directory: point --data_root (or folder:PATH) at a folder")
-    files = source_files(dataset, root, split, download, log)
-    images = cached_decode(dataset, files, root, split, res, cache_dir, strict, log)
-    return images[:num_images] if num_images else images
+    return root
+
+
+def check_source(name, root=None, split=None, resolution=None, download=False):
+    """Raise the DataError load_images would for a missing or misplaced dataset, reading no image and fetching
+    nothing (with download, a missing CIFAR-10 is left for load_images to fetch). run.sh's check before torchrun."""
+    dataset = canonical(name)
+    res, _, default_split, splits = INFO[dataset]
+    split = split or default_split
+    if split not in splits:
+        raise DataError(f"unknown split {split!r} for {name}: choose one of {', '.join(splits)}")
+    if dataset == "shapes" or (download and dataset == "cifar10"):
+        return
+    source_files(dataset, checked_root(dataset, name, root, resolution or res), split, False, lambda *a: None)
 
 
 def find_root(dataset, name, root):
@@ -306,7 +344,8 @@ def source_files(dataset, root, split, download, log):
         if not os.path.isfile(tar):
             if not download:
                 raise DataError(f"CIFAR-10 not found at {root}: expected cifar-10-batches-py/ or "
-                                f"cifar-10-python.tar.gz (from {CIFAR_URL}), {ROOT_HINT}, or enable download")
+                                f"cifar-10-python.tar.gz (from {CIFAR_URL}), {ROOT_HINT}, or add --download to "
+                                "fetch it")
             fetch(CIFAR_URL, tar, CIFAR_MD5, log)
         return [tar]  # the split's batches are read straight from the tarball, no extraction
     if dataset == "fashion32":

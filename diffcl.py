@@ -2,8 +2,8 @@
 
     python diffcl.py train   --config-path configs/celeba32_cs.json [--train.lr=1e-4 ...]
     torchrun --standalone --nproc_per_node 4 diffcl.py train --config-path configs/celeba32_cs.json
-    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num 64 --out samples/ [--ddim --steps 50]
-    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num 10000
+    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num-images 64 --out samples/ [--ddim --steps 50]
+    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num-images 10000
     python diffcl.py bench   --config-path configs/celeba32.json [--precision bf16]
     python diffcl.py compare --dataset fashion32 --seeds 3 --jobs 4      (demo: the same, one seed, no FID)
 
@@ -29,6 +29,7 @@ import gc
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -145,6 +146,13 @@ def load_config(path=None, overrides=(), base=None):
     """Defaults < JSON file (or `base`, e.g. a checkpoint's stored config) < --key=value overrides."""
     user = read_json_file(path) if path else copy.deepcopy(base) if base is not None else {}
     over = parse_overrides(overrides)
+    for section, value in over.items():                     # an override's own mistake is named as typed
+        for key, v in value.items() if isinstance(value, dict) else [(None, value)]:
+            name = f"{section}.{key}" if key else section
+            merge_keys(copy.deepcopy(DEFAULTS), DEFAULTS, {section: {key: v}} if key else {section: v},
+                       f"command-line override --{name}")
+            for _, lo, hi in (r for r in RANGES if r[0] == name and not r[1] <= v <= r[2]):
+                raise ConfigError(f"command-line override --{name}: must be in [{lo}, {hi}], got {v!r}")
     for section, value in over.items():
         if isinstance(value, dict) and isinstance(user.get(section), dict):
             user[section] = {**user[section], **value}
@@ -815,8 +823,13 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                        f"--resume {resume} is not a checkpoint file (a folder, pipe or device); pass the .pt file")
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
+    made = data.not_yet_made(out_dir, "samples") if is_main else []   # a failed start removes these again
     if is_main:
-        data.prepare_out_dir(out_dir, "samples")
+        try:
+            data.prepare_out_dir(out_dir, "samples")
+        except data.DataError:
+            data.remove_made(made)
+            raise
     lock = data.lock_run_folder(out_dir) if is_main else None
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
@@ -840,12 +853,13 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         rotate = source is not None and os.path.samefile(source, ckpt_path) if os.path.exists(ckpt_path) else True
         if source:
             mask, birth, score, step, wall = resume_state(source, cfg, force, model, ema, opt, len(images))
-            log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
+            log(f"resumed from {source} at step {step} (epoch {step / steps_per_epoch:.2f})")
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
             if os.path.isdir(os.path.join(out_dir, "config.json")):
                 raise RunError(f"{out_dir}/config.json is a folder; move it away, then rerun")
             data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
+        made = []                                           # started: the run folder stays from here on
         run = make_run(cfg, model, ema, opt, device, rank, world, steps_per_epoch)
         mask, score = place_mask_and_score(run, mask, score, device)
         epochs = total_epochs(cfg) * scale
@@ -862,7 +876,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             snapshot = snapshot and tr["snapshots"] and os.path.join(out_dir,
                                                                      f"ckpt_epoch{step // steps_per_epoch:04d}.pt")
             last = max(step - 1, 0)                         # the last step taken: where a NaN would come from
-            where = (f"epoch {last // steps_per_epoch + 1}, "
+            where = (f"epoch {step / steps_per_epoch:.2f}, "
                      f"stage {stage_name(stages, stage_at(stages, last, steps_per_epoch, scale))}")
             checkpoint_run(run, ckpt_path, snapshot, rotate, where, mask=mask, birth=birth, score=score, step=step,
                            epoch=step / steps_per_epoch, config=cfg, image_shape=list(shape), num_images=len(images),
@@ -898,13 +912,14 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 s = run.stats.reduce(world)
                 epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
                 if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
-                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
-                                   f"{good_checkpoints(ckpt_path)}. Lower train.lr or raise train.warmup, then rerun "
-                                   "to resume")
+                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {step / steps_per_epoch:.2f}, stage "
+                                   f"{name}); stopped. {good_checkpoints(ckpt_path)}. Lower train.lr or raise "
+                                   "train.warmup, then rerun to resume")
                 now = time.perf_counter()
                 img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
-                log(f"{epoch + 1}/{epochs:g} epochs [{name}] step {step}/{total_steps} | loss={s['loss']:.4f} "
+                log(f"epoch {step / steps_per_epoch:.2f}/{epochs:g} [{name}] step {step}/{total_steps} | "
+                    f"loss={s['loss']:.4f} "
                     f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
                     f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                 if is_main:
@@ -942,6 +957,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         signal.signal(signal.SIGINT, previous_handler)
         if lock is not None:
             lock.close()
+        data.remove_made(made)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
 
@@ -1000,9 +1016,7 @@ def stage_banner(run, i, mask, regrown):
     stages, cfg = run.stages, run.cfg
     T, scale = cfg["diffusion"]["timesteps"], cfg["train"]["length_scale"]
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
-    whole = scale == 1 and first == int(first) and last == int(last)      # 1-based epochs; else epochs done
-    epochs = f"epochs {first + 1:g}-{last:g}" if whole else f"epochs {first:g}-{last:g}"
-    epochs += f" (x{scale:g})" if scale != 1 else ""
+    epochs = f"epochs {first:g}-{last:g}" + (f" (x{scale:g})" if scale != 1 else "")   # as the progress line: from 0
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
              else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
     if run.mix_weights:                                     # every stage draws from all windows alike
@@ -1221,22 +1235,25 @@ def parse_overrides(args):
 def merge_config(user, source="config"):
     """Defaults < user dict. Keys starting with '_' are comments. Returns a validated nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
-
-    def merge(into, defaults, given, prefix):               # the top level, then each section (one level deep)
-        for key, value in given.items():
-            if key.startswith("_"):
-                continue
-            if key not in defaults:
-                raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
-            if not isinstance(defaults[key], dict):
-                into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
-            elif isinstance(value, dict):
-                merge(into[key], defaults[key], value, f"{key}.")
-            else:
-                raise ConfigError(f"{source}: '{key}' must be an object")
-    merge(cfg, DEFAULTS, user, "")
+    merge_keys(cfg, DEFAULTS, user, source)
     validate_config(cfg, source)
     return cfg
+
+
+def merge_keys(into, defaults, given, source, prefix=""):
+    """Copy `given` into `into`, the top level, then each section (one level deep): an unknown key or a wrong type
+    is a ConfigError that starts with `source` (the config file, or the override as typed)."""
+    for key, value in given.items():
+        if key.startswith("_"):
+            continue
+        if key not in defaults:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
+        if not isinstance(defaults[key], dict):
+            into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
+        elif isinstance(value, dict):
+            merge_keys(into[key], defaults[key], value, source, f"{key}.")
+        else:
+            raise ConfigError(f"{source}: '{key}' must be an object")
 
 
 def _check_value(where, key, value, default):
@@ -1395,6 +1412,41 @@ def setup_dist():
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return rank, world, device
+
+
+USER_ERROR_KEY = "diffcl/user_error"                      # in torchrun's store: ranks that stopped on a user error
+
+
+def torchrun_store():
+    """A client of the store that torchrun itself holds (so it outlives the ranks), or None when torchrun did not
+    start this process or its store cannot be reached: every rank then reports its own failure."""
+    if "RANK" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def first_user_error():
+    """Count this rank's user error in torchrun's store: True for the first rank to stop on one (it alone prints the
+    line, so a mistake every rank meets is still one line); True outside torchrun."""
+    store = torchrun_store()
+    try:
+        return store is None or store.add(USER_ERROR_KEY, 1) == 1
+    except RuntimeError:
+        return True
+
+
+def after_user_error():
+    """Whether a rank of this torchrun run stopped on a user error: a collective that then fails on another rank
+    failed because of it, and that rank's one line says why."""
+    store = torchrun_store()
+    try:
+        return store is not None and store.check([USER_ERROR_KEY])
+    except RuntimeError:
+        return False
 
 
 def all_reduce_sum(x, world):
@@ -2205,7 +2257,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                            f"work: the data changed between runs); move {os.path.join(out, odd[0].replace('/', '_'))} away, "
                            "then rerun")
         if weights and todo:
-            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
+            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num-images", str(fid_num), "--ddim", "--steps",
                              str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
                       for key, (_, _, d) in todo.items()], jobs, "sample.log")
 
@@ -2392,7 +2444,8 @@ LAUNCHER = ("the description's mp.spawn launcher; use torchrun instead: torchrun
             "diffcl.py train CONFIG (or bash run.sh MODE N)")
 
 REMOVED_FLAGS = {"--num-gpus": LAUNCHER, "--rigid-launch": LAUNCHER,   # each: what to use instead
-                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb"}
+                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb",
+                 "--num": "now --num-images (torchrun takes --num for an abbreviation of its --numa-binding)"}
 
 
 def number_in(lo, hi=math.inf, what="a whole number", cast=int):
@@ -2412,14 +2465,13 @@ def usage_error(message):
     raise ConfigError(f"{message} (see python diffcl.py {{{','.join(COMMANDS)}}} --help)")
 
 
-def parse_cli(argv):
-    cmd = argv[0] if argv else ""
-    if cmd not in COMMANDS:
-        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+def cli_parser(cmd):
+    """The argparse parser of one command. No flag may be a prefix of one of torchrun's (test_diffcl checks): torchrun
+    reads abbreviations of its own options anywhere on its command line, after the script name too."""
     count = number_in(1, what="a whole number >= 1")
+    overrides = "config overrides: --section.key=value, e.g. --train.lr=1e-4 --train.length_scale=0.2"
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
-                                epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 "
-                                       "--train.length_scale=0.2")
+                                epilog=overrides if cmd not in ("sample", "eval") else None)
     p.error = usage_error                                   # one line, exit 2, like every other mistake
     add = p.add_argument
     if cmd in ("train", "bench"):
@@ -2432,15 +2484,20 @@ def parse_cli(argv):
             help="the description's flag: insist on a torchrun launch (torchrun alone decides the world)")
         add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
-        add("--ckpt", required=cmd == "sample")
-        add("--num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"), default=64 if cmd == "sample" else 10000)
-        add("--out", default=None, help="image folder to write")
-        add("--ddim", action="store_true")
-        add("--steps", type=count, default=50)
-        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0)
-        add("--skip", choices=("uniform", "quadratic"), default="uniform")
-        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256)
-        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
+        add("--ckpt", required=cmd == "sample", help="checkpoint to sample (EMA weights, its CS mask)")
+        add("--num-images", dest="num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
+            default=64 if cmd == "sample" else 10000, metavar="N", help="images to generate (default %(default)s)")
+        add("--out", default=None, help="image folder to write (default: beside the checkpoint)")
+        add("--ddim", action="store_true", help="DDIM sampling (default: the full DDPM chain)")
+        add("--steps", type=count, default=50, help="DDIM steps, with --ddim (default %(default)s)")
+        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0,
+            help="DDIM noise, with --ddim (default %(default)s: deterministic)")
+        add("--skip", choices=("uniform", "quadratic"), default="uniform",
+            help="DDIM step spacing, with --ddim (default %(default)s)")
+        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256,
+            help="images per batch (default %(default)s)")
+        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0,
+            help="image i's noise is keyed by (seed, i) (default %(default)s)")
         add("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
         add("--npz", action="store_true", help="also write samples.npz (uint8 images)")
@@ -2450,35 +2507,44 @@ def parse_cli(argv):
         add("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
         add("--ref", help="reference statistics .npz (python fid.py ref ...); not needed with --nll")
         add("--real", help="real images (dataset name, folder or .npy) for precision/recall")
-        add("--inception")
-        add("--download", action="store_true")
+        add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
+        add("--download", action="store_true", help="fetch missing weights (and a --real CIFAR-10)")
         add("--nll", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
             help="instead of FID: the NLL bound in bits/dim on the first N held-out images")
         add("--nll-timesteps", type=number_in(0, 10 ** 6, "a whole number >= 0"), default=0,
             help="with --nll: K stratified timesteps per image (0 = every timestep)")
     if cmd == "bench":
-        add("--batch-size", type=count)
-        add("--steps", type=count, default=10)
-        add("--precision", choices=("fp32", "bf16"))
-        add("--compile", action="store_true")
+        add("--batch-size", type=count, help="images per step (default: the config's train.batch_size)")
+        add("--steps", type=count, default=10, help="steps per timed window (default %(default)s)")
+        add("--precision", choices=("fp32", "bf16"), help="default: the config's train.precision")
+        add("--compile", action="store_true", help="torch.compile the step")
         add("--cuda-graphs", action="store_true", help="with --compile on CUDA: as CUDA graphs")
         add("--sample", action="store_true", help="also time DDIM sampling of a batch")
-        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample")
+        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample (default %(default)s)")
         add("--data", action="store_true", help="also time the data path")
     if cmd in ("demo", "compare"):
-        add("--out", default=f"runs/{cmd}")
-        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
+        add("--out", default=f"runs/{cmd}", help="folder of the runs and the table (default %(default)s)")
+        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json "
+                                                "(default %(default)s)")
         add("--jobs", type=count, default=2 if cmd == "demo" else 1,
-            help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
+            help="runs trained at once (one per GPU when there are enough; CPU threads are split; default "
+                 "%(default)s)")
     if cmd == "compare":
-        add("--seeds", type=count, default=3)
+        add("--seeds", type=count, default=3, help="paired seeds per mode (default %(default)s)")
         add("--fid-num", type=number_in(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
-            help="FID-n images per run; 0 = no FID")
-        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
+            help="FID-n images per run; 0 = no FID (default %(default)s)")
+        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples (default %(default)s)")
         add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
-            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required)")
-        add("--inception")
-    args, rest = p.parse_known_args(argv[1:])
+            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required; default {','.join(MODES)})")
+        add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
+    return p
+
+
+def parse_cli(argv):
+    cmd = argv[0] if argv else ""
+    if cmd not in COMMANDS:
+        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+    args, rest = cli_parser(cmd).parse_known_args(argv[1:])
     for flag, instead in REMOVED_FLAGS.items():
         if any(r.split("=")[0] == flag for r in rest):
             raise ConfigError(f"{flag} is {instead}")
@@ -2538,11 +2604,42 @@ def preflight(argv, ngpus):
         cmd, args, rest = parse_cli(["train", *argv])
         cfg = load_config(args.config_path or args.config, rest)
         check_batch_split(cfg["train"], world)
+        data.check_source(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
+                          cfg["resolution"] or None, download=args.download)
         print(world)
         return 0
     except (ConfigError, data.DataError) as e:
         print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
         return 2
+
+
+def torchrun(argv):
+    """run.sh's launcher: `torchrun ARGV` (torch.distributed.run), except that a run stopped by a user error (every
+    failed rank exited 2 or was stopped by torchrun; the one-line message is printed) exits 2 without torchrun's
+    failure report. Any other failure raises that report, as torchrun does."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    held, quiet = [], False                                 # torchrun's lines on its ranks' exits, for its report
+    reports = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+
+    def hold(record):
+        if record.levelno >= logging.WARNING:
+            held.append(record)
+        return record.levelno < logging.WARNING
+    reports.addFilter(hold)
+    try:
+        run(parse_args(argv))
+        return 0
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        quiet = 2 in codes and all(c in (2, -signal.SIGTERM) for c in codes)
+        if quiet:
+            return 2
+        raise
+    finally:
+        reports.removeFilter(hold)
+        for record in held if not quiet else ():
+            reports.handle(record)
 
 
 def main(argv):
@@ -2556,13 +2653,18 @@ def main(argv):
         run_command(*parse_cli(argv))
         return 0
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
-        print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
+        if first_user_error():                              # under torchrun: one line, from the first rank to stop
+            print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:                               # train: before training started, nothing to save
         again = (f"; finished runs and scores are kept: to resume, rerun python "
                  f"{shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}") if argv[:1] in (["compare"], ["demo"]) else ""
         print(f"interrupted{again}", file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        if after_user_error():                              # another rank stopped on a user error and said why
+            return 2
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             gc.collect()                                    # avoids an intermittent gloo abort at exit

@@ -650,7 +650,7 @@ def load_image_folder(path):
         raise FIDError(f"no .png/.jpg images in {path}")
     if all(re.fullmatch(r"epoch\d{4}_.*\.png", p.name) for p in files):
         raise FIDError(f"{path} holds training sample grids (epochNNNN_*.png), not generated images: make them "
-                       "with `python diffcl.py sample --ckpt CKPT --num N --out FOLDER` and score that folder")
+                       "with `python diffcl.py sample --ckpt CKPT --num-images N --out FOLDER` and score that folder")
     images = []
     for p in files:
         try:
