@@ -3617,3 +3617,84 @@ def test_eval_nll_cli_prints_one_json_line_without_ref(uninterrupted, tmp_path, 
     assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "1"]) == 2
     assert D.main(["eval", "--ckpt", ckpt]) == 2
     assert "--ref STATS.npz" in capsys.readouterr().err
+
+
+EVAL_ON = {"eval_intv": 5, "eval_num": 3, "eval_timesteps": 4}
+
+
+def test_eval_config_keys_are_checked():
+    for train, message in [({"eval_timesteps": 1}, "eval_timesteps must be 0"), ({"eval_fid": 1}, "eval_fid must be 0"), ({"eval_num": 0}, "eval_num must be in"),
+                           ({"eval_intv": -1}, "eval_intv must be in")]:
+        with pytest.raises(D.ConfigError, match=message):
+            D.merge_config({"diffusion": {"timesteps": 20}, "train": train})
+
+
+def test_evaluation_during_training_changes_nothing_and_records_the_expected_steps(tmp_path, uninterrupted, capsys):
+    for variant in ("c", "cr-dropout"):                     # EMA on; and dropout, whose draws use the global RNG
+        cfg = resume_cfg(tmp_path / variant, variant, 0)
+        out = D.train(dict(cfg, out_dir=str(tmp_path / variant / "eval"), train={**cfg["train"], **EVAL_ON}))
+        assert same_state(os.path.join(uninterrupted(variant), "ckpt.pt"), os.path.join(out, "ckpt.pt"))
+        evals = records(out, "eval")
+        assert [r["step"] for r in evals] == [5, 10, 12]    # every 5 steps, and the last
+        for r in evals:
+            assert set(r) == {"kind", "step", "images_seen", "bucket_mse", "bpd", "fid"} and r["fid"] is None
+            assert r["images_seen"] == 8 * r["step"] and len(r["bucket_mse"]) == 10 and math.isfinite(r["bpd"])
+        # each point is the checkpoint's EMA scored on the first 3 held-out images, keyed by seed 0
+        net, ckpt_cfg, mask, _ = D.model_from_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
+        held = data.held_out_images("shapes", 3, 8)
+        assert evals[-1]["bpd"] == pytest.approx(D.nll_bpd(net, ckpt_cfg, mask, held, timesteps=4)["bpd"], rel=1e-9)
+        assert evals[-1]["bucket_mse"] == pytest.approx(D.bucket_loss(net, ckpt_cfg, mask, held, n=3), rel=1e-9)
+        assert evals[0]["bpd"] != evals[-1]["bpd"]
+        assert "eval at step 12: " in capsys.readouterr().out
+
+
+def test_eval_fid_without_inception_weights_is_refused_at_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFCL_INCEPTION", str(tmp_path / "missing.pt"))
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "eval_intv": 2, "eval_fid": 4})
+    with pytest.raises(D.ConfigError, match=r"train.eval_fid needs the FID Inception weights: .*missing.pt.* not found"):
+        D.train(cfg)
+    assert not os.path.exists(cfg["out_dir"])                # refused before any folder is made
+
+
+class ChannelStats(nn.Module):
+    """Stands in for Inception: 6 features per image (mean and std of each channel)."""
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def test_eval_fid_during_training_scores_ddim_samples_of_the_ema(tmp_path, monkeypatch):
+    (tmp_path / "w.pt").write_bytes(b"")
+    monkeypatch.setenv("DIFFCL_INCEPTION", str(tmp_path / "w.pt"))
+    monkeypatch.setattr(fid, "load_inception", lambda path, device="cpu": ChannelStats())
+    cfg = tiny_cfg(tmp_path, "base", model=ONE_LEVEL,
+                   train={**TINY_RUN["train"], "image_intv": 0, "eval_intv": 12, "eval_num": 2, "eval_fid": 8})
+    out = D.train(cfg)
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [12]
+    # independently: DDIM-3 (train.sample_steps) samples of the final EMA, starting noise keyed by seed 0
+    net, cfg, mask, shape = D.model_from_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
+    x = D.generate(net, cfg, shape, 0, 8, 0, mask, D.tables_on(cfg, torch.device("cpu")), ddim_steps=3)
+    feats = lambda u8: ChannelStats()(torch.from_numpy(u8).permute(0, 3, 1, 2).double() / 127.5 - 1).numpy()
+    stats = lambda f: (f.mean(0), np.cov(f, rowvar=False))
+    want = fid.frechet_distance(*stats(feats(D.to_uint8(x))), *stats(feats(data.held_out_images("shapes", 8, 8))))
+    assert evals[0]["fid"] == pytest.approx(want, rel=1e-4) and want > 0
+
+
+@starts_early("test_evaluation_records_are_written_once_across_a_sigkill_and_resume")
+def start_killed_evaluating_trainer(folder, cases):
+    _, run, args = run_to_interrupt(folder, "c", 0)         # checkpoints at the epoch ends: steps 6 and 12
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "train": {**cfg["train"], **EVAL_ON, "eval_intv": 4}}))
+    return self_killing_child(args, "sigkill", 9, folder), run, args    # killed after step 9: eval 8 > checkpoint 6
+
+
+def test_evaluation_records_are_written_once_across_a_sigkill_and_resume(child, uninterrupted, capsys):
+    killed, run, args = child
+    assert killed.result().returncode == -9
+    assert [r["step"] for r in records(run, "eval")] == [4, 8]        # 8 was written after the last checkpoint (6)
+    capsys.readouterr()
+    assert D.main(args) == 0 and "resumed from" in capsys.readouterr().out
+    assert same_state(os.path.join(uninterrupted("c"), "ckpt.pt"), run / "ckpt.pt")
+    assert [r["step"] for r in records(run, "eval")] == [4, 8, 12]    # each once
+    kinds = [(r["kind"], r["step"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
+    assert len(kinds) == len(set(kinds))
