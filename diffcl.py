@@ -104,7 +104,7 @@ DEFAULTS = {
         "cuda_graphs": False,       # with compile, on CUDA: replay them as CUDA graphs (mode "reduce-overhead")
         "snapshots": False,         # also keep ckpt_epochNNNN.pt at every checkpoint epoch
         "eval_intv": 0,             # optimizer steps between held-out evaluations (0 = off; when on, also at the end)
-        "eval_num": 64,             # held-out (test) images per evaluation, for bits/dim and the per-bucket mse
+        "eval_num": 50,             # held-out (test) images per evaluation, for bits/dim and the per-bucket mse
         "eval_timesteps": 8,        # K of the bits/dim estimate: t = 0 plus K - 1 stratified draws (0 or >= T: all)
         "eval_fid": 0,              # also FID of this many DDIM samples against as many held-out images (0 = off)
     },
