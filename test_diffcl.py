@@ -3494,3 +3494,35 @@ def test_compare_table_has_bpd_with_its_paired_difference_and_the_steps_to_reach
     assert open(tmp_path / "compare.md").read() == table + "\n"
     img = Image.open(tmp_path / "curves.png")
     assert img.format == "PNG" and long_black_runs(img) == 2    # mse and bpd: no FID here
+
+
+def test_compare_evaluates_every_mode_at_the_same_steps_and_reports_curves(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "find_weights", lambda path=None, download=False: "stand-in")
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu": StandInFeatures().to(device))
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs([]))
+    out = str(tmp_path / "cmp")
+    D.compare(out, "shapes", 2, DEMO_OVERRIDES, fid_num=2, held_out_n=8, sample_steps=2, modes=("base", "c"),
+              eval_points=4)                                # 6 steps: every ceil(6/4) = 2, and the last
+    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
+    for key, run in saved["runs"].items():
+        mode, seed = key.split("/")
+        evals = records(str(tmp_path / "cmp" / f"{mode}_{seed}"), "eval")
+        assert [r["step"] for r in evals] == run["curve"]["step"] == [2, 4, 6], key
+        assert run["curve"]["bpd"] == [r["bpd"] for r in evals] and run["bpd"] == evals[-1]["bpd"] > 0
+        assert run["curve"]["mse"] == pytest.approx([np.mean(r["bucket_mse"]) for r in evals])
+        assert all(math.isfinite(v) for v in run["curve"]["fid"])          # FID on the curve: compare scores FID
+    reach = saved["steps_to_reach"]
+    assert set(reach) == {"base", "c"} and set(reach["c"]) == {"mse", "bpd", "fid"}
+    for s in "01":
+        base, c = (saved["runs"][f"{m}/seed{s}"]["curve"]["mse"] for m in ("base", "c"))
+        if all(a > b for a, b in zip(base, base[1:])):
+            assert reach["base"]["mse"][s] == 1.0                 # a falling curve reaches its end at the end
+        assert (reach["c"]["mse"][s] is None) == (min(c) > base[-1])
+    assert all(f is None or 0 < f <= 1 for m in reach.values() for per_seed in m.values() for f in per_seed.values())
+    table = open(tmp_path / "cmp" / "compare.md").read()
+    assert "| Δbpd vs base (paired [95% CI]) |" in table and "| c | " in table
+    assert "| mode | held-out eps-MSE | bpd (bits/dim) | FID-2 |" in table and "evaluations at steps 2, 4, 6;" in table
+    img = Image.open(tmp_path / "cmp" / "curves.png")
+    assert img.format == "PNG" and long_black_runs(img) == 3
+    with pytest.raises(D.ConfigError, match="--eval-points: must be a whole number >= 1, got '0'"):
+        D.parse_cli(["compare", "--eval-points", "0"])
