@@ -1719,6 +1719,41 @@ def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
     return [v / len(x0) for v in sums]
 
 
+def run_length(cfg, num_images):
+    """(epochs as run, optimizer steps) of a config on `num_images` training images: the schedule's epochs times
+    train.length_scale (rounded to 1e-6), and the steps train takes for them."""
+    steps = schedule_in_steps(cfg, stages_of(cfg), data.steps_per_epoch(num_images, cfg["train"]["batch_size"]))[1]
+    return round(total_epochs(cfg) * cfg["train"]["length_scale"], 6), steps
+
+
+def work_of(cfg, steps):
+    """What equal work compares between runs of one dataset: optimizer steps, global batch, and which data
+    (dataset, split, resolution, data_limit; data_root is left out: the same data may move)."""
+    return {"optimizer steps": steps, "train.batch_size": cfg["train"]["batch_size"], "dataset": cfg["dataset"],
+            "data_split": cfg["data_split"], "resolution": cfg["resolution"], "data_limit": cfg["data_limit"]}
+
+
+def work_mismatch(key, path, state, cfg, finished):
+    """None when checkpoint `state` (at `path`) of run `key` holds the work compare asks of it (`cfg`: the config
+    compare trains it with): all of its optimizer steps when `finished`, at most that many before training, the
+    same batch and data, and the same config but for the keys a resume may change. Else the one-line error naming
+    the run, the difference and the fix."""
+    if not isinstance(state.get("num_images"), int):
+        return f"{key}: {path} does not record its number of training images; move it away, then rerun"
+    have = work_of(state["config"], state["step"])
+    want = work_of(cfg, run_length(cfg, state["num_images"])[1])
+    for name in have:
+        if have[name] != want[name] and (finished or name != "optimizer steps" or have[name] > want[name]):
+            return (f"{key}: {path} holds {have[name]} {name} where this compare needs {want[name]} (not equal "
+                    f"work; trained outside compare or with other settings?); move {os.path.dirname(path)} away "
+                    "or use another --out, then rerun")
+    diff = config_diff(state["config"], cfg)
+    if diff:
+        return (f"{key}: {path} was trained with another config ({', '.join(diff)}); move {os.path.dirname(path)} "
+                "away or use another --out, then rerun")
+    return None
+
+
 def run_jobs(jobs, parallel, log_name):
     """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses in `parallel` slots: slot k on GPU k mod
     the GPU count when there are several, else all sharing the device; CPU threads split between the slots. Returns
@@ -1772,16 +1807,16 @@ def compare_steps(cfg):
     """Optimizer steps of a run of cfg (every compare mode has the same: equal work), from its training set's size."""
     images = data.load_images(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
                               cfg["resolution"] or None, log=lambda *a: None, num_images=cfg["data_limit"] or None)
-    return schedule_in_steps(cfg, stages_of(cfg), data.steps_per_epoch(len(images), cfg["train"]["batch_size"]))[1]
+    return run_length(cfg, len(images))[1]
 
 
 def eval_curve(run_dir, steps):
     """A run's held-out curve from the evaluation records in its metrics.jsonl: {"step", "mse" (mean of the 10
     t buckets), "bpd", "fid" (None where not measured)}; a run evaluated at other steps than `steps` is refused."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    found = {r["step"]: r for _, r in data.read_jsonl(path) if r.get("kind") == "eval"} if os.path.isfile(path) else {}
-    if sorted(found) != steps:
-        raise RunError(f"{path} has held-out evaluations at steps {sorted(found) or 'none'}, not at {steps} like every "
+    found = {r["step"]: r for r in by_step([r for _, r in data.read_jsonl(path)], "eval")} if os.path.isfile(path) else {}
+    if list(found) != steps:
+        raise RunError(f"{path} has held-out evaluations at steps {list(found) or 'none'}, not at {steps} like every "
                        "run of this compare; move that run folder away and rerun compare to retrain it")
     return {"step": steps, "mse": [float(np.mean(found[s]["bucket_mse"])) for s in steps],
             "bpd": [found[s]["bpd"] for s in steps], "fid": [found[s].get("fid") for s in steps]}
@@ -1799,7 +1834,16 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
         if "base" not in modes or not set(modes) <= {*MODES, *CONTROLS}:
             raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
-        epochs = total_epochs(load_config(mode_config(dataset, "c")[0], overrides))
+        twice = sorted({m for m in modes if modes.count(m) > 1})
+        if twice:
+            raise ConfigError(f"--modes names {', '.join(twice)} more than once; list each mode once")
+        for name in ("compare.json", "compare.md", "curves.png"):     # before any work, not after it
+            if os.path.isdir(os.path.join(out, name)):
+                raise RunError(f"{os.path.join(out, name)} is a folder where compare writes a file; move it away, "
+                               "then rerun")
+        c_cfg = load_config(mode_config(dataset, "c")[0], overrides)
+        schedule = total_epochs(c_cfg)                      # base trains the curriculum's epochs
+        epochs = round(schedule * c_cfg["train"]["length_scale"], 6)           # as run
         # Every run is scored on the same held-out (test) images; loading them first checks they were never trained on.
         base_cfg = load_config(mode_config(dataset, "base")[0], overrides)
         held = data.held_out_images(base_cfg["dataset"], max(held_out_n, 2 * fid_num), base_cfg["resolution"] or None,
@@ -1813,7 +1857,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                     "fid_num": fid_num if weights else 0, "sample_steps": sample_steps, "eval_points": eval_points}
         # The curves: every run evaluates at the same steps, about eval_points of them ending at its last step
         # (equal work gives every mode the same number of steps); FID on the curve only when compare scores FID.
-        total = compare_steps(load_config(mode_config(dataset, "base")[0], [*overrides, f"--train.epochs={epochs}"]))
+        total = compare_steps(load_config(mode_config(dataset, "base")[0], [*overrides, f"--train.epochs={schedule}"]))
         eval_intv = math.ceil(total / eval_points)
         eval_steps, curve_args = [*range(eval_intv, total, eval_intv), total], [
             f"--train.eval_intv={eval_intv}", f"--train.eval_num={held_out_n}", f"--train.eval_fid={settings['fid_num']}"]
@@ -1831,17 +1875,41 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                            "use another --out, or delete that folder to start over")
 
         # Train every unfinished run (train itself resumes an interrupted one); base gets the curriculum's epochs.
-        train_jobs = []
+        # A checkpoint already there must hold no more than the run's work, on the same batch and data.
+        cfgs, train_jobs, resuming = {}, [], 0
         for key, (mode, seed, run_dir) in todo.items():
             config, overlay = mode_config(dataset, mode)
             args = [*overlay, *overrides, *curve_args, f"--seed={seed}", f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
-                args.append(f"--train.epochs={epochs}")
-            load_config(config, args)                            # a bad override fails here, before any work
-            train_jobs.append((key, ["train", config, *args], run_dir))
-        print(f"compare {dataset}: {len(todo)} of {len(runs)} runs to train and score, {epochs} epochs each, "
-              f"{jobs} at a time; held-out evaluations at steps {', '.join(map(str, eval_steps))}", flush=True)
+                args.append(f"--train.epochs={schedule}")
+            cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
+            ckpt = os.path.join(run_dir, "ckpt.pt")
+            state = load_checkpoint(ckpt) if os.path.exists(ckpt) else None
+            problem = state is not None and work_mismatch(key, ckpt, state, cfgs[key], finished=False)
+            if problem:
+                raise RunError(problem)
+            if state is None or work_mismatch(key, ckpt, state, cfgs[key], finished=True):
+                train_jobs.append((key, ["train", config, *args], run_dir))
+                resuming += state is not None
+        print(f"compare {dataset}: {len(train_jobs)} of {len(runs)} runs to train ({resuming} resuming), "
+              f"{len(todo)} to score; {epochs:g} epochs each, {jobs} at a time; held-out evaluations at steps "
+              f"{', '.join(map(str, eval_steps))}", flush=True)
         train_seconds = run_jobs(train_jobs, jobs, "train.log")
+        # Equal work, proven from the checkpoints about to be scored: every run's steps, batch and data.
+        images = {k: r["training_images"] for k, r in results.items() if "training_images" in r}
+        for key in todo:
+            ckpt = os.path.join(runs[key][2], "ckpt.pt")
+            state = load_checkpoint(ckpt)
+            problem = work_mismatch(key, ckpt, state, cfgs[key], finished=True)
+            if problem:
+                raise RunError(problem)
+            images[key] = state["num_images"]
+        first = next(iter(images), None)
+        odd = [k for k in images if images[k] != images[first]]
+        if odd:
+            raise RunError(f"{odd[0]} was trained on {images[odd[0]]} images, {first} on {images[first]} (not equal "
+                           f"work: the data changed between runs); move {os.path.join(out, odd[0].replace('/', '_'))} away, "
+                           "then rerun")
         if weights and todo:
             run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
                              str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
@@ -1864,13 +1932,14 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             curve = eval_curve(run_dir, eval_steps)
             entry = results[key] = {
                 "bucket_mse": bucket_loss(net, cfg, mask, held, n=held_out_n), "bpd": curve["bpd"][-1], "curve": curve,
-                "steps": state["step"], "images_seen": seen,
+                "steps": state["step"], "images_seen": seen, "training_images": state["num_images"],
                 "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
                 "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
             if weights:
                 images = fid.load_image_folder(os.path.join(run_dir, "fid_samples"))[:fid_num]
                 entry["fid"] = fid.score(images, ref, inception_model, device=device, log=lambda *a: None)["fid"]
-            saved = {"dataset": dataset, "epochs": epochs, "seeds": seeds, "fid_num": settings["fid_num"],
+            saved = {"dataset": dataset, "epochs": epochs, "steps": state["step"], "seeds": seeds,
+                     "fid_num": settings["fid_num"],
                      "fid_floor": floor, "settings": settings, "runs": results}
             data.atomic_write(path, json.dumps(saved, indent=1))    # after every run: an interrupted compare resumes
             print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}, bpd {entry['bpd']:.3f}"
@@ -1899,7 +1968,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     controls = [f"- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates {CONTROLS[m][2]}"
                 for m in modes if m in CONTROLS]
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
-    lines = [f"# {dataset}: {' vs '.join(modes)}, {epochs} epochs each, {seeds} paired seed(s)", "",
+    steps = sorted({r["steps"] for k, r in results.items() if k.split("/")[0] in modes and "steps" in r})
+    length = f"{epochs:g} epochs" + (f" ({'/'.join(map(str, steps))} optimizer steps)" if steps else "")
+    lines = [f"# {dataset}: {' vs '.join(modes)}, {length} each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split; bpd: the variational bound in bits/dim on the "
              "same test images, from each run's evaluation at its last step"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
@@ -1937,7 +2008,7 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     for mode in means:
         path = os.path.join(out, f"{mode}_seed0", "metrics.jsonl")
         records = [r for _, r in data.read_jsonl(path)] if os.path.isfile(path) else []
-        stages = [r for r in records if r.get("kind") == "stage"]
+        stages = by_step(records, "stage")
         marks |= {r["step"] for r in stages if r["step"] > 0}
         if mode == "cs" and stages:
             birth = stages[-1]["birth_stage"]                # masks change only at stage starts
@@ -1955,6 +2026,13 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                      f"mean over {seeds} seed(s);\nband: min-max over seeds;\ngrey lines: stage starts")
     print("\n" + table, flush=True)
     return table
+
+
+def by_step(records, kind):
+    """metrics.jsonl records of one kind in step order, the last one written for each step (a resumed run may
+    have written a step twice, or out of order)."""
+    last = {r["step"]: r for r in records if r.get("kind") == kind and "step" in r}
+    return [last[step] for step in sorted(last)]
 
 
 CURVE_METRICS = ("mse", "bpd", "fid")                      # the held-out curves, all lower-is-better

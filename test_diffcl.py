@@ -1675,7 +1675,7 @@ def test_unwritable_out_dir_and_config_mismatch_are_refused(tmp_path, uninterrup
         D.train(tiny_cfg(tmp_path, "c", out_dir=str(blocker / "sub")))
     cfg, _ = finished_run_copy(uninterrupted, tmp_path)
     with pytest.raises(D.RunError, match=r"different config \(train.lr\)"):
-        D.train(dict(cfg, train={**cfg["train"], "lr": 1e-3}))
+        D.train(dict(cfg, train={**cfg["train"], "lr": 0.5}))
 
 
 def test_truncated_checkpoint_in_run_folder_is_reported_not_overwritten(tmp_path):
@@ -3408,6 +3408,67 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
     assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.distributed.run" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: train.batch_size 32 must divide by 3 process(es) x train.num_accum "
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
+
+
+# ---- compare: faults
+
+def test_compare_states_the_length_as_run_and_counts_finished_runs_truly(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = str(tmp_path / "cmp")
+    # 32 images / batch 8 = 4 steps per epoch; the stages' 6 epochs x 0.25 = 1.5 epochs = 6 steps (not 6 epochs).
+    scaled = [*DEMO_OVERRIDES, "--data_limit=32", "--train.length_scale=0.25", "--train.image_intv=0"]
+    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
+    text = capsys.readouterr().out
+    assert "2 of 2 runs to train (0 resuming), 2 to score; 1.5 epochs each" in text
+    saved = json.load(open(os.path.join(out, "compare.json")))
+    assert (saved["epochs"], saved["steps"]) == (1.5, 6)
+    assert torch.load(os.path.join(out, "base_seed0", "ckpt.pt"), weights_only=True)["step"] == 6
+    assert "base vs c, 1.5 epochs (6 optimizer steps) each" in open(os.path.join(out, "compare.md")).read()
+    # Both runs trained but not scored (compare.json lost, as when a compare stops between training and scoring):
+    # nothing is trained again, both are scored.
+    os.remove(os.path.join(out, "compare.json"))
+    D.compare(out, "shapes", 1, scaled, fid_num=0, held_out_n=4, modes=("base", "c"))
+    assert "0 of 2 runs to train (0 resuming), 2 to score;" in capsys.readouterr().out
+    assert calls[-1] == (1, "train.log", []) and len(json.load(open(os.path.join(out, "compare.json")))["runs"]) == 2
+
+
+def test_compare_refuses_a_run_trained_past_its_length_before_any_work(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = tmp_path / "cmp"
+    base = D.mode_config("shapes", "base")[0]
+    assert D.main(["train", base, *DEMO_OVERRIDES, "--train.image_intv=0", "--train.epochs=8",
+                   f"--out_dir={out / 'base_seed0'}"]) == 0          # a user's longer run: 8 steps, compare's are 6
+    capsys.readouterr()
+    with pytest.raises(D.RunError, match=r"^base/seed0: .*base_seed0/ckpt.pt holds 8 optimizer steps where this "
+                                         r"compare needs 6 .*move .*base_seed0 away"):
+        D.compare(str(out), "shapes", 1, [*DEMO_OVERRIDES, "--train.image_intv=0"], fid_num=0, modes=("base", "c"))
+    assert calls == [] and not (out / "c_seed0").exists() and not (out / "compare.json").exists()
+
+
+def test_work_mismatch_names_steps_batch_data_and_config_differences():
+    cfg = D.load_config(D.mode_config("shapes", "base")[0], [*DEMO_OVERRIDES, "--train.epochs=6"])
+    assert D.run_length(cfg, 8) == (6, 6)                     # 8 images, batch 8: 1 step per epoch
+    assert D.run_length(dict(cfg, train={**cfg["train"], "length_scale": 0.25}), 35) == (1.5, 6)   # 4 full batches
+    state = {"config": cfg, "step": 6, "num_images": 8}
+    check = lambda finished, **kw: D.work_mismatch("c/seed1", "o/c_seed1/ckpt.pt", {**state, **kw}, cfg, finished)
+    assert check(True) is None and check(False) is None
+    assert check(False, step=4) is None                       # unfinished: train resumes it
+    assert "holds 4 optimizer steps where this compare needs 6" in check(True, step=4)
+    assert "holds 7 optimizer steps" in check(False, step=7)
+    assert check(True, step=6, num_images=16) .startswith("c/seed1: o/c_seed1/ckpt.pt holds 6 optimizer steps "
+                                                          "where this compare needs 12")
+    assert "holds 4 train.batch_size where this compare needs 8" in check(False, config=dict(
+        cfg, train={**cfg["train"], "batch_size": 4}))
+    assert "another config (train.lr)" in check(False, config=dict(cfg, train={**cfg["train"], "lr": 0.5}))
+    assert "another config" not in (check(True, config=dict(cfg, out_dir="elsewhere")) or "")
+
+
+def test_compare_refuses_a_mode_named_twice_in_one_line(tmp_path, capsys):
+    assert D.main(["compare", "--modes", "base,c,base", "--out", str(tmp_path / "cmp"), "--fid-num", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --modes names base more than once; list each mode once\n"
 
 
 # ---- compare: curves
