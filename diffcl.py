@@ -1810,6 +1810,21 @@ def compare_steps(cfg):
     return run_length(cfg, len(images))[1]
 
 
+@contextlib.contextmanager
+def environ(name, value):
+    """An environment variable set to `value` (None: left as it is) while the block runs, for the processes it starts."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def eval_curve(run_dir, steps):
     """A run's held-out curve from the evaluation records in its metrics.jsonl: {"step", "mse" (mean of the 10
     t buckets), "bpd", "fid" (None where not measured)}; a run evaluated at other steps than `steps` is refused."""
@@ -1894,7 +1909,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         print(f"compare {dataset}: {len(train_jobs)} of {len(runs)} runs to train ({resuming} resuming), "
               f"{len(todo)} to score; {epochs:g} epochs each, {jobs} at a time; held-out evaluations at steps "
               f"{', '.join(map(str, eval_steps))}", flush=True)
-        train_seconds = run_jobs(train_jobs, jobs, "train.log")
+        with environ(fid.WEIGHTS_ENV, weights if settings["fid_num"] else None):   # FID on the curves: compare's weights
+            train_seconds = run_jobs(train_jobs, jobs, "train.log")
         # Equal work, proven from the checkpoints about to be scored: every run's steps, batch and data.
         images = {k: r["training_images"] for k, r in results.items() if "training_images" in r}
         for key in todo:
