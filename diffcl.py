@@ -31,6 +31,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import subprocess
 import threading
 import time
@@ -303,12 +304,96 @@ def ddim_step(out, xt, t, t_prev, tab, eta, noise, mean_type="eps"):
     return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
 
 
+def gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretised_log_likelihood(x, mean, log_scale):
+    """Elementwise log-probability in nats of pixels x on the 256 levels k/127.5 - 1 of [-1, 1] under
+    N(mean, e^(2 log_scale)): the Gaussian's mass on the level's bin [x - 1/255, x + 1/255], the lowest bin open to
+    -inf, the highest to +inf. Exact normal CDF in log space, so no floor is needed (improved-diffusion uses a tanh
+    approximation clamped at 1e-12)."""
+    inv = torch.exp(-log_scale)
+    lo, hi = (x - mean - 1 / 255) * inv, (x - mean + 1 / 255) * inv
+    flip = lo > 0                                           # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): keep both CDFs
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)   # below 1/2 at the bigger one (no cancellation)
+    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    inner = lb + torch.log(-torch.expm1(la - lb))           # log(Phi(b) - Phi(a)), a < b
+    edge = torch.where(x < -0.999, torch.special.log_ndtr(hi), torch.special.log_ndtr(-lo))   # open end bins
+    return torch.where((x < -0.999) | (x > 0.999), edge, inner)
+
+
+@torch.no_grad()
+def nll_bpd(net, cfg, mask, images, timesteps=0, seed=0, t_seed=None, batch=256, first=0, on_chunk=None):
+    """Variational bound on -log p(x_0) of uint8 images (N, H, W, C) in bits/dim, as improved-diffusion's
+    calc_bpd_loop (Nichol & Dhariwal 2021) with t 0-indexed as everywhere here:
+
+        L = KL(q(x_{T-1}|x_0) || N(0, I)) + sum_{t>=1} KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) - log p(x_0|x_t=0)
+
+    in nats summed over the D = C H W dimensions, divided by D ln 2, averaged over the images. p's mean is the
+    posterior mean at the network's x0 estimate clipped to [-1, 1] (as the sampler); its variance is beta tilde
+    (fixed-small) or beta (fixed-large), beta tilde_1 standing in at t = 0 in both (so is q's log-variance); the
+    t = 0 term is the decoder, discretised_log_likelihood of x_0 under that Gaussian. x_t of (image i, t) uses
+    noise keyed by (seed, i, t), i counted from `first`: reruns, every checkpoint and every split of the images over
+    ranks see the same noise.
+
+    timesteps = 0 or T: every t (exact up to the one noise draw). K in [2, T): an unbiased estimate from K
+    network calls per image: t = 0 (the decoder: large, so never left to chance) plus one uniform draw in each of
+    K - 1 equal strata of [1, T), keyed by (t_seed or seed, i), each term times its stratum's size; K = T is
+    the full sum. Returns {"bpd", "n", "timesteps", "estimator", "bpd_terms": {"prior", "decoder", "kl": the KL
+    terms summed per tenth of [0, T)}} (terms in bits/dim, summing to bpd). on_chunk(done, total) after each batch."""
+    dif, device = cfg["diffusion"], mask.device
+    T, mean_type, var_type = dif["timesteps"], dif["model_mean_type"], dif["model_var_type"]
+    K = timesteps or T
+    if not 2 <= K <= T:
+        raise ValueError(f"timesteps must be 0 (all) or in [2, T = {T}], got {timesteps}")
+    tab = tables_on(cfg, device)
+    q_logvar = torch.cat([tab["post_var"][1:2], tab["post_var"][1:]]).log()
+    p_logvar = q_logvar if var_type == "fixed-small" else tab["large_var"].log()
+    x0 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).double() / 127.5 - 1
+    N, D = len(x0), x0[0].numel()
+    edges = [1 + j * (T - 1) // (K - 1) for j in range(K)]             # strata [edges[j], edges[j+1]) of [1, T)
+    lo, size = torch.tensor(edges[:-1]), torch.tensor(edges[1:]) - torch.tensor(edges[:-1])
+    keyed, draw = lambda *key: torch.Generator().manual_seed(key_seed(*key)), seed if t_seed is None else t_seed
+    ts, weight, noise_seeds = [], torch.cat([torch.ones(1), size.double()]), []
+    for i in range(first, first + N):                       # t draws and noise seeds: functions of (seed, i) alone
+        u = torch.rand(K - 1, dtype=torch.float64, generator=keyed(NLL_TIMESTEPS, draw, i))
+        ts.append(torch.cat([torch.zeros(1, dtype=torch.long), lo + (u * size).long().clamp(max=size - 1)]))
+        noise_seeds.append(torch.randint(0, 2 ** 62, (T,), generator=keyed(NLL_NOISE, seed, i)))
+    ts, noise_seeds, g = torch.stack(ts), torch.stack(noise_seeds), torch.Generator()
+    nats = torch.zeros(N, 12, dtype=torch.float64)           # per image: prior, decoder, KL per tenth of [0, T)
+    ab = tab["alpha_bar"][-1].cpu()
+    zero = torch.zeros((), dtype=torch.float64)
+    nats[:, 0] = gaussian_kl(ab.sqrt() * x0, (1 - ab).log(), zero, zero).flatten(1).sum(1)
+    for a in range(0, N * K, batch):                        # (image, t) pairs, image-major
+        pair = torch.arange(a, min(a + batch, N * K))
+        i, k = pair // K, pair % K
+        t = ts[i, k]
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(s)) for s in noise_seeds[i, t].tolist()])
+        xb, td = x0[i].to(device), t.to(device)
+        xt = q_sample(xb.float(), td, eps.to(device), tab).double()   # the network's input, exactly
+        mean, _, _ = p_mean_var(net(xt.float(), td, mask).double(), xt, td, tab, mean_type, var_type)
+        lv = p_logvar[td].reshape(-1, 1, 1, 1)
+        kl = gaussian_kl(q_posterior(xb, xt, td, tab)[0], q_logvar[td].reshape(-1, 1, 1, 1), mean, lv)
+        decoder = -discretised_log_likelihood(xb, mean, 0.5 * lv)
+        term = torch.where(td == 0, decoder.flatten(1).sum(1), kl.flatten(1).sum(1)).cpu() * weight[k]
+        nats.index_put_((i, torch.where(t == 0, 1, 2 + t * 10 // T)), term, accumulate=True)
+        if on_chunk:
+            on_chunk(a + len(pair), N * K)
+    bits = (nats / (D * math.log(2))).mean(0).tolist()
+    return {"bpd": sum(bits), "n": N, "timesteps": K,
+            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
+            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Random streams. Every draw comes from a generator keyed by integers -- (purpose, seed, step, rank) in
 # training, (purpose, seed, image) in sampling -- so a resumed run draws exactly what the uninterrupted
 # run drew, and ranks, seeds and steps get unrelated streams.
 
-TIMESTEPS, NOISE, DROPOUT, X_T, SAMPLER_NOISE, FIRST_MASK, RANDOM_REGROWTH = range(7)   # purposes
+# purposes
+TIMESTEPS, NOISE, DROPOUT, X_T, SAMPLER_NOISE, FIRST_MASK, RANDOM_REGROWTH, NLL_TIMESTEPS, NLL_NOISE = range(9)
 
 
 def key_seed(*key):
@@ -1526,6 +1611,53 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     return result
 
 
+def nll_on_ranks(net, cfg, mask, images, timesteps, seed, rank, world, batch=256, on_chunk=None):
+    """nll_bpd of `images` with the images split over ranks (one rank_chunks chunk each) and the sums all-reduced:
+    every rank returns the same result, which does not depend on the number of ranks (up to rounding)."""
+    n = len(images)
+    sums = torch.zeros(13, dtype=torch.float64)             # images, then their prior, decoder, KL per tenth, summed
+    for a, m in rank_chunks(n, -(-n // world), rank, world):
+        r = nll_bpd(net, cfg, mask, images[a:a + m], timesteps, seed, batch=batch, first=a, on_chunk=on_chunk)
+        terms = r["bpd_terms"]
+        sums += m * torch.tensor([1.0, terms["prior"], terms["decoder"], *terms["kl"]], dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(mask.device), world).cpu() if world > 1 else sums
+    bits = (sums[1:] / sums[0]).tolist()
+    T = cfg["diffusion"]["timesteps"]
+    K = timesteps or T
+    return {"bpd": sum(bits), "n": n, "timesteps": K,
+            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
+            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
+
+
+def evaluate_nll(ckpt, num, timesteps=0, seed=0, batch_size=256, raw=False):
+    """`eval --nll N`: the bound of nll_bpd on the first N held-out (test) images, EMA weights unless raw, the
+    checkpoint's mask; ranks share the images under torchrun. Prints one JSON line (rank 0) and returns it."""
+    rank, world, device = setup_dist()
+    state = load_checkpoint(ckpt)
+    net, cfg, mask, _ = model_from_checkpoint(ckpt, device, raw, state)
+    T = cfg["diffusion"]["timesteps"]
+    if timesteps and not 2 <= timesteps <= T:
+        raise ConfigError(f"--nll-timesteps {timesteps}: use 0 (all T = {T}) or a number in [2, {T}]")
+    images = data.held_out_images(cfg["dataset"], num, cfg["resolution"] or None, cfg["data_root"] or None,
+                                  cfg["data_split"] or None)
+    if len(images) < num:
+        raise RunError(f"{cfg['dataset']} has only {len(images)} held-out images; use --nll {len(images)}")
+    t0, last = time.perf_counter(), [0.0]
+
+    def report(done, total):                                # a line every 10 s on stderr: all T can take hours
+        now = time.perf_counter()
+        if rank == 0 and (now - last[0] > 10 or done == total):
+            last[0], rate = now, done / max(now - t0, 1e-9)
+            print(f"nll (network evaluations, this rank): {done}/{total} | {rate:.1f}/s | "
+                  f"ETA {fmt_time((total - done) / rate)}", file=sys.stderr, flush=True)
+    result = nll_on_ranks(net, cfg, mask, images, timesteps, seed, rank, world, batch_size, report)
+    result.update({"ckpt": ckpt, "step": state["step"], "weights": "raw" if raw else "ema", "seed": seed,
+                   "dataset": cfg["dataset"], "seconds": round(time.perf_counter() - t0, 1)})
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+    return result
+
+
 def timed(device, fn):
     """Wall seconds of fn(), from an idle device to an idle device (CUDA runs kernels asynchronously)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
@@ -1754,36 +1886,64 @@ def work_mismatch(key, path, state, cfg, finished):
     return None
 
 
+def job_report(label, returncode, seconds, done, total, log_text):
+    """The lines that report an ended job: its label (mode/seed), how many of the jobs have ended, its wall time
+    and last log line, then every warning it logged (e.g. a warm-up longer than the run), so none goes unseen."""
+    lines = log_text.strip().splitlines()
+    return ([f"  {'finished' if returncode == 0 else 'FAILED'} {label} ({done}/{total}) in {fmt_time(seconds)}: "
+             f"{(lines[-1:] or ['(no output)'])[0][:150]}"]
+            + [f"    {line.strip()}" for line in lines if line.startswith("warning:")])
+
+
 def run_jobs(jobs, parallel, log_name):
     """Run [(label, argv, run_dir)] as `python diffcl.py ...` subprocesses in `parallel` slots: slot k on GPU k mod
     the GPU count when there are several, else all sharing the device; CPU threads split between the slots. Returns
-    {label: seconds}; a failed job is reported with the end of its log after the others finish."""
+    {label: seconds}; a failed job is reported with the end of its log after the others finish. Each job has its own
+    process group: Ctrl-C reaches this process alone, which passes it on once (each job saves at its next step) and
+    waits for them; a second Ctrl-C passes that on too (they stop at once)."""
     gpus = torch.cuda.device_count() if device_kind() == "cuda" else 0
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
-    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []    # slot: (label, process, log, start)
-    while pending or any(slots):
-        for k, job in enumerate(slots):
-            if job and job[1].poll() is not None:       # ended: report it and free its slot
-                label, proc, logf, t0 = job
-                logf.close()
-                seconds[label] = time.perf_counter() - t0
-                with open(logf.name) as f:
-                    tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-                print(f"  {'finished' if proc.returncode == 0 else 'FAILED'} {label} in {fmt_time(seconds[label])}: "
-                      f"{tail[0][:150]}", flush=True)
-                if proc.returncode:
-                    failed.append(f"{label} (see {logf.name})")
-                slots[k] = job = None
-            if job is None and pending:
-                label, argv, run_dir = pending.pop(0)
-                os.makedirs(run_dir, exist_ok=True)
-                logf = open(os.path.join(run_dir, log_name), "a")
-                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
-                                        stderr=subprocess.STDOUT,
-                                        env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
-                slots[k] = (label, proc, logf, time.perf_counter())
-                print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
-        time.sleep(0.2)
+    pending, slots, seconds, failed = list(jobs), [None] * parallel, {}, []   # slot: (label, process, log, t0, offset)
+    try:
+        while pending or any(slots):
+            for k, job in enumerate(slots):
+                if job and job[1].poll() is not None:       # ended: report it and free its slot
+                    label, proc, logf, t0, start = job
+                    logf.close()
+                    seconds[label] = time.perf_counter() - t0
+                    with open(logf.name, "rb") as f:
+                        f.seek(start)
+                        text = f.read().decode(errors="replace")
+                    print("\n".join(job_report(label, proc.returncode, seconds[label], len(seconds), len(jobs),
+                                                text)), flush=True)
+                    if proc.returncode:
+                        failed.append(f"{label} (see {logf.name})")
+                    slots[k] = job = None
+                if job is None and pending:
+                    label, argv, run_dir = pending.pop(0)
+                    os.makedirs(run_dir, exist_ok=True)
+                    logf = open(os.path.join(run_dir, log_name), "a")
+                    start = os.path.getsize(logf.name)      # this job's part of a log that a resume appends to
+                    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=logf,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**env, "CUDA_VISIBLE_DEVICES": str(k % gpus)} if gpus > 1 else env)
+                    slots[k] = (label, proc, logf, time.perf_counter(), start)
+                    print(f"  started {label} ({argv[0]}, log {logf.name})", flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        running = [job[1] for job in slots if job and job[1].poll() is None]
+        print(f"\n  Ctrl-C: {len(running)} running job(s) save at their next step and stop (Ctrl-C again: stop "
+              "them at once)", flush=True)
+        for _ in range(2):
+            try:
+                for proc in running:
+                    proc.send_signal(signal.SIGINT)
+                for proc in running:
+                    proc.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
     if failed:
         raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and rerun compare to resume")
     return seconds
@@ -2034,6 +2194,11 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         if mode == "cr" and stages:
             notes.append("- cr, seed 0: channels with norm<1e-3 per stage "
                          + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
+    warned = {}                                             # what the runs' train.log warned of, and which runs
+    for key in (k for k in results if k.split("/")[0] in modes):
+        for text in log_warnings(os.path.join(out, key.replace("/", "_"), "train.log")):
+            warned.setdefault(text, []).append(key)
+    notes += [f"- {', '.join(keys)}: {text}" for text, keys in warned.items()]
     table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
@@ -2042,6 +2207,14 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                      f"mean over {seeds} seed(s);\nband: min-max over seeds;\ngrey lines: stage starts")
     print("\n" + table, flush=True)
     return table
+
+
+def log_warnings(path):
+    """The distinct `warning:` lines of a run's log, in order ([] without a log)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return list(dict.fromkeys(line.strip() for line in f if line.startswith("warning:")))
 
 
 def by_step(records, kind):
@@ -2204,6 +2377,7 @@ USAGE = """usage: python diffcl.py COMMAND [options] [--section.key=value ...]
   train    CONFIG            train (resumes from <out_dir>/ckpt.pt)    e.g. train configs/celeba32_cs.json
   sample   --ckpt CKPT       write PNGs (DDPM, or --ddim --steps N)
   eval     --ckpt|--images   FID (+ precision/recall with --real) against --ref statistics
+  eval     --ckpt --nll N    held-out NLL bound in bits/dim on N test images (--nll-timesteps K: estimate)
   bench    [CONFIG]          time the training step
   demo                       all four modes on a small dataset, one seed
   compare  --dataset D       base vs C vs CS vs CR, paired seeds, held-out loss and FID
@@ -2269,10 +2443,14 @@ def parse_cli(argv):
             help="delete images in --out that another checkpoint or setting made (default: refuse)")
     if cmd == "eval":
         add("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
-        add("--ref", required=True, help="reference statistics .npz (python fid.py ref ...)")
+        add("--ref", help="reference statistics .npz (python fid.py ref ...); not needed with --nll")
         add("--real", help="real images (dataset name, folder or .npy) for precision/recall")
         add("--inception")
         add("--download", action="store_true")
+        add("--nll", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
+            help="instead of FID: the NLL bound in bits/dim on the first N held-out images")
+        add("--nll-timesteps", type=number_in(0, 10 ** 6, "a whole number >= 0"), default=0,
+            help="with --nll: K stratified timesteps per image (0 = every timestep)")
     if cmd == "bench":
         add("--batch-size", type=count)
         add("--steps", type=count, default=10)
@@ -2324,6 +2502,8 @@ def run_command(cmd, args, rest):
             raise ConfigError("--distributed: launch with torchrun --standalone --nproc_per_node N diffcl.py "
                               "train ... (or bash run.sh MODE N); plain python runs one process")
         return train(cfg, path, resume=args.resume, force=args.force, download=args.download)
+    if cmd in ("demo", "compare"):                          # Ctrl-C: the runs save, main names the rerun
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if cmd == "demo":
         return demo(args.out, args.dataset, rest, jobs=args.jobs)
     if cmd == "compare":
@@ -2334,8 +2514,14 @@ def run_command(cmd, args, rest):
         out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + (f"ddim{args.steps}" if args.ddim else "ddpm"))
         return sample(args.ckpt, args.num, out, batch_size=args.batch_size, npz=args.npz,
                       replace_stale=args.replace_stale, **kw)
+    if args.nll:
+        if not args.ckpt:
+            raise ConfigError("eval --nll needs --ckpt CKPT")
+        return evaluate_nll(args.ckpt, args.nll, args.nll_timesteps, args.seed, args.batch_size, args.raw)
     if not args.ckpt and not args.images:
         raise ConfigError("eval needs --ckpt CKPT (sample then score) or --images FOLDER|NPZ")
+    if not args.ref:
+        raise ConfigError("eval needs --ref STATS.npz (python fid.py ref ...), or --nll N for bits/dim")
     return evaluate(args.ckpt, args.out if args.ckpt else args.images, args.ref, args.num, args.real,
                     args.inception, args.download, batch_size=args.batch_size, **kw)
 
@@ -2366,8 +2552,10 @@ def main(argv):
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:                               # before training started: nothing to save
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:                               # train: before training started, nothing to save
+        again = (f"; finished runs and scores are kept: to resume, rerun python "
+                 f"{shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}") if argv[:1] in (["compare"], ["demo"]) else ""
+        print(f"interrupted{again}", file=sys.stderr, flush=True)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -16,6 +16,7 @@ import json
 import math
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -3410,6 +3411,144 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
 
 
+# ---- held-out bits/dim and evaluation during training
+
+def test_gaussian_kl_matches_numerical_integral():
+    from scipy import integrate
+    logpdf = lambda x, m, v: -0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)
+    for m1, v1, m2, v2 in [(0.3, 0.5, -0.2, 2.0), (1.0, 1e-2, 0.9, 3e-2), (0.0, 1.0, 0.0, 1.0)]:
+        direct = integrate.quad(lambda x: math.exp(logpdf(x, m1, v1)) * (logpdf(x, m1, v1) - logpdf(x, m2, v2)),
+                                m1 - 40 * math.sqrt(v1), m1 + 40 * math.sqrt(v1), points=[m1], limit=200)[0]
+        got = D.gaussian_kl(*(torch.tensor(v, dtype=F64) for v in (m1, math.log(v1), m2, math.log(v2))))
+        assert got.item() == pytest.approx(direct, rel=1e-7, abs=1e-12)
+
+
+def test_discretised_likelihood_is_the_gaussian_mass_of_each_bin_end_bins_open():
+    from scipy import integrate
+    levels = torch.arange(256, dtype=F64) / 127.5 - 1
+    for mean, scale in [(0.0, 0.05), (0.7, 0.01), (-0.98, 0.3), (0.2, 2e-3), (1.3, 0.1), (0.9, 0.03)]:
+        got = D.discretised_log_likelihood(levels, torch.full_like(levels, mean), torch.tensor(math.log(scale), dtype=F64))
+        assert torch.exp(got).sum().item() == pytest.approx(1.0, abs=1e-12)           # the bins cover the line
+        logpdf = lambda x: -0.5 * ((x - mean) / scale) ** 2 - math.log(scale * math.sqrt(2 * math.pi))
+        for k in [0, 1, 100, 127, 128, 140, 200, 254, 255]:
+            lo = -math.inf if k == 0 else levels[k].item() - 1 / 255
+            hi = math.inf if k == 255 else levels[k].item() + 1 / 255
+            # the integral of the pdf over the bin, relative to the pdf at the bin's point nearest the mean (no
+            # underflow even 100 standard deviations out)
+            ref = min(max(mean, lo), hi)                    # an open end stops 40 sd beyond it (nothing left there)
+            lo, hi = max(lo, ref - 40 * scale), min(hi, ref + 40 * scale)
+            mass = integrate.quad(lambda x: math.exp(logpdf(x) - logpdf(ref)), lo, hi, epsabs=0, epsrel=1e-12,
+                                  limit=200, points=[ref] if lo < ref < hi else None)[0]
+            assert got[k].item() == pytest.approx(logpdf(ref) + math.log(mass), rel=1e-8, abs=1e-9), (mean, scale, k)
+
+
+def nll_setup(var_type="fixed-small", T=20, n=2, seed=0):
+    cfg = D.merge_config({"diffusion": {"timesteps": T, "model_var_type": var_type},
+                          "model": {**ONE_LEVEL, "in_channels": 1}})
+    net = tiny(seed, in_channels=1, ch_multipliers=[1], apply_attn=[False])
+    imgs = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    imgs[0, :2] = 0                                         # both end bins appear
+    imgs[0, -2:] = 255
+    return cfg, net, torch.ones(net.bottleneck_channels), imgs
+
+
+@pytest.mark.parametrize("var_type", ["fixed-small", "fixed-large"])
+def test_nll_bpd_every_term_matches_a_float64_computation_from_the_formulas(var_type):
+    from scipy import stats
+    T = 20
+    cfg, net, mask, imgs = nll_setup(var_type, T)
+    seen = []                                               # what the network saw and said, in call order
+
+    def recording(xt, t, m):
+        out = net(xt, t, m)
+        seen.extend(zip(xt.double().numpy(), t.tolist(), out.double().numpy()))
+        return out
+    got = D.nll_bpd(recording, cfg, mask, imgs, batch=7)
+    # Ho et al.'s tables in float64, written out here.
+    betas = np.linspace(1e-4, 0.02, T)
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    p_var = np.append(post_var[1], (post_var if var_type == "fixed-small" else betas)[1:])
+    q_var = np.append(post_var[1], post_var[1:])
+    mu = lambda x0, xt, t: (np.sqrt(ab_prev[t]) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - ab_prev[t]) * xt) / (1 - ab[t])
+    N, dims = len(imgs), imgs[0].size
+    assert len(seen) == N * T
+    terms = np.zeros((N, 12))                              # prior, decoder, KL per tenth
+    for row, (xt, t, out) in enumerate(seen):              # (image, t) pairs come image-major, every t once
+        i = row // T
+        assert t == row % T
+        x0 = imgs[i].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1
+        x0_hat = np.clip((xt - np.sqrt(1 - ab[t]) * out) / np.sqrt(ab[t]), -1, 1)
+        m_p, s_p = mu(x0_hat, xt, t), np.sqrt(p_var[t])
+        if t == 0:
+            lo = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
+            hi = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
+            mass = stats.norm.sf(lo, m_p, s_p) - stats.norm.sf(hi, m_p, s_p)
+            mass = np.where(lo > m_p, mass, stats.norm.cdf(hi, m_p, s_p) - stats.norm.cdf(lo, m_p, s_p))
+            terms[i, 1] += -np.log(mass).sum()
+        else:
+            kl = 0.5 * (np.log(p_var[t] / q_var[t]) + q_var[t] / p_var[t] + (mu(x0, xt, t) - m_p) ** 2 / p_var[t] - 1)
+            terms[i, 2 + t * 10 // T] += kl.sum()
+    for i in range(N):                                     # KL(N(sqrt(ab) x0, 1 - ab) || N(0, 1)) per dimension
+        x0 = imgs[i].astype(np.float64) / 127.5 - 1
+        terms[i, 0] = (0.5 * (-np.log(1 - ab[-1]) - 1 + (1 - ab[-1]) + ab[-1] * x0 ** 2)).sum()
+    bits = terms.mean(0) / (dims * math.log(2))
+    assert got["n"] == N and got["timesteps"] == T and got["estimator"] == f"all {T} timesteps"
+    assert got["bpd_terms"]["prior"] == pytest.approx(bits[0], rel=1e-10)
+    assert got["bpd_terms"]["decoder"] == pytest.approx(bits[1], rel=1e-8)
+    assert got["bpd_terms"]["kl"] == pytest.approx(list(bits[2:]), rel=1e-8)
+    assert got["bpd"] == pytest.approx(bits.sum(), rel=1e-8) and bits[1] > 0 and min(bits[2:]) > 0
+
+
+def bpd_numbers(r):
+    return [r["bpd"], r["bpd_terms"]["prior"], r["bpd_terms"]["decoder"], *r["bpd_terms"]["kl"]]
+
+
+def test_nll_bpd_is_keyed_and_split_images_give_the_same_bound():
+    cfg, net, mask, imgs = nll_setup(n=4)
+    full = D.nll_bpd(net, cfg, mask, imgs, batch=16)
+    again = D.nll_bpd(net, cfg, mask, imgs, batch=5)            # batching changes nothing beyond float32 rounding
+    assert bpd_numbers(again) == pytest.approx(bpd_numbers(full), rel=1e-6)
+    halves = [D.nll_bpd(net, cfg, mask, imgs[a:a + 2], first=a) for a in (0, 2)]      # how ranks share images
+    assert (halves[0]["bpd"] + halves[1]["bpd"]) / 2 == pytest.approx(full["bpd"], rel=1e-6)
+    assert D.nll_bpd(net, cfg, mask, imgs, seed=1)["bpd"] != pytest.approx(full["bpd"], rel=1e-6)
+
+
+def test_stratified_estimate_is_the_full_sum_at_k_equals_t_and_unbiased():
+    T = 20
+    cfg, net, mask, imgs = nll_setup(T=T)
+    full = D.nll_bpd(net, cfg, mask, imgs)
+    k_is_t = D.nll_bpd(net, cfg, mask, imgs, timesteps=T, t_seed=5)
+    assert bpd_numbers(k_is_t) == pytest.approx(bpd_numbers(full), rel=1e-12) and k_is_t["timesteps"] == T
+    draws = [D.nll_bpd(net, cfg, mask, imgs, timesteps=4, t_seed=s) for s in range(100)]
+    assert all(d["estimator"] == "stratified 4 of 20" and d["timesteps"] == 4 for d in draws)
+    assert [d["bpd_terms"]["decoder"] for d in draws] == pytest.approx([full["bpd_terms"]["decoder"]] * 100,
+                                                                      rel=1e-6)          # t = 0 is always taken
+    values = np.array([d["bpd"] for d in draws])
+    se = values.std(ddof=1) / math.sqrt(len(values))
+    assert se > 1e-3 and abs(values.mean() - full["bpd"]) < 4 * se, (values.mean(), full["bpd"], se)
+
+
+def test_eval_nll_cli_prints_one_json_line_without_ref(uninterrupted, tmp_path, capsys):
+    _, out = finished_run_copy(uninterrupted, tmp_path)
+    ckpt = os.path.join(out, "ckpt.pt")
+    capsys.readouterr()
+    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "5", "--seed", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert (r["n"], r["timesteps"], r["estimator"], r["weights"], r["step"]) == (3, 5, "stratified 5 of 20", "ema", 12)
+    net, cfg, mask, _ = D.model_from_checkpoint(ckpt, torch.device("cpu"))
+    held = data.held_out_images("shapes", 3, 8)
+    assert r["bpd"] == pytest.approx(D.nll_bpd(net, cfg, mask, held, timesteps=5, seed=2)["bpd"], rel=1e-12)
+    terms = r["bpd_terms"]
+    assert r["bpd"] == pytest.approx(terms["prior"] + terms["decoder"] + sum(terms["kl"]), rel=1e-12)
+    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "1"]) == 2
+    assert D.main(["eval", "--ckpt", ckpt]) == 2
+    assert "--ref STATS.npz" in capsys.readouterr().err
+
+
 # ---- compare: faults
 
 def test_compare_states_the_length_as_run_and_counts_finished_runs_truly(tmp_path, monkeypatch, capsys):
@@ -3469,6 +3608,64 @@ def test_compare_refuses_a_mode_named_twice_in_one_line(tmp_path, capsys):
     assert D.main(["compare", "--modes", "base,c,base", "--out", str(tmp_path / "cmp"), "--fid-num", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --modes names base more than once; list each mode once\n"
+
+
+@pytest.mark.parametrize("name", ["compare.json", "compare.md", "curves.png"])
+def test_compare_refuses_a_folder_where_an_output_goes_before_training(tmp_path, monkeypatch, name):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    (tmp_path / "cmp" / name).mkdir(parents=True)
+    with pytest.raises(D.RunError, match=rf"^{re.escape(str(tmp_path / 'cmp' / name))} is a folder where compare "
+                                         r"writes a file; move it away, then rerun$"):
+        D.compare(str(tmp_path / "cmp"), "shapes", 1, DEMO_OVERRIDES, fid_num=0, modes=("base", "c"))
+    assert calls == [] and sorted(os.listdir(tmp_path / "cmp")) == [".lock", name]
+
+
+def test_job_report_names_the_run_its_time_and_every_warning_of_its_log():
+    log = ("diffcl train | mode c\nwarning: train.warmup (5000 steps) is longer than the run (6 steps): the learning "
+           "rate never reaches train.lr; lower train.warmup for a short run\n1/6 epochs step 2/6\ndone: 6 steps\n")
+    assert D.job_report("c/seed1", 0, 75.9, 3, 8, log) == [
+        "  finished c/seed1 (3/8) in 1m15s: done: 6 steps",
+        "    warning: train.warmup (5000 steps) is longer than the run (6 steps): the learning rate never reaches "
+        "train.lr; lower train.warmup for a short run"]
+    assert D.job_report("base/seed0", 2, 3.0, 1, 1, "") == ["  FAILED base/seed0 (1/1) in 3s: (no output)"]
+
+
+def test_compare_md_reads_metrics_by_step_and_lists_the_runs_warnings(tmp_path):
+    out = tmp_path / "cmp"
+    for run in ("base_seed0", "cs_seed0"):
+        (out / run).mkdir(parents=True)
+    stage = lambda step, active, birth: {"kind": "stage", "step": step, "active": active, "birth_stage": birth}
+    train = lambda step, mse: {"kind": "train", "step": step, "mse": mse}
+    # A resumed run's file: step 4's stage record written twice (the first by the run that was killed), step 2's
+    # after it, and training records out of order and repeated. By step, last record wins: actives 2/3/5.
+    lines = [stage(0, 2, [0, 0, -1, -1, -1, -1]), train(2, 0.9), stage(4, 4, [0, 0, 1, 2, -1, -1]), train(4, 0.7),
+             stage(2, 3, [0, 0, 1, -1, -1, -1]), train(2, 0.8), stage(4, 5, [0, 0, 1, 2, 2, -1]), train(6, 0.5)]
+    (out / "cs_seed0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    warning = "warning: train.warmup (5000 steps) is longer than the run (6 steps)"
+    (out / "base_seed0" / "train.log").write_text(f"{warning}\ndone\n{warning}\n")
+    (out / "cs_seed0" / "train.log").write_text(f"start\n{warning}\n")
+    entry = {"bucket_mse": [0.5] * 10, "steps": 6, "train_seconds": 1.0, "train_tflops": 0.0}
+    table = D.write_comparison(str(out), "shapes", 1, 1.5, {"base/seed0": entry, "cs/seed0": entry}, 0, None, 50,
+                               modes=("base", "cs"))
+    assert "- cs, seed 0: active per stage 2/3/5; channels born in stage never: 1, 1: 2, 2: 1, 3: 2" in table
+    assert f"- base/seed0, cs/seed0: {warning}" in table and table.count(warning) == 1
+    assert "shapes: base vs cs, 1.5 epochs (6 optimizer steps) each" in table
+    assert [r["step"] for r in D.by_step([r for r in lines], "train")] == [2, 4, 6]
+    assert D.by_step(lines, "train")[0]["mse"] == 0.8
+
+
+def test_an_interrupted_compare_or_demo_names_the_command_that_resumes_it(tmp_path, monkeypatch, capsys):
+    def ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D, "compare", ctrl_c)
+    for argv in (["compare", "--out", str(tmp_path / "my runs"), "--seeds", "2", "--modes", "base,c", "--train.lr=0.5"],
+                 ["demo", "--jobs", "1"]):
+        assert D.main(argv) == 130
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("interrupted; finished runs and scores are kept")
+        command = shlex.split(err.split("to resume, rerun ")[1])
+        assert command[0] == "python" and os.path.samefile(command[1], HERE / "diffcl.py") and command[2:] == argv
 
 
 # ---- compare: curves
