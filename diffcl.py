@@ -2334,10 +2334,11 @@ def curves_chart(panels, path, marks=(), note=""):
         for m in marks:
             d.line([to_x(m), y0, to_x(m), y1], fill=(190, 190, 190))
         d.line([x0, y0, x0, y1, x1, y1], fill="black")
+        decimals = max(0, 1 - math.floor(math.log10((hi - lo) / 4)))   # enough to tell the y labels apart
         for k in range(5):                                  # y labels, and x ticks at quarters of the run
             y, tick = y1 - (y1 - y0) * k / 4, round(xmax * k / 4)
             d.line([x0 - 4, y, x0, y], fill="black")
-            d.text((p * w + 4, y - 6), f"{lo + (hi - lo) * k / 4:.4g}", fill="black")
+            d.text((p * w + 4, y - 6), f"{lo + (hi - lo) * k / 4:.{decimals}f}", fill="black")
             d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
             d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
         d.text((x1 - 90, y1 + 24), "optimizer step", fill="black")

@@ -2874,7 +2874,7 @@ def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path, monkey
     for mode in ("base", "anti", "mixture", "minsnr"):
         assert f"| {mode} | " in table
     assert "- anti: c with --curriculum.order=reverse" in table and "isolates order alone" in table
-    assert "| mode | b0 | b1 |" in table and table.count("| minsnr | ") == 2        # summary row and bucket row
+    assert "| mode | b0 | b1 |" in table and table.count("| minsnr | ") == 3   # summary, bucket and steps-to-reach rows
     cfg = json.load(open(tmp_path / "ctl" / "minsnr_seed0" / "config.json"))
     assert cfg["diffusion"]["loss_weight"] == "min_snr" and not cfg["curriculum"]["enabled"]
 
@@ -3645,7 +3645,7 @@ def test_compare_md_reads_metrics_by_step_and_lists_the_runs_warnings(tmp_path):
     warning = "warning: train.warmup (5000 steps) is longer than the run (6 steps)"
     (out / "base_seed0" / "train.log").write_text(f"{warning}\ndone\n{warning}\n")
     (out / "cs_seed0" / "train.log").write_text(f"start\n{warning}\n")
-    entry = {"bucket_mse": [0.5] * 10, "steps": 6, "train_seconds": 1.0, "train_tflops": 0.0}
+    entry = {"bucket_mse": [0.5] * 10, "bpd": 3.0, "steps": 6, "train_seconds": 1.0, "train_tflops": 0.0}
     table = D.write_comparison(str(out), "shapes", 1, 1.5, {"base/seed0": entry, "cs/seed0": entry}, 0, None, 50,
                                modes=("base", "cs"))
     assert "- cs, seed 0: active per stage 2/3/5; channels born in stage never: 1, 1: 2, 2: 1, 3: 2" in table
