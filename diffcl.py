@@ -2031,7 +2031,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
                     "fid_num": fid_num if weights else 0, "sample_steps": sample_steps, "eval_points": eval_points}
         # The curves: every run evaluates at the same steps, about eval_points of them ending at its last step
-        # (equal work gives every mode the same number of steps); FID on the curve only when compare scores FID.
+        # (equal work gives every mode the same number of steps); FID on the curve only when compare scores FID;
+        # bpd from CURVE_TIMESTEPS stratified timesteps unless the overrides say otherwise.
         total = compare_steps(load_config(mode_config(dataset, "base")[0], [*overrides, f"--train.epochs={schedule}"]))
         eval_intv = math.ceil(total / eval_points)
         eval_steps, curve_args = [*range(eval_intv, total, eval_intv), total], [
@@ -2054,7 +2055,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         cfgs, train_jobs, resuming = {}, [], 0
         for key, (mode, seed, run_dir) in todo.items():
             config, overlay = mode_config(dataset, mode)
-            args = [*overlay, *overrides, *curve_args, f"--seed={seed}", f"--out_dir={run_dir}"]
+            args = [*overlay, f"--train.eval_timesteps={CURVE_TIMESTEPS}", *overrides, *curve_args, f"--seed={seed}",
+                    f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
                 args.append(f"--train.epochs={schedule}")
             cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
@@ -2225,6 +2227,7 @@ def by_step(records, kind):
 
 
 CURVE_METRICS = ("mse", "bpd", "fid")                      # the held-out curves, all lower-is-better
+CURVE_TIMESTEPS = 10    # K of the curves' bpd estimate: every run draws the same t and noise, so differences stay sharp
 
 
 def curve_title(metric, fid_num):

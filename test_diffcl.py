@@ -3769,6 +3769,8 @@ def test_compare_evaluates_every_mode_at_the_same_steps_and_reports_curves(tmp_p
         assert run["curve"]["bpd"] == [r["bpd"] for r in evals] and run["bpd"] == evals[-1]["bpd"] > 0
         assert run["curve"]["mse"] == pytest.approx([np.mean(r["bucket_mse"]) for r in evals])
         assert all(math.isfinite(v) for v in run["curve"]["fid"])          # FID on the curve: compare scores FID
+        tr = json.load(open(tmp_path / "cmp" / f"{mode}_{seed}" / "config.json"))["train"]
+        assert (tr["eval_intv"], tr["eval_num"], tr["eval_fid"], tr["eval_timesteps"]) == (2, 8, 2, 10)
     reach = saved["steps_to_reach"]
     assert set(reach) == {"base", "c"} and set(reach["c"]) == {"mse", "bpd", "fid"}
     for s in "01":
