@@ -5,8 +5,8 @@
         ...                               # float32 (128 // world, 3, 32, 32) in [-1, 1]
 
 Datasets: celeba32, celeba64 (alias celeba), cifar10, fashion32, shapes (built in), folder:PATH.
-Decoded images are cached as one .npy per (dataset, root, split, resolution) in ~/.cache/diffcl/ with a JSON
-sidecar describing the source files; the cache is rebuilt when the sidecar no longer matches.
+Decoded images are cached as one .npy per (dataset, root, split, resolution) in ~/.cache/diffcl/ ($DIFFCL_CACHE
+when set) with a JSON sidecar describing the source files; the cache is rebuilt when the sidecar no longer matches.
 
 Preprocessing, as tqch/ddpm-torch: CelebA crops rows 40-188 and columns 15-163 of the aligned 178x218 image (a
 centred 148x148 square) and resizes with PIL BILINEAR (antialiased when shrinking, as torchvision's Resize on PIL
@@ -56,6 +56,7 @@ SHAPES = {"train": (0, 10_000), "test": (1, 2_000)}  # split -> (seed, default n
 SHAPES_MAX_BYTES = 8 << 30  # shapes are generated in memory: refuse sizes that could only exhaust it
 CACHE_VERSION = 1  # bump when preprocessing changes so old caches are rebuilt
 POOL_MIN = 512  # decode fewer files than this in-process: a pool costs more than it saves
+CACHE_ENV = "DIFFCL_CACHE"  # the image cache's folder when set (tests point it into their temporary folder)
 
 
 class DataError(Exception):
@@ -309,7 +310,7 @@ def cached_decode(dataset, files, root, split, res, cache_dir, strict, log):
     source = {"dataset": dataset, "root": root, "split": split, "resolution": res, "version": CACHE_VERSION,
               **signature(files)}
     stem = f"{dataset}_{split}_{res}px_{hashlib.md5(root.encode()).hexdigest()[:8]}"
-    path = os.path.join(os.path.expanduser(cache_dir or "~/.cache/diffcl"), stem + ".npy")
+    path = os.path.join(cache_folder(cache_dir), stem + ".npy")
     images, meta = read_cache(path, source)
     if meta is None:
         t0 = time.time()
@@ -325,6 +326,11 @@ def cached_decode(dataset, files, root, split, res, cache_dir, strict, log):
             raise DataError(f"{report}: fix or remove them, or load without strict")
         log(f"warning: {report}; they are skipped")
     return images
+
+
+def cache_folder(cache_dir=None):
+    """Where decoded images are cached: cache_dir, else $DIFFCL_CACHE, else ~/.cache/diffcl (read at each call)."""
+    return os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/diffcl")
 
 
 def decode(dataset, files, split, res, root, log):

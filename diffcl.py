@@ -108,7 +108,8 @@ DEFAULTS = {
     "curriculum": {
         "enabled": False,
         "mode": "hard",             # hard: t ~ U[window) ; soft: t = floor(u T), u ~ Beta(alpha, beta) per stage
-        "window": "t",              # t: t_min/t_max are fractions of T ; logsnr: fractions of the log-SNR range
+        "window": "t",              # t: t_min/t_max are fractions of T ; logsnr: fractions of the log-SNR range ;
+                                    # full: every window is [0, T) (the stage schedule, capacity alone, no curriculum)
         "order": "forward",         # forward (high noise first) | reverse (mirrored windows) | mixture (no order)
         "stages": [],               # [{"t_min", "t_max", "epochs", "name", ["sparsity", "lambda", "alpha", "beta"]}]
     },
@@ -129,7 +130,7 @@ CHOICES = {
     "model_var_type": ("fixed-small", "fixed-large"),
     "loss_type": ("mse",),
     "loss_weight": ("uniform", "min_snr"),
-    "window": ("t", "logsnr"),
+    "window": ("t", "logsnr", "full"),
     "order": ("forward", "reverse", "mixture"),
     "precision": ("auto", "fp32", "bf16"),
     "channels_last": ("auto", "on", "off"),
@@ -416,9 +417,12 @@ def step_generators(seed, step, rank, device):
 
 def stages_of(cfg):
     """The run's stages. Plain DDPM is one stage on [0, 1) lasting train.epochs, so every mode runs one loop.
-    curriculum.order "reverse" (the anti-curriculum) mirrors every window: low noise first, widening upward."""
+    curriculum.order "reverse" (the anti-curriculum) mirrors every window: low noise first, widening upward.
+    curriculum.window "full" keeps every stage (its length, sparsity, lambda) but widens its window to [0, 1)."""
     if not cfg["curriculum"]["enabled"]:
         return [{"t_min": 0.0, "t_max": 1.0, "epochs": cfg["train"]["epochs"], "name": "plain"}]
+    if cfg["curriculum"]["window"] == "full":
+        return [{**s, "t_min": 0.0, "t_max": 1.0} for s in cfg["curriculum"]["stages"]]
     if cfg["curriculum"]["order"] == "reverse":
         return [mirrored(s) for s in cfg["curriculum"]["stages"]]
     return cfg["curriculum"]["stages"]
@@ -955,6 +959,7 @@ def resume_state(source, cfg, force, model, ema, opt, num_images):
     if ema is not None and state["ema"] is not None:
         load_weights(ema, state["ema"], source)
     load_weights(opt, state["opt"], source)
+    check_optimizer_state(opt, source)
     if state["mask"].shape != (model.bottleneck_channels,):
         raise RunError(f"{source} has a mask for {state['mask'].numel()} channels, the model has "
                        f"{model.bottleneck_channels}")
@@ -982,7 +987,9 @@ def stage_banner(run, i, mask, regrown):
     stages, cfg = run.stages, run.cfg
     T, scale = cfg["diffusion"]["timesteps"], cfg["train"]["length_scale"]
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
-    epochs = f"epochs {first + 1:g}-{last:g}" if scale == 1 else f"epochs {first:g}-{last:g} (x{scale:g})"
+    whole = scale == 1 and first == int(first) and last == int(last)      # 1-based epochs; else epochs done
+    epochs = f"epochs {first + 1:g}-{last:g}" if whole else f"epochs {first:g}-{last:g}"
+    epochs += f" (x{scale:g})" if scale != 1 else ""
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
              else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
     if run.mix_weights:
@@ -1133,7 +1140,7 @@ RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 1
           ("train.num_samples", 0, 10_000), ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7),
           ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9)]
 
-STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": int, "name": str,
+STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": float, "name": str,
               "sparsity": float, "lambda": float, "alpha": float, "beta": float}
 
 
@@ -1237,11 +1244,12 @@ def validate_config(cfg, source="config"):
         (cfg["sparsity"]["enabled"] and cfg["regularization"]["enabled"],
          "sparsity.enabled and regularization.enabled are both true; choose one mode (CS or CR)"),
         ((cfg["sparsity"]["enabled"] or cfg["regularization"]["enabled"]) and not cur["enabled"],
-         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true"),
+         "sparsity/regularization schedules are per curriculum stage; set curriculum.enabled to true (with "
+         "curriculum.window 'full' every stage draws t from [0, T): the capacity schedule without the curriculum)"),
         (not 0 <= cfg["sparsity"]["initial_sparsity"] < 1, "sparsity.initial_sparsity must be in [0, 1)"),
         (cfg["regularization"]["lambda_max"] < 0, "regularization.lambda_max must be >= 0"),
         (soft and (cur["window"] != "t" or cur["order"] == "mixture"),
-         "curriculum.window 'logsnr' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
+         "curriculum.window 'logsnr' or 'full' and order 'mixture' need hard stages (curriculum.mode 'hard')"),
         (cfg["diffusion"]["loss_weight"] == "min_snr" and cfg["diffusion"]["model_mean_type"] == "mean",
          "diffusion.loss_weight 'min_snr' is defined for model_mean_type eps and x0"),
         (tr["batch_size"] % tr["num_accum"], f"train.batch_size ({tr['batch_size']}) must be a positive "
@@ -1260,7 +1268,8 @@ def validate_config(cfg, source="config"):
 
 
 def validate_stage(st, where, soft):
-    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs >= 1."""
+    """One curriculum stage: known keys of the right types, a window inside [0, 1] (hard mode), epochs > 0 (a
+    fraction of an epoch is fine: stage starts round to whole optimizer steps)."""
     if not isinstance(st, dict):
         raise ConfigError(f"{where}: must be an object with t_min, t_max, epochs")
     for k in ("epochs",) if soft else ("t_min", "t_max", "epochs"):
@@ -1276,8 +1285,8 @@ def validate_stage(st, where, soft):
         raise ConfigError(f"{where}: values must be finite numbers")
     if not soft and not 0 <= st["t_min"] < st["t_max"] <= 1:
         raise ConfigError(f"{where}: need 0 <= t_min < t_max <= 1, got {st['t_min']}, {st['t_max']}")
-    if st["epochs"] < 1:
-        raise ConfigError(f"{where}.epochs: must be >= 1")
+    if not st["epochs"] > 0:
+        raise ConfigError(f"{where}.epochs: must be > 0")
     if not 0 <= st.get("sparsity", 0) < 1:
         raise ConfigError(f"{where}.sparsity: must be in [0, 1)")
     if st.get("lambda", 0) < 0 or st.get("alpha", 1) <= 0 or st.get("beta", 1) <= 0:
@@ -1453,7 +1462,90 @@ def load_checkpoint(path):
     bad = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
     if bad or len(state["image_shape"]) != 3:
         raise RunError(f"{path} is a malformed diffcl checkpoint (bad or missing: {', '.join(bad) or 'image_shape'})")
+    check_checkpoint_values(state, path)
     return state
+
+
+def checkpoint_value_problem(state):
+    """What is impossible about a structurally sound checkpoint's values, or None. A written checkpoint has: step >= 0;
+    a float 0/1 mask with at least one 1; integer birth stages, >= 0 exactly where the mask is on and -1 where it is
+    off; finite scores >= 0; one entry per bottleneck channel in all three; finite weights. Against its own config
+    (skipped when this version cannot read that config; `sample` says so): image_shape (in_channels, res, res), an EMA
+    exactly when train.use_ema, num_images at least one batch, step at most the schedule's last one and equal to
+    epoch x steps per epoch; wall_seconds finite >= 0."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    mask, birth, score, step = state["mask"], state["birth"], state["score"], state["step"]
+    try:
+        cfg = merge_config(state["config"], "checkpoint")
+    except ConfigError:
+        cfg = None
+    with torch.device("meta"):                              # sizes only: nothing is allocated
+        channels = UNet(**cfg["model"]).bottleneck_channels if cfg else mask.numel()
+    if isinstance(step, bool) or step < 0:
+        return f"step is {step!r}, not a count >= 0"
+    for name, t in (("mask", mask), ("birth", birth), ("score", score)):
+        if t.shape != (channels,):
+            return f"{name} has shape {tuple(t.shape)}; the model has {channels} bottleneck channels"
+    if not mask.is_floating_point() or not ((mask == 0) | (mask == 1)).all() or not mask.any():
+        return "mask must be a float tensor of 0s and 1s with at least one 1"
+    if birth.is_floating_point() or birth.dtype == torch.bool or not torch.equal(birth >= 0, mask > 0) \
+            or birth.min() < -1:
+        return "birth must hold integer stages >= 0 where the mask is on and -1 where it is off"
+    if not score.is_floating_point() or not (torch.isfinite(score) & (score >= 0)).all():
+        return "score must hold finite values >= 0"
+    for key in ("model", "ema"):
+        if any(isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+               for v in (state[key] or {}).values()):
+            return f"its {key} weights are not finite"
+    for key, ok in (("num_images", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                    ("wall_seconds", lambda v: number(v) and v >= 0), ("epoch", lambda v: number(v) and v >= 0)):
+        if key in state and not ok(state[key]):
+            return f"{key} is {state[key]!r}"
+    if cfg is None:
+        return None
+    tr, res = cfg["train"], image_resolution(cfg)
+    if list(state["image_shape"]) != [cfg["model"]["in_channels"], res, res]:
+        return (f"image_shape {state['image_shape']} is not (model.in_channels, resolution, resolution) = "
+                f"({cfg['model']['in_channels']}, {res}, {res})")
+    if (state["ema"] is None) == tr["use_ema"]:
+        return f"it {'lacks' if tr['use_ema'] else 'has'} EMA weights but its train.use_ema is {tr['use_ema']}"
+    if "num_images" in state:
+        if state["num_images"] < tr["batch_size"]:
+            return f"num_images {state['num_images']} is less than one batch ({tr['batch_size']})"
+        steps_per_epoch = data.steps_per_epoch(state["num_images"], tr["batch_size"])
+        try:
+            last = schedule_in_steps(cfg, stages_of(cfg), steps_per_epoch)[1]
+        except ConfigError as e:
+            return f"its schedule is impossible ({e})"
+        if step > last:
+            return f"step {step} is past the schedule's last step {last}"
+        if "epoch" in state and abs(state["epoch"] * steps_per_epoch - step) > 1e-6 * max(1, step):
+            return f"epoch {state['epoch']} is not step {step} / {steps_per_epoch} steps per epoch"
+    return None
+
+
+def check_checkpoint_values(state, path):
+    """RunError in one line when checkpoint_value_problem finds something: a damaged or hand-edited file."""
+    problem = checkpoint_value_problem(state)
+    if problem:
+        raise RunError(f"{path} is a damaged diffcl checkpoint: {problem}; use another checkpoint (ckpt_prev.pt or "
+                       "a snapshot), or train again")
+
+
+def check_optimizer_state(opt, path):
+    """After opt.load_state_dict (which checks only the parameter counts): every per-parameter tensor of the
+    optimizer's state has its parameter's shape (or is a scalar), is finite, and Adam's moments and step are >= 0."""
+    for p, st in opt.state.items():
+        for key, v in st.items():
+            if not isinstance(v, torch.Tensor) or (v.dim() and v.shape != p.shape):
+                what = f"has shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"is a {type(v).__name__}"
+                problem = f"its optimizer's {key} {what} for a parameter of shape {tuple(p.shape)}"
+            elif not torch.isfinite(v).all() or key in ("step", "exp_avg_sq", "max_exp_avg_sq") and (v < 0).any():
+                problem = f"its optimizer's {key} is not finite or below 0"
+            else:
+                continue
+            raise RunError(f"{path} is a damaged diffcl checkpoint: {problem}; use another checkpoint (ckpt_prev.pt "
+                           "or a snapshot), or train again")
 
 
 def load_weights(module, weights, path):
@@ -1784,7 +1876,30 @@ CONTROLS = {
     "mixture": ("c", ["--curriculum.order=mixture"], "order alone: the curriculum's timestep distribution, no order"),
     "logsnr": ("c", ["--curriculum.window=logsnr"], "where stages are cut: windows in log-SNR instead of t"),
     "minsnr": ("base", ["--diffusion.loss_weight=min_snr"], "a loss weighting (Min-SNR-5) instead of an order"),
+    "cs_flat": ("cs", ["--curriculum.window=full"],
+                "the capacity schedule alone: cs's stages, mask and regrowth, t uniform on [0, T) in every stage"),
+    "cr_flat": ("cr", ["--curriculum.window=full"],
+                "the capacity schedule alone: cr's stages and lambda, t uniform on [0, T) in every stage"),
+    "wide": ("c", [], "the first stage: accumulating windows that exclude only the least noisy t at first"),
+    "wide_cs": ("cs", ["--sparsity.initial_sparsity=0.15"], "the first stage, with a gentle mask (15 % masked at "
+                "first, down to 0)"),
 }
+
+# The wide curriculum: (t_min, percent of the run) per stage, t_max = 1 throughout; the modes that train it.
+WIDE = ((0.3, 5), (0.2, 5), (0.1, 10), (0.07, 5), (0.05, 5), (0.03, 10), (0.01, 10), (0.0, 50))
+WIDE_MODES = ("wide", "wide_cs")
+
+
+def wide_stages(epochs):
+    """The wide curriculum's stages for a run of `epochs` epochs (each lasting its exact share of them)."""
+    return [{"t_min": t, "t_max": 1.0, "epochs": float(Fraction(epochs) * pct / 100), "name": f"wide{i + 1}_from{t:g}"}
+            for i, (t, pct) in enumerate(WIDE)]
+
+
+def stage_overlay(mode, epochs):
+    """A wide mode's stages at the c schedule's length `epochs`, as an override given after compare's own (so
+    every mode does equal work); nothing for the other modes."""
+    return [f"--curriculum.stages={json.dumps(wide_stages(epochs))}"] if mode in WIDE_MODES else []
 
 
 def mode_config(dataset, mode):
@@ -2055,8 +2170,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         cfgs, train_jobs, resuming = {}, [], 0
         for key, (mode, seed, run_dir) in todo.items():
             config, overlay = mode_config(dataset, mode)
-            args = [*overlay, f"--train.eval_timesteps={CURVE_TIMESTEPS}", *overrides, *curve_args, f"--seed={seed}",
-                    f"--out_dir={run_dir}"]
+            args = [*overlay, f"--train.eval_timesteps={CURVE_TIMESTEPS}", *overrides, *stage_overlay(mode, schedule),
+                    *curve_args, f"--seed={seed}", f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
                 args.append(f"--train.epochs={schedule}")
             cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
@@ -2143,8 +2258,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         return (fmt % m + (f" ± {fmt % sd}" if std and not math.isnan(sd) else "")
                 + ("" if math.isnan(half) else f" [{fmt % (m - half)}, {fmt % (m + half)}]"))
 
-    controls = [f"- {m}: {CONTROLS[m][0]} with {' '.join(CONTROLS[m][1])}; isolates {CONTROLS[m][2]}"
-                for m in modes if m in CONTROLS]
+    overlays = {m: CONTROLS[m][1] + ["the wide stages"] * (m in WIDE_MODES) for m in modes if m in CONTROLS}
+    controls = [f"- {m}: {CONTROLS[m][0]} with {' and '.join(o)}; isolates {CONTROLS[m][2]}"
+                for m, o in overlays.items()]
     header = " | ".join(f"{name} (mean ± std [95% CI]) | Δ{name} vs base (paired [95% CI])" for name, _, _ in metrics)
     steps = sorted({r["steps"] for k, r in results.items() if k.split("/")[0] in modes and "steps" in r})
     length = f"{epochs:g} epochs" + (f" ({'/'.join(map(str, steps))} optimizer steps)" if steps else "")

@@ -77,7 +77,16 @@ def starts_early(test_name):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def children(request, tmp_path_factory):
+def image_cache(tmp_path_factory):
+    """The image cache of every load without cache_dir (this process and its children) in this session's temporary
+    folder: the tests never write into the user's ~/.cache/diffcl."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(data.CACHE_ENV, str(tmp_path_factory.mktemp("image_cache")))
+        yield os.environ[data.CACHE_ENV]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children(request, tmp_path_factory, image_cache):
     """test name -> what its launcher started, for the selected tests; `cases` are their parameters (after -k)."""
     cases = {}
     for item in request.session.items:
@@ -2500,7 +2509,7 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     assert not any(np.array_equal(read_png(out / f"{i:06d}.png"), first[i]) for i in range(3))   # seeds matter
     other = tmp_path / "other.pt"
     state = torch.load(cs_checkpoint, weights_only=True)
-    torch.save(dict(state, step=state["step"] + 6), other)      # "the same run, trained further"
+    torch.save(dict(state, step=state["step"] - 6, epoch=state["epoch"] - 1), other)   # "an epoch earlier"
     with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     capsys.readouterr()
@@ -3666,6 +3675,236 @@ def test_an_interrupted_compare_or_demo_names_the_command_that_resumes_it(tmp_pa
         assert err.count("\n") == 1 and err.startswith("interrupted; finished runs and scores are kept")
         command = shlex.split(err.split("to resume, rerun ")[1])
         assert command[0] == "python" and os.path.samefile(command[1], HERE / "diffcl.py") and command[2:] == argv
+
+
+# ---- damaged inputs: impossible checkpoint values, folders where files go, pipes and devices as configs,
+# undecodable file names, temporaries of killed processes, the image cache kept out of the user's home
+
+def test_the_image_cache_goes_to_diffcl_cache_never_the_users_home(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (9, 9), (200, 10, 10)).save(folder / "a.png")
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    images = data.load_images(f"folder:{folder}", resolution=4, log=lambda *a: None)
+    assert images.shape == (1, 4, 4, 3) and images[0, 0, 0].tolist() == [200, 10, 10]
+    made = sorted(os.listdir(tmp_path / "cache"))
+    assert len(made) == 2 and made[0].startswith("folder_all_4px_") and made[0].endswith(".json")
+    assert data.cache_folder(str(tmp_path / "x")) == str(tmp_path / "x")             # an explicit cache_dir wins
+    monkeypatch.delenv(data.CACHE_ENV)
+    assert data.cache_folder() == os.path.join(os.path.expanduser("~"), ".cache", "diffcl")
+
+
+def damaged_checkpoints(good):
+    """(name, state, what the one-line error must name): every value a written checkpoint cannot hold."""
+    mask, birth, score = good["mask"], good["birth"], good["score"]
+    off, on = int(torch.nonzero(mask == 0)[0]), int(torch.nonzero(mask == 1)[0])
+    with_ = lambda t, i, v: t.clone().index_fill_(0, torch.tensor([i]), v)
+    nan_weights = dict(good["model"])
+    first = next(iter(nan_weights))
+    nan_weights[first] = nan_weights[first].clone().fill_(float("nan"))
+    return [("birth_longer", dict(good, birth=torch.cat([birth, torch.tensor([-1])])), r"birth has shape \(33,\)"),
+            ("birth_shorter", dict(good, birth=birth[:-1]), r"birth has shape \(31,\).* 32 bottleneck"),
+            ("score_shorter", dict(good, score=score[:5]), r"score has shape \(5,\)"),
+            ("mask_2d", dict(good, mask=mask[None]), r"mask has shape \(1, 32\)"),
+            ("negative_step", dict(good, step=-1), "step is -1"),
+            ("step_past_the_end", dict(good, step=good["step"] + 1000), "past the schedule's last step"),
+            ("epoch_disagrees", dict(good, epoch=good["epoch"] + 0.5), "is not step"),
+            ("mask_half", dict(good, mask=with_(mask, off, 0.5)), "0s and 1s"),
+            ("mask_all_off", dict(good, mask=torch.zeros(32), birth=torch.full((32,), -1)), "at least one 1"),
+            ("mask_int", dict(good, mask=mask.long()), "float tensor"),
+            ("birth_off_where_on", dict(good, birth=with_(birth, on, -1)), "where the mask is on"),
+            ("birth_below_minus_one", dict(good, birth=with_(birth, off, -2)), "-1 where it is off"),
+            ("birth_float", dict(good, birth=birth.float()), "integer stages"),
+            ("score_nan", dict(good, score=with_(score, 0, float("nan"))), "finite values >= 0"),
+            ("score_negative", dict(good, score=with_(score, 0, -1.0)), "finite values >= 0"),
+            ("image_shape", dict(good, image_shape=[1, 8, 8]), r"image_shape \[1, 8, 8\]"),
+            ("no_ema", dict(good, ema=None), "lacks EMA weights"),
+            ("nan_weights", dict(good, model=nan_weights), "model weights are not finite"),
+            ("num_images", dict(good, num_images=0), "num_images"),
+            ("wall_seconds", dict(good, wall_seconds="1 h"), "wall_seconds"),
+            ("step_bool", dict(good, step=True), "step is True")]
+
+
+def test_checkpoints_with_impossible_values_are_refused_in_one_line_by_sample_and_eval(cs_checkpoint, tmp_path,
+                                                                                        capsys):
+    good = torch.load(cs_checkpoint, weights_only=True)
+    assert D.checkpoint_value_problem(good) is None                                 # what training wrote is sound
+    cases = damaged_checkpoints(good)
+    for name, state, message in cases:
+        err = raises_one_line(D.RunError, message, D.check_checkpoint_values, state, f"{name}.pt")
+        assert err.startswith(f"{name}.pt is a damaged diffcl checkpoint: ") and "ckpt_prev.pt" in err, err
+    fid.save_stats(tmp_path / "ref.npz", np.zeros(2), np.eye(2))                    # eval checks --ref first
+    for (name, state, message), cmd in zip(cases, ("sample", "eval", "sample")):     # the loaders call the check
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        before = path.read_bytes()
+        ref = ["--ref", str(tmp_path / "ref.npz")] if cmd == "eval" else []
+        assert D.main([cmd, "--ckpt", str(path), "--out", str(tmp_path / "s"), *ref]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), (name, err)
+        assert path.read_bytes() == before and not (tmp_path / "s").exists()     # nothing written, nothing changed
+
+
+def resume_into(tmp_path, state):
+    """(config, run folder) of a run whose ckpt.pt is `state`: the next train(config) resumes from it."""
+    cfg = D.merge_config(dict(state["config"], out_dir=str(tmp_path / "run")), "ckpt")
+    os.makedirs(cfg["out_dir"])
+    torch.save(state, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    return cfg, cfg["out_dir"]
+
+
+def test_resuming_from_a_checkpoint_with_impossible_values_stops_in_one_line_and_keeps_it(cs_checkpoint, tmp_path):
+    good = torch.load(cs_checkpoint, weights_only=True)
+    damaged = {name: (state, "damaged diffcl checkpoint: " + message)                # the two birth lengths
+               for name, state, message in damaged_checkpoints(good)[:2]}
+    opt = {"state": {k: dict(v) for k, v in good["opt"]["state"].items()}, "param_groups": good["opt"]["param_groups"]}
+    opt["state"][0]["exp_avg"] = opt["state"][0]["exp_avg"].flatten()[:3]              # an Adam moment cut short
+    damaged["short_moment"] = (dict(good, opt=opt), r"damaged diffcl checkpoint: its optimizer's exp_avg has shape \(3,\) for a param")
+    for name, (state, match) in damaged.items():
+        cfg, out = resume_into(tmp_path / name, state)
+        before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+        raises_one_line(D.RunError, match, D.train, cfg)
+        assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+        assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "samples"]           # nothing else written
+
+
+# ---- compare arms: flat and wide
+
+def test_full_window_keeps_every_stage_length_mask_and_lambda_of_cs_and_cr():
+    for mode, parent in (("cs_flat", "cs"), ("cr_flat", "cr")):
+        config, overlay = D.mode_config("fashion32", mode)
+        assert config.endswith(f"fashion32_{parent}.json") and overlay == ["--curriculum.window=full"]
+        flat, cfg = D.load_config(config, overlay), D.load_config(config)
+        assert D.run_mode(flat) == parent
+        a, b = D.stages_of(flat), D.stages_of(cfg)
+        assert [D.time_window(a, i, 1000) for i in range(5)] == [(0, 1000)] * 5
+        assert [D.time_window(b, i, 1000) for i in range(5)] == [(800, 1000), (600, 1000), (400, 1000), (200, 1000),
+                                                                 (0, 1000)]
+        for spe, scale in ((32, 1.0), (7, 0.3)):            # the same stage starts, in steps
+            assert [D.stage_start(a, i, spe, scale) for i in range(6)] == [D.stage_start(b, i, spe, scale)
+                                                                           for i in range(6)]
+        assert [D.stage_start(a, i, 32) for i in range(6)] == [0, 32, 64, 96, 160, 320]
+        # fashion32's bottleneck: 64 channels; masked fraction 0.8 (4-i)/4, active = round half up of 64 (1 - s)
+        assert [D.active_count(64, D.stage_sparsity(a, i, flat["sparsity"]["initial_sparsity"]))
+                for i in range(5)] == [13, 26, 38, 51, 64]
+        assert [D.stage_lambda(a, i, 3e-5) for i in range(5)] == pytest.approx([3e-5, 2.25e-5, 1.5e-5, 7.5e-6, 0])
+        g = D.step_generators(0, 3, 0, "cpu")[0]
+        t = D.draw_timesteps(a, 0, 4000, 1000, False, g)
+        assert int(t.min()) < 20 and int(t.max()) > 980           # stage 1 draws from all of [0, T)
+    with pytest.raises(D.ConfigError, match="window 'logsnr' or 'full' and order 'mixture' need hard stages"):
+        D.merge_config({"curriculum": {"enabled": True, "mode": "soft", "window": "full",
+                                       "stages": [dict(STAGE, alpha=1.0, beta=1.0)]}})
+    with pytest.raises(D.ConfigError, match="set curriculum.enabled to true .with curriculum.window 'full'"):
+        D.merge_config({"regularization": {"enabled": True}})
+
+
+def test_wide_stages_windows_lengths_and_their_steps_at_compares_sizes():
+    # (t_min, epochs) by hand: 5, 5, 10, 5, 5, 10, 10, 50 % of the description's 10 epochs
+    want = [(0.3, 0.5), (0.2, 0.5), (0.1, 1), (0.07, 0.5), (0.05, 0.5), (0.03, 1), (0.01, 1), (0.0, 5)]
+    assert [(s["t_min"], s["epochs"]) for s in D.wide_stages(10)] == want
+    assert all(s["t_max"] == 1.0 for s in D.wide_stages(10))
+    assert [s["epochs"] for s in D.wide_stages(6)] == [0.3, 0.3, 0.6, 0.3, 0.3, 0.6, 0.6, 3]
+    for ds in ("fashion32", "celeba64"):
+        for mode in ("c", "cs"):
+            wide = D.load_config(str(HERE / "configs" / f"{ds}_wide_{mode}.json"))
+            ref = D.load_config(str(HERE / "configs" / f"{ds}_{mode}.json"))
+            assert [(s["t_min"], s["t_max"], s["epochs"]) for s in wide["curriculum"]["stages"]] == \
+                [(t, 1.0, e) for t, e in want]
+            assert wide["sparsity"]["initial_sparsity"] == (0.15 if mode == "cs" else 0.8)
+            for key in ("dataset", "diffusion", "model", "train", "regularization"):
+                assert wide[key] == ref[key], (ds, mode, key)
+            assert D.total_epochs(wide) == D.total_epochs(ref) == 10    # equal work
+    stages = D.stages_of(D.load_config(str(HERE / "configs" / "fashion32_wide_cs.json")))
+    assert [D.time_window(stages, i, 1000) for i in range(8)] == [(300, 1000), (200, 1000), (100, 1000), (70, 1000),
+                                                                  (50, 1000), (30, 1000), (10, 1000), (0, 1000)]
+    # compare's fashion32 budget: 2048 images, batch 64 -> 32 steps per epoch, 320 steps like every other mode
+    assert [D.stage_start(stages, i, 32) for i in range(9)] == [0, 16, 32, 64, 80, 96, 128, 160, 320]
+    # x0.2: 6.4 steps per epoch, starts 3.2, 6.4, 12.8, 16, 19.2, 25.6, 32, 64 rounded
+    assert [D.stage_start(stages, i, 32, 0.2) for i in range(9)] == [0, 3, 6, 13, 16, 19, 26, 32, 64]
+    # 5 steps per epoch: 2.5 and 12.5 round half up
+    assert [D.stage_start(stages, i, 5) for i in range(9)] == [0, 3, 5, 10, 13, 15, 20, 25, 50]
+    cfg = D.load_config(str(HERE / "configs" / "fashion32_wide_cs.json"))
+    assert D.schedule_in_steps(cfg, stages, 32)[1] == 320
+    # 15 % masked at first, 0.15 (7-i)/7 after: active = round half up of 64 (1 - s), by hand
+    assert [D.active_count(64, D.stage_sparsity(stages, i, 0.15)) for i in range(8)] == [54, 56, 57, 59, 60, 61, 63, 64]
+    with pytest.raises(D.ConfigError, match="leaves stage wide2_from0.2 with no optimizer step"):
+        D.schedule_in_steps(cfg, stages, 1)             # 1 step per epoch: starts 0, 1, 1 (0.5 and 1.0 epochs)
+    for bad, message in ((0, "epochs: must be > 0"), (-0.5, "epochs: must be > 0"), ("1", "expected float")):
+        with pytest.raises(D.ConfigError, match=message):
+            D.merge_config({"curriculum": {"enabled": True, "stages": [dict(STAGE, epochs=bad)]}})
+
+
+ARMS = {"cs_flat": ("cs", {"window": "full"}), "cr_flat": ("cr", {"window": "full"}),
+        "wide": ("c", {"stages": D.wide_stages(10)}),
+        "wide_cs": ("cs", {"stages": D.wide_stages(10)})}
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_each_new_arm_trains_and_resumes_bit_identical(tmp_path, monkeypatch, capsys, arm):
+    parent, cur = ARMS[arm]
+    # 16 images, batch 8: 2 steps per epoch; flat: TINY_RUN's 2 stages (4 steps), wide: 10 epochs (20 steps)
+    cfg = tiny_cfg(tmp_path, parent, data_limit=16, model=ONE_LEVEL, curriculum={**TINY_RUN["curriculum"], **cur},
+                   train={**TINY_RUN["train"], "image_intv": 0, "save_every": 3},
+                   sparsity={"enabled": parent == "cs", "initial_sparsity": 0.15 if arm == "wide_cs" else 0.5})
+    full = D.train(dict(cfg, out_dir=str(tmp_path / "full")))
+    stage = records(full, "stage")
+    if arm.endswith("flat"):
+        assert [(r["step"], r["window"]) for r in stage] == [(0, [0, 20]), (2, [0, 20])]
+        assert [r["active"] for r in stage] == ([16, 32] if parent == "cs" else [32, 32])
+        assert [r["lambda"] for r in stage] == ([0.05, 0.0] if parent == "cr" else [0.0, 0.0])
+        assert "== stage 1/2 [high] epochs 1-1 | t in [0, 20)" in capsys.readouterr().out
+    else:       # T = 20: windows from floor(20 t_min); starts at 2 x (0, .5, 1, 2, 2.5, 3, 4, 5) epochs
+        assert [(r["step"], r["window"][0]) for r in stage] == [(0, 6), (1, 4), (2, 2), (4, 1), (5, 1), (6, 0),
+                                                                (8, 0), (10, 0)]
+        assert [r["active"] for r in stage] == ([27, 28, 29, 29, 30, 31, 31, 32] if parent == "cs" else [32] * 8)
+        assert "== stage 2/8 [wide2_from0.2] epochs 0.5-1 | t in [4, 20)" in capsys.readouterr().out
+    last = records(full, "train")[-1]["step"]
+    assert last == (4 if arm.endswith("flat") else 20)
+    # Crash in the step after a save_every checkpoint (flat: step 3, mid-stage 2; wide: step 9, mid-stage 7, stage 8
+    # next), then resume with the same command: bit-identical to the uninterrupted run, every record once.
+    at = 3 if arm.endswith("flat") else 9
+    run = tmp_path / "run"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    real_step, calls = D.train_step, {"n": 0}
+
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at + 1:
+            raise RuntimeError("simulated crash")
+        return real_step(*a, **kw)
+    monkeypatch.setattr(D, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        D.train(dict(cfg, out_dir=str(run)))
+    monkeypatch.setattr(D, "train_step", real_step)
+    capsys.readouterr()
+    assert D.main(["train", str(tmp_path / "cfg.json"), f"--out_dir={run}"]) == 0
+    assert f"ckpt.pt at step {at} " in capsys.readouterr().out
+    assert same_state(os.path.join(full, "ckpt.pt"), run / "ckpt.pt")
+    kinds = lambda d: [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]
+    assert kinds(run) == kinds(full)
+
+
+def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs([]))
+    modes = ("base", "cs_flat", "cr_flat", "wide", "wide_cs")
+    # 64 images, batch 8, x0.5: 4 steps per epoch, DEMO_STAGES' 6 epochs: 24 steps; wide's starts 24 x (0, .05, .1, ...)
+    table = D.compare(str(tmp_path / "arms"), "shapes", 1, [*DEMO_OVERRIDES, "--data_limit=64", "--train.image_intv=0",
+                                                           "--resolution=8", "--train.length_scale=0.5"],
+                      fid_num=0, held_out_n=4, modes=modes)
+    saved = json.load(open(tmp_path / "arms" / "compare.json"))
+    assert {r["images_seen"] for r in saved["runs"].values()} == {192}      # 24 steps x 8 for every mode
+    for mode in modes:
+        assert f"| {mode} | " in table
+    assert "- cs_flat: cs with --curriculum.window=full; isolates the capacity schedule alone" in table
+    assert "- wide_cs: cs with --sparsity.initial_sparsity=0.15 and the wide stages; isolates the first stage" in table
+    stage = lambda m: records(str(tmp_path / "arms" / f"{m}_seed0"), "stage")
+    assert [(r["step"], r["window"], r["active"]) for r in stage("cs_flat")] == \
+        [(s, [0, 20], a) for s, a in zip((0, 4, 8, 12, 16), (6, 13, 19, 26, 32))]   # the cs schedule (0.8, 32 ch.)
+    assert [r["lambda"] for r in stage("cr_flat")] == pytest.approx([3e-4, 2.25e-4, 1.5e-4, 7.5e-5, 0])  # shapes_cr
+    for m in ("wide", "wide_cs"):                           # 24 x (.05, .1, .2, .25, .3, .4, .5) rounded half up
+        assert [(r["step"], r["window"][0]) for r in stage(m)] == [(0, 6), (1, 4), (2, 2), (5, 1), (6, 1), (7, 0),
+                                                                   (10, 0), (12, 0)]
+    assert [r["active"] for r in stage("wide_cs")] == [27, 28, 29, 29, 30, 31, 31, 32]
 
 
 # ---- compare: curves
