@@ -20,7 +20,7 @@ Batches (`epoch_batches`): a permutation and flip coins keyed by (seed, epoch); 
 global batch, so the union of the ranks' batches is the one-GPU batch; uint8 gathered with numpy, pinned for CUDA,
 converted on the device (4x fewer bytes to copy than float32).
 """
-import contextlib, fcntl, gzip, hashlib, json, os, pickle, shutil, tarfile, time, urllib.request, zlib
+import contextlib, errno, fcntl, gzip, hashlib, json, os, pickle, re, shutil, stat, tarfile, time, urllib.request, zlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -56,6 +56,8 @@ SHAPES = {"train": (0, 10_000), "test": (1, 2_000)}  # split -> (seed, default n
 SHAPES_MAX_BYTES = 8 << 30  # shapes are generated in memory: refuse sizes that could only exhaust it
 CACHE_VERSION = 1  # bump when preprocessing changes so old caches are rebuilt
 POOL_MIN = 512  # decode fewer files than this in-process: a pool costs more than it saves
+MAX_JSON_BYTES = 64 << 20  # configs, manifests, sidecars, compare.json: far smaller; more is a device or a mistake
+TEMP_NAME = re.compile(r".+\.(\d{1,7})\.tmp")  # atomic_write's temporary names: <file>.<pid>.tmp
 CACHE_ENV = "DIFFCL_CACHE"  # the image cache's folder when set (tests point it into their temporary folder)
 
 
@@ -83,9 +85,70 @@ def one_line(e):
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
+def shown(text):
+    """`text` safe to print on any stream, strict UTF-8 included: the bytes of a file name that is not UTF-8 (held
+    as surrogates by Python) become \\xNN escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:                              # a lone surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # ---------------------------------------------------------------------------- files
 # The primitives every writer in diffcl uses: a file is created exclusively (never through a planted link), written
 # whole or not at all, appended one record at a time; a folder is proven writable and locked by one process.
+
+def regular_file(path, max_bytes=None):
+    """Raise OSError unless `path` is a regular file (links followed) of at most max_bytes; call it before reading.
+    Opening a FIFO blocks until a writer comes and a device such as /dev/zero reads until memory runs out; stat
+    does neither."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe" if stat.S_ISFIFO(st.st_mode) else "a device"
+        raise OSError(errno.EINVAL, f"{kind}, not a regular file", path)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise OSError(errno.EFBIG, f"{st.st_size:,} bytes, more than such a file can hold ({max_bytes:,})", path)
+
+
+def check_not_folder(*paths):
+    """DataError naming the first of `paths` that is a folder (not a link to one), where a file is to be written:
+    checked before the work, so the rename at the end cannot fail on it."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise DataError(f"{shown(str(path))} is a folder where a file goes; move it away (or write elsewhere), "
+                            "then rerun")
+
+
+def remove_stale_temps(folder, log=print):
+    """Delete the temporary files (<file>.<pid>.tmp, see atomic_write) in `folder` whose process is gone: a SIGKILL
+    during a write leaves one (a checkpoint's is as big as the checkpoint). Only regular files of that pattern; a
+    live process's (any other pid that exists) and this process's own are kept. Returns the names removed."""
+    removed, size = [], 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = TEMP_NAME.fullmatch(entry.name)
+            if not m or int(m[1]) == os.getpid() or not entry.is_file(follow_symlinks=False) or pid_alive(int(m[1])):
+                continue
+            with contextlib.suppress(OSError):
+                size += entry.stat(follow_symlinks=False).st_size
+                os.remove(entry.path)
+                removed.append(entry.name)
+    if removed:
+        log(shown(f"{folder}: removed {len(removed)} temporary file(s) left by killed processes ({size / 2 ** 20:.1f} "
+                  f"MiB), e.g. {removed[0]}"))
+    return removed
+
+
+def pid_alive(pid):
+    """Whether a process with this pid exists (signal 0 checks without sending; EPERM: it exists, not ours)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def exclusive_file(path):
     """Create `path` as a new empty file of ours, never through a link someone planted there (a shared folder)."""
@@ -98,6 +161,7 @@ def atomic_write(path, content):
     """Write a file that is either whole or absent: `content` (str, bytes, or a function that writes a given file
     name) goes to a temporary name beside `path`, which then replaces `path`. On any failure, Ctrl-C included,
     the temporary file is removed and `path` is untouched. Readers never see the temporary names (*.tmp)."""
+    check_not_folder(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         exclusive_file(tmp)
@@ -115,6 +179,7 @@ def atomic_write(path, content):
 
 def append_jsonl(path, record):
     """One JSON object per line, written with a single call and flushed (never half a record)."""
+    check_not_folder(path)
     try:                                                    # O_NOFOLLOW: never append through a planted link
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -174,6 +239,25 @@ def lock_run_folder(out_dir, holder_kind="trainer"):
     return f
 
 
+def not_yet_made(out_dir, *subdirs):
+    """What prepare_out_dir(out_dir, *subdirs) and lock_run_folder would make that does not exist yet, deepest first
+    (out_dir's missing parents too): remove_made undoes a failed start with this list."""
+    made = [p for p in (os.path.join(out_dir, n) for n in (".lock", *subdirs)) if not os.path.lexists(p)]
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_made(paths):
+    """Remove, deepest first, what a failed start made (not_yet_made's list): the lock file, then each folder while it
+    is empty. Anything else (files another process put there meanwhile) stays, and so do the folders holding it."""
+    for p in paths:
+        with contextlib.suppress(OSError):                   # a folder that is not empty is kept, on purpose
+            os.remove(p) if os.path.basename(p) == ".lock" else os.rmdir(p)
+
+
 # ---------------------------------------------------------------------------- load_images
 def load_images(name, root=None, split=None, resolution=None, cache_dir=None, download=False, strict=False,
                 log=print, num_images=None):
@@ -195,14 +279,33 @@ def load_images(name, root=None, split=None, resolution=None, cache_dir=None, do
             raise DataError(f"shapes: {n:,} images of {res}x{res} would take {need / 2 ** 30:.0f} GiB; generate at most "
                             f"{SHAPES_MAX_BYTES // (res * res * 3):,} (lower data_limit)")
         return make_shapes(n, res, seed)
+    root = checked_root(dataset, name, root, res)
+    files = source_files(dataset, root, split, download, log)
+    images = cached_decode(dataset, files, root, split, res, cache_dir, strict, log)
+    return images[:num_images] if num_images else images
+
+
+def checked_root(dataset, name, root, res):
+    """The dataset's folder, absolute, after the checks that need no file: 32x32-only datasets, a file for a folder."""
     if dataset in ("cifar10", "fashion32") and res != 32:
         raise DataError(f"{name} is 32x32 only; resolution={res} is not supported, drop the resolution setting")
     root = os.path.abspath(os.path.expanduser(find_root(dataset, name, root)))
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f"{root} is a file, not a directory: point --data_root (or folder:PATH) at a folder")
-    files = source_files(dataset, root, split, download, log)
-    images = cached_decode(dataset, files, root, split, res, cache_dir, strict, log)
-    return images[:num_images] if num_images else images
+    return root
+
+
+def check_source(name, root=None, split=None, resolution=None, download=False):
+    """Raise the DataError load_images would for a missing or misplaced dataset, reading no image and fetching
+    nothing (with download, a missing CIFAR-10 is left for load_images to fetch). run.sh's check before torchrun."""
+    dataset = canonical(name)
+    res, _, default_split, splits = INFO[dataset]
+    split = split or default_split
+    if split not in splits:
+        raise DataError(f"unknown split {split!r} for {name}: choose one of {', '.join(splits)}")
+    if dataset == "shapes" or (download and dataset == "cifar10"):
+        return
+    source_files(dataset, checked_root(dataset, name, root, resolution or res), split, False, lambda *a: None)
 
 
 def find_root(dataset, name, root):
@@ -241,7 +344,8 @@ def source_files(dataset, root, split, download, log):
         if not os.path.isfile(tar):
             if not download:
                 raise DataError(f"CIFAR-10 not found at {root}: expected cifar-10-batches-py/ or "
-                                f"cifar-10-python.tar.gz (from {CIFAR_URL}), {ROOT_HINT}, or enable download")
+                                f"cifar-10-python.tar.gz (from {CIFAR_URL}), {ROOT_HINT}, or add --download to "
+                                "fetch it")
             fetch(CIFAR_URL, tar, CIFAR_MD5, log)
         return [tar]  # the split's batches are read straight from the tarball, no extraction
     if dataset == "fashion32":
@@ -259,8 +363,8 @@ def source_files(dataset, root, split, download, log):
                    if f.lower().endswith(IMAGE_EXTS))
     files = [f for f in named if os.path.isfile(f)]
     if len(files) < len(named):
-        log(f"{root}: skipped {len(named) - len(files)} entries that are not regular files (links to nothing, "
-            f"pipes, devices), e.g. {next(f for f in named if not os.path.isfile(f))}")
+        log(shown(f"{root}: skipped {len(named) - len(files)} entries that are not regular files (links to nothing, "
+                  f"pipes, devices), e.g. {next(f for f in named if not os.path.isfile(f))}"))
     if not files:
         raise DataError(f"no {'/'.join(IMAGE_EXTS)} images under {root}: point folder:PATH at a directory of images")
     return files
@@ -311,6 +415,7 @@ def cached_decode(dataset, files, root, split, res, cache_dir, strict, log):
               **signature(files)}
     stem = f"{dataset}_{split}_{res}px_{hashlib.md5(root.encode()).hexdigest()[:8]}"
     path = os.path.join(cache_folder(cache_dir), stem + ".npy")
+    remove_stale_temps(os.path.dirname(path), log)
     images, meta = read_cache(path, source)
     if meta is None:
         t0 = time.time()
@@ -320,8 +425,8 @@ def cached_decode(dataset, files, root, split, res, cache_dir, strict, log):
         log(f"{dataset}: cached {len(images):,} images {images.shape[1:]} in {time.time() - t0:.1f} s at {path}")
         images = np.load(path, mmap_mode="r", allow_pickle=False)
     if meta["skipped"]:
-        report = (f"{len(meta['skipped'])} of {meta['shape'][0] + len(meta['skipped']):,} images in {root} "
-                  f"could not be read (first: {'; '.join(meta['skipped'][:3])})")
+        report = shown(f"{len(meta['skipped'])} of {meta['shape'][0] + len(meta['skipped']):,} images in {root} "
+                       f"could not be read (first: {'; '.join(meta['skipped'][:3])})")
         if strict:
             raise DataError(f"{report}: fix or remove them, or load without strict")
         log(f"warning: {report}; they are skipped")
@@ -355,7 +460,7 @@ def decode(dataset, files, split, res, root, log):
             log(f"{dataset}: decoded {i + 1:,}/{len(files):,} images | {rate:,.0f} img/s | "
                 f"ETA {(len(files) - i - 1) / rate:.0f} s")
     if not ok.any():
-        raise DataError(f"none of the {len(files)} images in {root} could be read (first: {skipped[0]})")
+        raise DataError(shown(f"none of the {len(files)} images in {root} could be read (first: {skipped[0]})"))
     return (images if ok.all() else images[ok]), skipped
 
 
@@ -401,6 +506,7 @@ def read_cifar(files, split):
         else:
             batches = []
             for file in files:
+                regular_file(file)  # a pipe named like a batch would block the open
                 with open(file, "rb") as f:
                     batches.append(read_cifar_batch(f, file))
     except (OSError, EOFError, KeyError, tarfile.TarError, zlib.error) as e:
@@ -453,6 +559,8 @@ def read_idx(path):
 def read_cache(path, source):
     """(memmap, sidecar) if the cache was built from this source and is whole (a cut .npy fails), else (None, None)."""
     try:
+        regular_file(path[:-4] + ".json", MAX_JSON_BYTES)
+        regular_file(path)
         with open(path[:-4] + ".json") as f:
             meta = json.load(f)
         if not (isinstance(meta, dict) and meta.get("source") == source):
@@ -475,7 +583,7 @@ def write_cache(path, images, meta):
         atomic_write(path[:-4] + ".json", json.dumps(meta, indent=1))
     except OSError as e:  # unwritable or full disk, or cache_dir is a file: only our temporary file is removed
         raise DataError(f"cannot write the image cache {path} ({one_line(e)}): free disk space or pass a writable "
-                        f"cache_dir") from None
+                        f"cache_dir (or set {CACHE_ENV})") from None
 
 
 # ---------------------------------------------------------------------------- shapes (built in)

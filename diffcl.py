@@ -2,8 +2,8 @@
 
     python diffcl.py train   --config-path configs/celeba32_cs.json [--train.lr=1e-4 ...]
     torchrun --standalone --nproc_per_node 4 diffcl.py train --config-path configs/celeba32_cs.json
-    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num 64 --out samples/ [--ddim --steps 50]
-    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num 10000
+    python diffcl.py sample  --ckpt out/celeba32_cs/ckpt.pt --num-images 64 --out samples/ [--ddim --steps 50]
+    python diffcl.py eval    --ckpt out/celeba32_cs/ckpt.pt --ref stats.npz --num-images 10000
     python diffcl.py bench   --config-path configs/celeba32.json [--precision bf16]
     python diffcl.py compare --dataset fashion32 --seeds 3 --jobs 4      (demo: the same, one seed, no FID)
 
@@ -26,7 +26,9 @@ import dataclasses
 import datetime
 import functools
 import gc
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -143,6 +145,13 @@ def load_config(path=None, overrides=(), base=None):
     """Defaults < JSON file (or `base`, e.g. a checkpoint's stored config) < --key=value overrides."""
     user = read_json_file(path) if path else copy.deepcopy(base) if base is not None else {}
     over = parse_overrides(overrides)
+    for section, value in over.items():                     # an override's own mistake is named as typed
+        for key, v in value.items() if isinstance(value, dict) else [(None, value)]:
+            name = f"{section}.{key}" if key else section
+            merge_keys(copy.deepcopy(DEFAULTS), DEFAULTS, {section: {key: v}} if key else {section: v},
+                       f"command-line override --{name}")
+            for _, lo, hi in (r for r in RANGES if r[0] == name and not r[1] <= v <= r[2]):
+                raise ConfigError(f"command-line override --{name}: must be in [{lo}, {hi}], got {v!r}")
     for section, value in over.items():
         if isinstance(value, dict) and isinstance(user.get(section), dict):
             user[section] = {**user[section], **value}
@@ -804,14 +813,22 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     check_batch_split(tr, world)
     check_memory(cfg, device, world)
     if resume and not os.path.isfile(resume):               # before any folder is made
-        raise RunError(f"checkpoint not found: {resume}")
+        raise RunError(f"checkpoint not found: {resume}" if not os.path.exists(resume) else
+                       f"--resume {resume} is not a checkpoint file (a folder, pipe or device); pass the .pt file")
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
+    made = data.not_yet_made(out_dir, "samples") if is_main else []   # a failed start removes these again
     if is_main:
-        data.prepare_out_dir(out_dir, "samples")
+        try:
+            data.prepare_out_dir(out_dir, "samples")
+        except data.DataError:
+            data.remove_made(made)
+            raise
     lock = data.lock_run_folder(out_dir) if is_main else None
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
+        if is_main:
+            check_run_folder(out_dir)                       # under the lock: no folder where a file goes, no temps
         images = data.load_images_on_ranks(cfg["dataset"], rank, world, root=cfg["data_root"] or None,
                                            split=cfg["data_split"] or None, resolution=cfg["resolution"] or None,
                                            num_images=cfg["data_limit"] or None, download=download, log=log)
@@ -830,12 +847,13 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         rotate = source is not None and os.path.samefile(source, ckpt_path) if os.path.exists(ckpt_path) else True
         if source:
             mask, birth, score, step, wall = resume_state(source, cfg, force, model, ema, opt, len(images))
-            log(f"resumed from {source} at step {step} (epoch {step // steps_per_epoch + 1})")
+            log(f"resumed from {source} at step {step} (epoch {step / steps_per_epoch:.2f})")
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
             if os.path.isdir(os.path.join(out_dir, "config.json")):
                 raise RunError(f"{out_dir}/config.json is a folder; move it away, then rerun")
             data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
+        made = []                                           # started: the run folder stays from here on
         run = make_run(cfg, model, ema, opt, device, rank, world, steps_per_epoch)
         mask, score = place_mask_and_score(run, mask, score, device)
         epochs = total_epochs(cfg) * scale
@@ -885,13 +903,15 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                 s = run.stats.reduce(world)
                 epoch, name = (step - 1) // steps_per_epoch, stage_name(stages, i)
                 if not all(math.isfinite(s[k]) for k in ("loss", "mse", "reg")):
-                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {epoch + 1}, stage {name}); stopped. "
+                    raise RunError(f"loss is {s['loss']} at step {step} (epoch {step / steps_per_epoch:.2f}, stage "
+                                   f"{name}); stopped. "
                                    f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'} "
                                    "(intact). Lower train.lr or raise train.warmup, then rerun to resume")
                 now = time.perf_counter()
                 img_s = (step - step_log) * tr["batch_size"] / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
-                log(f"{epoch + 1}/{epochs:g} epochs [{name}] step {step}/{total_steps} | loss={s['loss']:.4f} "
+                log(f"epoch {step / steps_per_epoch:.2f}/{epochs:g} [{name}] step {step}/{total_steps} | "
+                    f"loss={s['loss']:.4f} "
                     f"mse={s['mse']:.4f} reg={s['reg']:.4f} | {img_s:.0f} img/s | "
                     f"ETA {fmt_time((total_steps - step) * tr['batch_size'] / max(img_s, 1e-9))}")
                 if is_main:
@@ -929,6 +949,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         signal.signal(signal.SIGINT, previous_handler)
         if lock is not None:
             lock.close()
+        data.remove_made(made)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
 
@@ -987,9 +1008,7 @@ def stage_banner(run, i, mask, regrown):
     stages, cfg = run.stages, run.cfg
     T, scale = cfg["diffusion"]["timesteps"], cfg["train"]["length_scale"]
     first, last = (sum(s["epochs"] for s in stages[:k]) * scale for k in (i, i + 1))
-    whole = scale == 1 and first == int(first) and last == int(last)      # 1-based epochs; else epochs done
-    epochs = f"epochs {first + 1:g}-{last:g}" if whole else f"epochs {first:g}-{last:g}"
-    epochs += f" (x{scale:g})" if scale != 1 else ""
+    epochs = f"epochs {first:g}-{last:g}" + (f" (x{scale:g})" if scale != 1 else "")   # as the progress line: from 0
     where = (f"t ~ {T}*Beta({stages[i]['alpha']}, {stages[i]['beta']})" if run.soft
              else "t in [%d, %d)" % time_window(stages, i, T, run.positions))
     if run.mix_weights:
@@ -1147,6 +1166,7 @@ STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": float, "name": str,
 def read_json_file(path):
     """A config file's JSON object, or a one-line ConfigError saying what is wrong with the file."""
     try:
+        data.regular_file(path, data.MAX_JSON_BYTES)        # a FIFO would block the open, /dev/zero fill memory
         with open(path, encoding="utf-8") as f:
             user = json.load(f)
     except FileNotFoundError:
@@ -1189,22 +1209,25 @@ def parse_overrides(args):
 def merge_config(user, source="config"):
     """Defaults < user dict. Keys starting with '_' are comments. Returns a validated nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
-
-    def merge(into, defaults, given, prefix):               # the top level, then each section (one level deep)
-        for key, value in given.items():
-            if key.startswith("_"):
-                continue
-            if key not in defaults:
-                raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
-            if not isinstance(defaults[key], dict):
-                into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
-            elif isinstance(value, dict):
-                merge(into[key], defaults[key], value, f"{key}.")
-            else:
-                raise ConfigError(f"{source}: '{key}' must be an object")
-    merge(cfg, DEFAULTS, user, "")
+    merge_keys(cfg, DEFAULTS, user, source)
     validate_config(cfg, source)
     return cfg
+
+
+def merge_keys(into, defaults, given, source, prefix=""):
+    """Copy `given` into `into`, the top level, then each section (one level deep): an unknown key or a wrong type
+    is a ConfigError that starts with `source` (the config file, or the override as typed)."""
+    for key, value in given.items():
+        if key.startswith("_"):
+            continue
+        if key not in defaults:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (allowed: {', '.join(defaults)})")
+        if not isinstance(defaults[key], dict):
+            into[key] = _check_value(f"{source}: {prefix}{key}", key, value, defaults[key])
+        elif isinstance(value, dict):
+            merge_keys(into[key], defaults[key], value, source, f"{key}.")
+        else:
+            raise ConfigError(f"{source}: '{key}' must be an object")
 
 
 def _check_value(where, key, value, default):
@@ -1365,6 +1388,41 @@ def setup_dist():
     return rank, world, device
 
 
+USER_ERROR_KEY = "diffcl/user_error"                      # in torchrun's store: ranks that stopped on a user error
+
+
+def torchrun_store():
+    """A client of the store that torchrun itself holds (so it outlives the ranks), or None when torchrun did not
+    start this process or its store cannot be reached: every rank then reports its own failure."""
+    if "RANK" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def first_user_error():
+    """Count this rank's user error in torchrun's store: True for the first rank to stop on one (it alone prints the
+    line, so a mistake every rank meets is still one line); True outside torchrun."""
+    store = torchrun_store()
+    try:
+        return store is None or store.add(USER_ERROR_KEY, 1) == 1
+    except RuntimeError:
+        return True
+
+
+def after_user_error():
+    """Whether a rank of this torchrun run stopped on a user error: a collective that then fails on another rank
+    failed because of it, and that rank's one line says why."""
+    store = torchrun_store()
+    try:
+        return store is not None and store.check([USER_ERROR_KEY])
+    except RuntimeError:
+        return False
+
+
 def all_reduce_sum(x, world):
     """Sum a tensor over ranks (in place); a no-op on one process."""
     if world > 1:
@@ -1440,6 +1498,8 @@ def save_checkpoint(path, state, keep_previous=False):
             data.atomic_write(path.removesuffix(".pt") + "_prev.pt", lambda prev: os.remove(prev) or os.link(path, prev))
     try:
         data.atomic_write(path, write)
+    except data.DataError:                                  # a folder where the file (or _prev.pt) goes: says so
+        raise
     except Exception as e:                                  # disk full is a RuntimeError from torch.save
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
         raise RunError(f"could not write checkpoint {path}: {reason}; the previous one is intact. "
@@ -1450,7 +1510,8 @@ def load_checkpoint(path):
     """torch.load(weights_only=True), then a structure check: one-line errors for missing, truncated,
     foreign or malformed files (a file is never modified)."""
     if not os.path.isfile(path):
-        raise RunError(f"checkpoint not found: {path}")
+        raise RunError(f"checkpoint not found: {path}" if not os.path.exists(path) else
+                       f"{path} is not a checkpoint file (a folder, pipe or device); move it away or pass the .pt file")
     try:
         with warnings.catch_warnings(action="ignore"):      # torch warns before refusing a foreign pickle
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -1548,6 +1609,19 @@ def check_optimizer_state(opt, path):
                            "or a snapshot), or train again")
 
 
+def check_run_folder(out_dir):
+    """Before training (under the folder lock): no folder sits where the run writes a file (checkpoints, snapshots,
+    config.json, sample grids), and temporaries of killed writers are removed."""
+    def names(folder, pattern):
+        with contextlib.suppress(OSError):
+            return [os.path.join(folder, f) for f in os.listdir(folder) if re.fullmatch(pattern, f)]
+        return []
+    data.check_not_folder(*names(out_dir, r"ckpt(_prev|_epoch\d{4})?\.pt|config\.json"),   # metrics: truncate_jsonl
+                          *names(os.path.join(out_dir, "samples"), r"epoch\d{4}_.*\.png"))
+    for folder in (out_dir, os.path.join(out_dir, "samples")):
+        data.remove_stale_temps(folder)
+
+
 def load_weights(module, weights, path):
     """module.load_state_dict with a one-line error when the checkpoint is of another architecture."""
     try:
@@ -1633,11 +1707,14 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
         if rank == 0:                                       # one writer per folder: two would lose images
             data.prepare_out_dir(out)
             lock.enter_context(data.lock_run_folder(out, "sample or eval"))
+            data.remove_stale_temps(out)
+            data.check_not_folder(*(os.path.join(out, f) for f in os.listdir(out)
+                                    if re.fullmatch(r"\d{6}\.png", f) or npz and f == "samples.npz"))
             fid.claim_image_folder(out, made_by, replace_stale)
         barrier(world)
         name = lambda i: os.path.join(out, f"{i:06d}.png")
         chunks = rank_chunks(num, batch_size, rank, world)
-        todo = [(a, n) for a, n in chunks if not all(os.path.exists(name(i)) for i in range(a, a + n))]
+        todo = [(a, n) for a, n in chunks if not all(os.path.isfile(name(i)) for i in range(a, a + n))]
         if rank == 0:
             sampler = f"DDIM {steps} steps, eta {eta:g}, {skip}" if ddim else f"DDPM {T} steps"
             print(f"sample: {num} images from {ckpt} ({sampler}, {'raw' if raw else 'EMA'} weights) -> {out}; "
@@ -1676,10 +1753,14 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
     fid.load_stats(ref)                                     # a bad --ref fails before any sampling
     if ckpt:                                                # our own folder (one per checkpoint): refresh it
         default = os.path.join(os.path.dirname(ckpt), "eval_samples_" + os.path.basename(ckpt).removesuffix(".pt"))
+        data.check_not_folder(os.path.join(images or default, "eval.jsonl"))   # before the sampling
         images = sample(ckpt, num, images or default, batch_size=batch_size, replace_stale=not images, **sample_kw)
     if rank > 0:
         return None
     quiet = lambda *a: None
+    # eval.jsonl goes into the image folder, or beside an .npz of images
+    log = os.path.join(images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images)), "eval.jsonl")
+    data.check_not_folder(log)                              # before the features
     fake = fid.read_images(images, download=download, log=quiet)[:num]
     weights = fid.find_weights(inception, download)
     model = fid.load_inception(weights, device=device)
@@ -1693,8 +1774,6 @@ def evaluate(ckpt=None, images=None, ref=None, num=10000, real=None, inception=N
                    "inception_sha256": fid.weights_sha256(weights),
                    "feature_seconds": round(time.perf_counter() - t0, 1)})
     print(json.dumps(result), flush=True)
-    # eval.jsonl goes into the image folder, or beside an .npz of images
-    log = os.path.join(images if os.path.isdir(images) else os.path.dirname(os.path.abspath(images)), "eval.jsonl")
     try:
         data.append_jsonl(log, result)
     except data.DataError:
@@ -2067,6 +2146,7 @@ def run_jobs(jobs, parallel, log_name):
 def read_compare_json(path):
     """compare.json's results, or None when there is none yet; a damaged file is a one-line error, never rewritten."""
     try:
+        data.regular_file(path, data.MAX_JSON_BYTES)        # a FIFO would block the open
         with open(path) as f:
             saved = json.load(f)
     except FileNotFoundError:
@@ -2204,7 +2284,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                            f"work: the data changed between runs); move {os.path.join(out, odd[0].replace('/', '_'))} away, "
                            "then rerun")
         if weights and todo:
-            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num", str(fid_num), "--ddim", "--steps",
+            run_jobs([(key, ["sample", "--ckpt", os.path.join(d, "ckpt.pt"), "--num-images", str(fid_num), "--ddim", "--steps",
                              str(sample_steps), "--out", os.path.join(d, "fid_samples"), "--replace-stale"], d)
                       for key, (_, _, d) in todo.items()], jobs, "sample.log")
 
@@ -2507,7 +2587,8 @@ LAUNCHER = ("the description's mp.spawn launcher; use torchrun instead: torchrun
             "diffcl.py train CONFIG (or bash run.sh MODE N)")
 
 REMOVED_FLAGS = {"--num-gpus": LAUNCHER, "--rigid-launch": LAUNCHER,   # each: what to use instead
-                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb"}
+                 "--soak": "removed from bench: the suite tests that memory does not grow; bench reports peak_mem_gb",
+                 "--num": "now --num-images (torchrun takes --num for an abbreviation of its --numa-binding)"}
 
 
 def number_in(lo, hi=math.inf, what="a whole number", cast=int):
@@ -2527,14 +2608,13 @@ def usage_error(message):
     raise ConfigError(f"{message} (see python diffcl.py {{{','.join(COMMANDS)}}} --help)")
 
 
-def parse_cli(argv):
-    cmd = argv[0] if argv else ""
-    if cmd not in COMMANDS:
-        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+def cli_parser(cmd):
+    """The argparse parser of one command. No flag may be a prefix of one of torchrun's (test_diffcl checks): torchrun
+    reads abbreviations of its own options anywhere on its command line, after the script name too."""
     count = number_in(1, what="a whole number >= 1")
+    overrides = "config overrides: --section.key=value, e.g. --train.lr=1e-4 --train.length_scale=0.2"
     p = argparse.ArgumentParser(prog=f"diffcl.py {cmd}", allow_abbrev=False,
-                                epilog="config overrides: --section.key=value, e.g. --train.lr=1e-4 "
-                                       "--train.length_scale=0.2")
+                                epilog=overrides if cmd not in ("sample", "eval") else None)
     p.error = usage_error                                   # one line, exit 2, like every other mistake
     add = p.add_argument
     if cmd in ("train", "bench"):
@@ -2547,15 +2627,20 @@ def parse_cli(argv):
             help="the description's flag: insist on a torchrun launch (torchrun alone decides the world)")
         add("--download", action="store_true", help="let data.py fetch CIFAR-10 if it is missing")
     if cmd in ("sample", "eval"):
-        add("--ckpt", required=cmd == "sample")
-        add("--num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"), default=64 if cmd == "sample" else 10000)
-        add("--out", default=None, help="image folder to write")
-        add("--ddim", action="store_true")
-        add("--steps", type=count, default=50)
-        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0)
-        add("--skip", choices=("uniform", "quadratic"), default="uniform")
-        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256)
-        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0)
+        add("--ckpt", required=cmd == "sample", help="checkpoint to sample (EMA weights, its CS mask)")
+        add("--num-images", dest="num", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
+            default=64 if cmd == "sample" else 10000, metavar="N", help="images to generate (default %(default)s)")
+        add("--out", default=None, help="image folder to write (default: beside the checkpoint)")
+        add("--ddim", action="store_true", help="DDIM sampling (default: the full DDPM chain)")
+        add("--steps", type=count, default=50, help="DDIM steps, with --ddim (default %(default)s)")
+        add("--eta", type=number_in(0, 1, "a number in [0, 1]", float), default=0.0,
+            help="DDIM noise, with --ddim (default %(default)s: deterministic)")
+        add("--skip", choices=("uniform", "quadratic"), default="uniform",
+            help="DDIM step spacing, with --ddim (default %(default)s)")
+        add("--batch-size", type=number_in(1, 1 << 20, "a whole number in [1, 2^20]"), default=256,
+            help="images per batch (default %(default)s)")
+        add("--seed", type=number_in(0, 2 ** 32 - 1, "a whole number in [0, 2^32)"), default=0,
+            help="image i's noise is keyed by (seed, i) (default %(default)s)")
         add("--raw", action="store_true", help="use the raw weights instead of the EMA")
     if cmd == "sample":
         add("--npz", action="store_true", help="also write samples.npz (uint8 images)")
@@ -2565,37 +2650,47 @@ def parse_cli(argv):
         add("--images", help="score this folder / .npz / .npy instead of sampling a checkpoint")
         add("--ref", help="reference statistics .npz (python fid.py ref ...); not needed with --nll")
         add("--real", help="real images (dataset name, folder or .npy) for precision/recall")
-        add("--inception")
-        add("--download", action="store_true")
+        add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
+        add("--download", action="store_true", help="fetch missing weights (and a --real CIFAR-10)")
         add("--nll", type=number_in(1, 10 ** 8, "a whole number in [1, 10^8]"),
             help="instead of FID: the NLL bound in bits/dim on the first N held-out images")
         add("--nll-timesteps", type=number_in(0, 10 ** 6, "a whole number >= 0"), default=0,
             help="with --nll: K stratified timesteps per image (0 = every timestep)")
     if cmd == "bench":
-        add("--batch-size", type=count)
-        add("--steps", type=count, default=10)
-        add("--precision", choices=("fp32", "bf16"))
-        add("--compile", action="store_true")
+        add("--batch-size", type=count, help="images per step (default: the config's train.batch_size)")
+        add("--steps", type=count, default=10, help="steps per timed window (default %(default)s)")
+        add("--precision", choices=("fp32", "bf16"), help="default: the config's train.precision")
+        add("--compile", action="store_true", help="torch.compile the step")
         add("--cuda-graphs", action="store_true", help="with --compile on CUDA: as CUDA graphs")
         add("--sample", action="store_true", help="also time DDIM sampling of a batch")
-        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample")
+        add("--sample-steps", type=count, default=20, help="DDIM steps for --sample (default %(default)s)")
         add("--data", action="store_true", help="also time the data path")
     if cmd in ("demo", "compare"):
-        add("--out", default=f"runs/{cmd}")
-        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json")
+        add("--out", default=f"runs/{cmd}", help="folder of the runs and the table (default %(default)s)")
+        add("--dataset", default="shapes", help="uses configs/<dataset>.json and <dataset>_{c,cs,cr}.json "
+                                                "(default %(default)s)")
         add("--jobs", type=count, default=2 if cmd == "demo" else 1,
-            help="runs trained at once (one per GPU when there are enough; CPU threads are split)")
+            help="runs trained at once (one per GPU when there are enough; CPU threads are split; default "
+                 "%(default)s)")
     if cmd == "compare":
-        add("--seeds", type=count, default=3)
+        add("--seeds", type=count, default=3, help="paired seeds per mode (default %(default)s)")
         add("--fid-num", type=number_in(0, what="a whole number >= 0 (0 = no FID)"), default=2000,
-            help="FID-n images per run; 0 = no FID")
-        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples")
+            help="FID-n images per run; 0 = no FID (default %(default)s)")
+        add("--sample-steps", type=count, default=50, help="DDIM steps for the FID samples (default %(default)s)")
         add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
-            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required)")
-        add("--inception")
+            help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required; default {','.join(MODES)})")
+        add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
         add("--eval-points", type=count, default=8,
-            help="held-out evaluations during each run, at the same steps for every mode (the curves)")
-    args, rest = p.parse_known_args(argv[1:])
+            help="held-out evaluations during each run, at the same steps for every mode (the curves; default "
+                 "%(default)s)")
+    return p
+
+
+def parse_cli(argv):
+    cmd = argv[0] if argv else ""
+    if cmd not in COMMANDS:
+        raise ConfigError("usage: python diffcl.py train|sample|eval|bench|demo|compare ... (python diffcl.py --help)")
+    args, rest = cli_parser(cmd).parse_known_args(argv[1:])
     for flag, instead in REMOVED_FLAGS.items():
         if any(r.split("=")[0] == flag for r in rest):
             raise ConfigError(f"{flag} is {instead}")
@@ -2655,28 +2750,67 @@ def preflight(argv, ngpus):
         cmd, args, rest = parse_cli(["train", *argv])
         cfg = load_config(args.config_path or args.config, rest)
         check_batch_split(cfg["train"], world)
+        data.check_source(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
+                          cfg["resolution"] or None, download=args.download)
         print(world)
         return 0
     except (ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
         return 2
+
+
+def torchrun(argv):
+    """run.sh's launcher: `torchrun ARGV` (torch.distributed.run), except that a run stopped by a user error (every
+    failed rank exited 2 or was stopped by torchrun; the one-line message is printed) exits 2 without torchrun's
+    failure report. Any other failure raises that report, as torchrun does."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    held, quiet = [], False                                 # torchrun's lines on its ranks' exits, for its report
+    reports = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+
+    def hold(record):
+        if record.levelno >= logging.WARNING:
+            held.append(record)
+        return record.levelno < logging.WARNING
+    reports.addFilter(hold)
+    try:
+        run(parse_args(argv))
+        return 0
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        quiet = 2 in codes and all(c in (2, -signal.SIGTERM) for c in codes)
+        if quiet:
+            return 2
+        raise
+    finally:
+        reports.removeFilter(hold)
+        for record in held if not quiet else ():
+            reports.handle(record)
 
 
 def main(argv):
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    for stream in (sys.stdout, sys.stderr):                 # a file name that is not UTF-8: escaped, never a crash
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         run_command(*parse_cli(argv))
         return 0
     except (ConfigError, RunError, data.DataError, fid.FIDError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if first_user_error():                              # under torchrun: one line, from the first rank to stop
+            print(f"error: {data.shown(str(e))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:                               # train: before training started, nothing to save
         again = (f"; finished runs and scores are kept: to resume, rerun python "
                  f"{shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}") if argv[:1] in (["compare"], ["demo"]) else ""
         print(f"interrupted{again}", file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        if after_user_error():                              # another rank stopped on a user error and said why
+            return 2
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             gc.collect()                                    # avoids an intermittent gloo abort at exit

@@ -20,7 +20,7 @@ exact procedure). `ref` stores a `meta` entry beside mu and sigma (ignored by py
 Precision/recall radii are the distance to the k-th nearest other point of the same set, `<=` counts as inside (as
 the paper's code), distances in 10,000 x 10,000 blocks.
 """
-import argparse, hashlib, json, os, re, sys, time, warnings, zipfile, zlib
+import argparse, errno, hashlib, io, json, os, re, stat, sys, time, warnings, zipfile, zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,23 @@ PR_FEATURES = "Inception-pool3 features (the original paper used VGG-16)"
 
 class FIDError(Exception):
     """A problem the user must fix (weights, statistics file, images); the CLI prints it as one line."""
+
+
+def regular_file(path):
+    """Raise OSError unless `path` is a regular file (links followed): opening a FIFO would block until a writer
+    comes, a device such as /dev/zero would be read until memory runs out (data.regular_file; fid.py stands alone)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe" if stat.S_ISFIFO(st.st_mode) else "a device"
+        raise OSError(errno.EINVAL, f"{kind}, not a regular file")   # callers name the path
+
+
+def shown(text):
+    """`text` safe to print on a strict UTF-8 stream: non-UTF-8 bytes of a file name become \\xNN escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def one_line(e):
@@ -252,7 +269,8 @@ def find_weights(path=None, download=False):
     path = path or os.environ.get(WEIGHTS_ENV)
     if path:
         if not os.path.isfile(path):
-            raise FIDError(f"Inception weights {path} (from --inception or ${WEIGHTS_ENV}) not found")
+            what = "not a regular file (a folder, pipe or device)" if os.path.exists(path) else "not found"
+            raise FIDError(f"Inception weights {path} (from --inception or ${WEIGHTS_ENV}): {what}")
         return path
     if download and not os.path.isfile(hub):
         os.makedirs(os.path.dirname(hub), exist_ok=True)
@@ -415,6 +433,7 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6, method="sym"):
 def save_stats(path, mu, sigma, meta=None):
     """pytorch-fid's .npz (mu, sigma), written atomically; `meta` (a dict) is kept as JSON for cache checks."""
     extra = {"meta": np.array(json.dumps(meta, sort_keys=True))} if meta else {}
+    check_not_folder(path)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))  # to a file: no .npz appended
@@ -425,6 +444,7 @@ def save_stats(path, mu, sigma, meta=None):
 def read_npz(path):
     """{name: array} of an .npz file, or FIDError. Object arrays are refused: unpickling them could run code."""
     try:
+        regular_file(path)
         f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise FIDError(f"{path} is an .npy array, not an .npz archive")
@@ -553,6 +573,13 @@ def atomic_write(path, write):
         raise
 
 
+def check_not_folder(path):
+    """FIDError when a folder (not a link to one) sits where a file is to be written."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise FIDError(f"{shown(str(path))} is a folder where a file goes; move it away (or write elsewhere), "
+                       "then rerun")
+
+
 def claim_image_folder(out, made_by, replace_stale):
     """Make `out` a folder of generated images made by `made_by` (checkpoint, seed, sampler...), recorded in its
     manifest.json. Images that something else made are deleted when replace_stale, else refused: scoring a mix
@@ -560,6 +587,7 @@ def claim_image_folder(out, made_by, replace_stale):
     path = os.path.join(out, "manifest.json")
     try:
         os.makedirs(out, exist_ok=True)
+        regular_file(path)
         with open(path) as f:
             old = json.load(f)
     except (OSError, ValueError):
@@ -601,10 +629,11 @@ def load_image_folder(path):
         raise FIDError(f"no .png/.jpg images in {path}")
     if all(re.fullmatch(r"epoch\d{4}_.*\.png", p.name) for p in files):
         raise FIDError(f"{path} holds training sample grids (epochNNNN_*.png), not generated images: make them "
-                       "with `python diffcl.py sample --ckpt CKPT --num N --out FOLDER` and score that folder")
+                       "with `python diffcl.py sample --ckpt CKPT --num-images N --out FOLDER` and score that folder")
     images = []
     for p in files:
         try:
+            regular_file(p)  # a pipe named x.png would block the decoder
             with Image.open(p) as im:
                 images.append(np.asarray(im.convert("RGB")))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
@@ -622,6 +651,7 @@ def read_images(src, num=None, data_root=None, split=None, download=False, log=p
         images = load_image_folder(p)
     elif p.suffix == ".npy":
         try:
+            regular_file(p)
             images = np.load(p, mmap_mode="r", allow_pickle=False)  # memory-mapped: batches are read when needed
         except (OSError, ValueError, EOFError) as e:
             raise FIDError(f"cannot read {src}: {one_line(e)}") from None
@@ -667,6 +697,7 @@ def source_key(src, split, root):
 
 def cmd_ref(args):
     """Reference statistics; skipped when --out was made from the same source, count and weights."""
+    check_not_folder(args.out)  # before minutes of features
     weights = find_weights(args.inception, args.download)
     key = source_key(args.data, args.split, args.data_root)
     key.update(num=args.num, weights_sha256=weights_sha256(weights))
@@ -745,6 +776,9 @@ def main(argv=None):
         p.add_argument("--data-root", "--data_root", dest="data_root", help="dataset directory, for dataset names (data.py)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is escaped, never a UnicodeEncodeError
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     args.log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress to stderr, results to stdout
     try:
         check_device(args.device)
@@ -753,7 +787,7 @@ def main(argv=None):
                 raise FIDError(f"{flag} must be at least 1, got {value}")
         {"ref": cmd_ref, "calc": cmd_calc}[args.cmd](args)
     except FIDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(str(e))}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1557,7 +1557,7 @@ def test_every_mode_trains_and_writes_its_artefacts(tmp_path, mode, capsys):
         assert r["loss"] == pytest.approx(r["mse"] + r["reg"], rel=1e-5)
         assert (r["reg"] > 0) == (mode == "cr" and r["stage"] == 0)   # lambda decays to 0 in the last stage
     if mode == "base":
-        assert log.count("== stage 1/1 [plain] epochs 1-2 | t in [0, 20)") == 1     # plain DDPM: one stage on [0, T)
+        assert log.count("== stage 1/1 [plain] epochs 0-2 | t in [0, 20)") == 1     # plain DDPM: one stage on [0, T)
         assert any(r["bucket_mse"][0] is not None for r in train) and {r["stage"] for r in train} == {0}
         assert [(r["step"], r["name"], r["window"]) for r in records(out, "stage")] == [(0, "plain", [0, 20])]
     else:
@@ -1673,7 +1673,7 @@ def test_nan_loss_stops_with_step_stage_and_intact_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(D, "mse_per_sample", lambda o, t: real(o, t) * float("nan"))
     cfg2 = dict(cfg, train={**cfg["train"], "epochs": 5}, curriculum={**cfg["curriculum"], "stages": [
         *cfg["curriculum"]["stages"][:-1], {**cfg["curriculum"]["stages"][-1], "epochs": 3}]})
-    with pytest.raises(D.RunError, match=r"loss is nan at step 14 \(epoch 3, stage full\).*ckpt.pt \(intact\)"):
+    with pytest.raises(D.RunError, match=r"loss is nan at step 14 \(epoch 2\.33, stage full\).*ckpt.pt \(intact\)"):
         D.train(cfg2, force=True)
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
@@ -2326,15 +2326,20 @@ def test_gpu_build_model_uses_channels_last_only_when_asked():
 
 
 def test_gpu_choosing_cuda_allows_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # restored after the test
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setenv("DIFFCL_DEVICE", "cpu")
-    assert D.setup_dist()[2].type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # setup_dist only asks this
-    monkeypatch.setenv("DIFFCL_DEVICE", "auto")
-    monkeypatch.delenv("RANK", raising=False)
-    assert D.setup_dist()[2].type == "cuda"
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # Saved and restored by hand: torch's backend flags are properties that pytest's monkeypatch (9.2) cannot
+    # undo (it deletes them).
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        monkeypatch.setenv("DIFFCL_DEVICE", "cpu")
+        assert D.setup_dist()[2].type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # setup_dist only asks this
+        monkeypatch.setenv("DIFFCL_DEVICE", "auto")
+        monkeypatch.delenv("RANK", raising=False)
+        assert D.setup_dist()[2].type == "cuda"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2513,13 +2518,14 @@ def test_sample_folders_record_what_made_them_and_never_mix_models_or_seeds(cs_c
     with pytest.raises(fid.FIDError, match=r"made differently \(ckpt_sha256, step\)"):
         D.sample(str(other), 3, str(out), ddim=True, steps=3, seed=7)
     capsys.readouterr()
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"), "--num", "1"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(tmp_path / "s" / "000000.png" / "x"),
+                   "--num-images", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not writable" in err
 
 
 def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
-    for args in (["sample", "--ckpt", cs_checkpoint, "--num", "0"], ["sample", "--ckpt", cs_checkpoint, "--batch-size", "-1"],
+    for args in (["sample", "--ckpt", cs_checkpoint, "--num-images", "0"], ["sample", "--ckpt", cs_checkpoint, "--batch-size", "-1"],
                  ["sample", "--ckpt", cs_checkpoint, "--seed", "-3"], ["sample", "--ckpt", cs_checkpoint, "--eta", "nan"],
                  ["bench", "--steps", "0"], ["compare", "--seeds", "0"],
                  ["train", str(HERE / "configs" / "shapes_c.json"), "--distributed", f"--out_dir={tmp_path / 'd'}"]):
@@ -2530,11 +2536,11 @@ def test_cli_counts_must_be_positive(cs_checkpoint, tmp_path, capsys):
 
 
 def test_ddpm_sampling_cli_and_raw_weights(cs_checkpoint, tmp_path, capsys):
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num-images", "2", "--out", str(tmp_path / "ddpm"), "--raw", "--npz"]) == 0
     out = capsys.readouterr().out
     assert "DDPM 20 steps" in out and "raw weights" in out
     assert np.load(tmp_path / "ddpm" / "samples.npz")["images"].shape == (2, 8, 8, 3)
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num-images", "2", "--out", str(tmp_path / "x"), "--ddim", "--steps", "21"]) == 2
     assert "DDIM needs between 1 and T = 20 steps" in capsys.readouterr().err
 
 
@@ -3127,7 +3133,7 @@ def test_ctrl_c_on_a_log_step_keeps_that_steps_record(tmp_path, monkeypatch, uni
 
 
 def test_hostile_inputs_found_by_probing_are_one_line_errors(tmp_path, cs_checkpoint, monkeypatch, capsys):
-    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num", "99999999999999999999"]) == 2
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--num-images", "99999999999999999999"]) == 2
     assert "must be a whole number in [1, 10^8]" in capsys.readouterr().err
     for env, message in (({"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "need LOCAL_RANK <= RANK < WORLD_SIZE"),
                          ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "abc"}, "not all whole")):
@@ -3366,7 +3372,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, child):
     bad_ckpt.write_bytes(b"PK\x03\x04 truncated")
     for args, message in [
             (["train", "--config-path", str(HERE / "configs" / "celeba32_cs.json"), "--num-gpus", "6"], "torchrun"),
-            (["sample", "--ckpt", str(bad_ckpt), "--num", "2"], "truncated or corrupt"),
+            (["sample", "--ckpt", str(bad_ckpt), "--num-images", "2"], "truncated or corrupt"),
             (["bench", "--soak", "5"], "--soak is removed from bench: the suite tests that memory does not grow"),
             (["train", str(HERE / "configs" / "celeba32_c.json"), "--data_root=/nonexistent/celeba",
               f"--out_dir={tmp_path / 'x'}"], "CelebA not found")]:
@@ -3410,7 +3416,8 @@ def test_run_jobs_runs_subprocesses_in_parallel_logs_each_and_reports_failures(c
 
 @starts_early("test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line")
 def start_run_sh_with_3_processes(folder, cases):
-    return Child(["bash", str(HERE / "run.sh"), "base", "3"], folder, env=dict(os.environ, DATASET="shapes"))
+    return Child(["bash", str(HERE / "run.sh"), "base", "3"], folder,
+                 env=dict(os.environ, DATASET="shapes", PYTHON=sys.executable))   # this Python, not python3 on PATH
 
 
 def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(child):
@@ -3765,7 +3772,158 @@ def test_resuming_from_a_checkpoint_with_impossible_values_stops_in_one_line_and
         before = open(os.path.join(out, "ckpt.pt"), "rb").read()
         raises_one_line(D.RunError, match, D.train, cfg)
         assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
-        assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "samples"]           # nothing else written
+        assert sorted(os.listdir(out)) == ["ckpt.pt"]         # nothing else written (a failed start removes its lock)
+
+
+def test_a_folder_where_an_output_file_goes_is_one_line_before_any_work(cs_checkpoint, tmp_path, capsys):
+    out = tmp_path / "s"
+    (out / "samples.npz").mkdir(parents=True)
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(out), "--npz", "--ddim", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"s/samples.npz is a folder where a file goes; move it away", err), err
+    assert not list(out.glob("*.png"))                                           # refused before sampling
+    os.rmdir(out / "samples.npz")
+    (out / "000001.png").mkdir()                                                 # an image's name: never "done"
+    assert D.main(["sample", "--ckpt", cs_checkpoint, "--out", str(out), "--ddim", "--steps", "2"]) == 2
+    assert "000001.png is a folder where a file goes" in capsys.readouterr().err and not list(out.glob("0*.png.*"))
+    os.rmdir(out / "000001.png")
+    (out / "eval.jsonl").mkdir()
+    fid.save_stats(tmp_path / "ref.npz", np.zeros(2), np.eye(2))
+    assert D.main(["eval", "--ckpt", cs_checkpoint, "--out", str(out), "--ref", str(tmp_path / "ref.npz")]) == 2
+    assert "eval.jsonl is a folder where a file goes" in capsys.readouterr().err and not list(out.glob("*.png"))
+    # training: checked under the lock before the data is loaded; the checkpoint writer says which file it is
+    cfg = tiny_cfg(tmp_path, "c", model=ONE_LEVEL)
+    for where in ("ckpt_prev.pt", "samples/epoch0002_full.png", "ckpt_epoch0001.pt"):
+        (Path(cfg["out_dir"]) / where).mkdir(parents=True)
+        there = set(os.listdir(cfg["out_dir"]))
+        raises_one_line(data.DataError, f"{re.escape(where)} is a folder where a file goes", D.train, cfg)
+        assert set(os.listdir(cfg["out_dir"])) == there         # nothing written (the failed start removes its lock)
+        os.rmdir(Path(cfg["out_dir"]) / where)
+    ckpt = tmp_path / "ckpt.pt"
+    D.save_checkpoint(str(ckpt), {"step": 1})
+    (tmp_path / "ckpt_prev.pt").mkdir()
+    raises_one_line(data.DataError, "ckpt_prev.pt is a folder", D.save_checkpoint, str(ckpt), {"step": 2}, True)
+    assert torch.load(ckpt, weights_only=True) == {"step": 1} and not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "stats.npz").mkdir()
+    raises_one_line(fid.FIDError, "stats.npz is a folder where a file goes", fid.save_stats, tmp_path / "stats.npz",
+                    np.zeros(2), np.eye(2))
+    with pytest.raises(SystemExit) as e:                                          # before the weights or the images
+        fid.main(["ref", str(tmp_path / "nothing"), "--out", str(tmp_path / "stats.npz"), "--force"])
+    assert e.value.code == 2 and "stats.npz is a folder where a file goes" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def no_hang(seconds=20):
+    """Turn a blocked open (a FIFO) into a test failure instead of a hung suite."""
+    def stuck(*_):
+        raise TimeoutError("blocked: a pipe was opened for reading")
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_pipes_devices_and_huge_files_are_refused_as_configs_stats_checkpoints_and_images(tmp_path, capsys):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:                                                  # sparse: costs no disk
+        f.truncate(data.MAX_JSON_BYTES + 1)
+    with no_hang():
+        for path, what in ((fifo, "a pipe, not a regular file"), ("/dev/zero", "a device, not a regular file"),
+                           (tmp_path, "a folder, not a regular file"), (huge, "67,108,865 bytes, more than")):
+            assert D.main(["train", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"cannot read config {path}: {what}" in err, err
+        raises_one_line(fid.FIDError, "cannot read .*config.json: .*a pipe, not a regular file", fid.load_stats, fifo)
+        os.mkfifo(tmp_path / "x.npy")
+        raises_one_line(fid.FIDError, "cannot read .*x.npy: .*a pipe", fid.read_images, str(tmp_path / "x.npy"))
+        raises_one_line(D.RunError, "is not a checkpoint file .*a folder, pipe or device", D.load_checkpoint, str(fifo))
+        raises_one_line(D.RunError, r"config.json is damaged \(not compare's JSON\)", D.read_compare_json, str(fifo))
+        images = tmp_path / "images"
+        images.mkdir()
+        Image.new("RGB", (4, 4)).save(images / "000000.png")
+        os.mkfifo(images / "000001.png")
+        raises_one_line(fid.FIDError, r"cannot read image .*000001.png \(.*a pipe, not a regular file\)",
+                        fid.load_image_folder, str(images))
+        os.mkfifo(images / "manifest.json")                                      # read as "no manifest"
+        with pytest.raises(fid.FIDError, match="made differently"):
+            fid.claim_image_folder(str(images), {"seed": 0}, replace_stale=False)
+        cache = tmp_path / "cache"
+        first = data.load_images(f"folder:{images}", resolution=4, cache_dir=str(cache), log=lambda *a: None)
+        sidecar = next(cache.glob("*.json"))
+        sidecar.unlink()
+        os.mkfifo(sidecar)                                                       # a pipe as the cache's sidecar
+        again = data.load_images(f"folder:{images}", resolution=4, cache_dir=str(cache), log=lambda *a: None)
+    assert np.array_equal(first, again) and sidecar.is_file()                    # rebuilt, the pipe replaced
+    os.mkfifo(tmp_path / "w.pt")
+    raises_one_line(fid.FIDError, r"w.pt \(from --inception .*\): not a regular file", fid.find_weights,
+                    str(tmp_path / "w.pt"))
+
+
+def test_file_names_that_are_not_utf8_are_printed_escaped_on_a_strict_stream(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (6, 6), (1, 2, 3)).save(root / "good.png")
+    bad, pipe = os.path.join(os.fsencode(root), b"bad\xff.png"), os.path.join(os.fsencode(root), b"pipe\xfe.png")
+    open(bad, "wb").write(b"not a png")
+    os.mkfifo(pipe)
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")    # as PYTHONIOENCODING=utf-8:strict
+    images = data.load_images(f"folder:{root}", resolution=4, cache_dir=str(tmp_path / "c"),
+                              log=lambda line: print(line, file=strict))
+    strict.flush()
+    printed = strict.buffer.getvalue().decode("utf-8")
+    assert len(images) == 1 and "bad\\xff.png: " in printed and "pipe\\xfe.png" in printed, printed
+    message = raises_one_line(data.DataError, "could not be read", data.load_images, f"folder:{root}", resolution=4,
+                              cache_dir=str(tmp_path / "c"), strict=True, log=lambda line: None)
+    message.encode("utf-8", "strict")                                            # printable anywhere
+    # the command line: pytest's capture is a strict UTF-8 stream too; an error naming such a file is one line
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"conf\xff.json"))
+    assert D.main(["train", name]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_temporaries_of_killed_writers_are_removed_at_the_next_start_and_only_those(tmp_path, cs_checkpoint,
+                                                                                   uninterrupted):
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                                                  # a pid whose process has exited
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = tmp_path / "f"
+        folder.mkdir()
+        names = {f"ckpt.pt.{gone.pid}.tmp": True, f"config.json.{alive.pid}.tmp": False,
+                 f"x.png.{os.getpid()}.tmp": False, f"notes.{gone.pid}.tmpx": False, "ckpt.pt.tmp": False,
+                 f"y.pt.{gone.pid}.tmp/": False, f"z.pt.{gone.pid}.tmp@": False}           # a folder, a link: kept
+        for n in names:
+            if n.endswith("/"):
+                (folder / n[:-1]).mkdir()
+            elif n.endswith("@"):
+                os.symlink(tmp_path / "outside", folder / n[:-1])
+            else:
+                (folder / n).write_bytes(b"half a file")
+        lines = []
+        assert data.remove_stale_temps(str(folder), lines.append) == [f"ckpt.pt.{gone.pid}.tmp"]
+        assert sorted(os.listdir(folder)) == sorted(n.rstrip("/@") for n, removed in names.items() if not removed)
+        assert len(lines) == 1 and "removed 1 temporary file(s) left by killed processes" in lines[0]
+        # where the writers start: sample's folder, a run folder and its grids (training resumes there)
+        out = tmp_path / "s"
+        out.mkdir()
+        (out / f"000000.png.{gone.pid}.tmp").write_bytes(b"half")
+        (out / f"000001.png.{alive.pid}.tmp").write_bytes(b"half")
+        D.sample(cs_checkpoint, 1, str(out), ddim=True, steps=2)
+        assert sorted(f for f in os.listdir(out) if f.endswith(".tmp")) == [f"000001.png.{alive.pid}.tmp"]
+        cfg, run = finished_run_copy(uninterrupted, tmp_path)
+        for n in (f"ckpt.pt.{gone.pid}.tmp", f"samples/epoch0001_high.png.{gone.pid}.tmp"):
+            (Path(run) / n).write_bytes(b"half")
+        D.train(cfg)                                                             # finished: nothing left to train
+        assert not list(Path(run).rglob("*.tmp"))
+    finally:
+        alive.kill()
+        alive.wait()
+
 
 
 # ---- compare arms: flat and wide
@@ -3852,7 +4010,7 @@ def test_each_new_arm_trains_and_resumes_bit_identical(tmp_path, monkeypatch, ca
         assert [(r["step"], r["window"]) for r in stage] == [(0, [0, 20]), (2, [0, 20])]
         assert [r["active"] for r in stage] == ([16, 32] if parent == "cs" else [32, 32])
         assert [r["lambda"] for r in stage] == ([0.05, 0.0] if parent == "cr" else [0.0, 0.0])
-        assert "== stage 1/2 [high] epochs 1-1 | t in [0, 20)" in capsys.readouterr().out
+        assert "== stage 1/2 [high] epochs 0-1 | t in [0, 20)" in capsys.readouterr().out
     else:       # T = 20: windows from floor(20 t_min); starts at 2 x (0, .5, 1, 2, 2.5, 3, 4, 5) epochs
         assert [(r["step"], r["window"][0]) for r in stage] == [(0, 6), (1, 4), (2, 2), (4, 1), (5, 1), (6, 0),
                                                                 (8, 0), (10, 0)]
@@ -3905,6 +4063,186 @@ def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_pa
         assert [(r["step"], r["window"][0]) for r in stage(m)] == [(0, 6), (1, 4), (2, 2), (5, 1), (6, 1), (7, 0),
                                                                    (10, 0), (12, 0)]
     assert [r["active"] for r in stage("wide_cs")] == [27, 28, 29, 29, 30, 31, 31, 32]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- first day: the README's commands as a new user types them (torchrun's parser, run.sh, the Python snippets)
+
+def diffcl_flags():
+    """(command, argument) for every flag of every command and every config override, as a user types them."""
+    flags = [(cmd, opt) for cmd in D.COMMANDS for a in D.cli_parser(cmd)._actions for opt in a.option_strings]
+    sections = {k: v for k, v in D.DEFAULTS.items() if isinstance(v, dict)}
+    keys = [k for k, v in D.DEFAULTS.items() if not isinstance(v, dict)] + \
+        [f"{s}.{k}" for s, d in sections.items() for k in d] + \
+        [k for s, d in sections.items() for k in d if sum(k in e for e in sections.values()) == 1]
+    return flags + [("train", f"--{k}=1") for k in keys]
+
+
+def test_first_day_no_diffcl_flag_is_taken_by_torchrun_after_the_script_name():
+    import torch.distributed.run as torchrun
+
+    def refuse(message):
+        raise ValueError(message)
+    parser = torchrun.get_args_parser()
+    parser.error = refuse
+    theirs = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+    def taken(cmd, flag):
+        """torchrun errs on the flag or keeps it, or (any Python's argparse) the flag abbreviates one of its options."""
+        argv = ["--standalone", "--nproc_per_node", "2", "diffcl.py", cmd, flag, "1"]
+        try:
+            args = parser.parse_args(argv)
+        except ValueError:                                  # argparse: "ambiguous option: --num could match ..."
+            return True
+        name = flag.partition("=")[0]
+        return args.training_script_args != [cmd, flag, "1"] or any(o.startswith(name) != (o == name) for o in theirs)
+    assert taken("sample", "--num") and taken("train", "--nproc=1") and not taken("train", "--standalone")
+    ours = diffcl_flags()
+    assert [f for f in ours if taken(*f)] == []
+    assert len(ours) > 60 and ("sample", "--num-images") in ours and ("train", "--train.length_scale=1") in ours
+
+
+def test_first_day_the_old_num_flag_is_one_line_naming_the_new_one(capsys, tmp_path):
+    for cmd, more in (("sample", []), ("eval", ["--ref", str(tmp_path / "r.npz")])):
+        assert D.main([cmd, "--ckpt", str(tmp_path / "ckpt.pt"), *more, "--num", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--num-images" in err and "numa" in err, err
+
+
+def test_first_day_run_sh_preflight_finds_a_missing_dataset_before_torchrun(tmp_path, capsys):
+    config = str(HERE / "configs" / "celeba32_cs.json")
+    assert D.preflight(["--config-path", config, f"--data_root={tmp_path}/none"], 2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: CelebA not found at {tmp_path}/none: expected img_align_celeba")
+    assert err.count("\n") == 1
+    cifar = str(HERE / "configs" / "cifar10_c.json")              # --download: fetched later by rank 0, not here
+    assert D.preflight(["--config-path", cifar, f"--data_root={tmp_path}/c"], 1) == 2 and "--download" in \
+        capsys.readouterr().err
+    assert D.preflight(["--config-path", cifar, f"--data_root={tmp_path}/c", "--download"], 1) == 0
+    assert capsys.readouterr().out == "1\n" and not (tmp_path / "c").exists()
+
+
+@starts_early("test_first_day_run_sh_user_errors_inside_torchrun_are_one_line_exit_2_with_the_given_python")
+def start_run_sh_with_user_errors(folder, cases):
+    (folder / "file").write_text("")
+    python = folder / "python"                                    # PYTHON: run.sh must use it, not python3 on PATH
+    python.write_text(f"#!/bin/sh\necho used >> {folder}/used\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    # rank 0 alone meets the first error (its run folder) after torchrun started; both ranks meet the second
+    script = (f"bash run.sh base 2 --out_dir={folder}/file/run 2> {folder}/one.err; echo $? > {folder}/one.rc; "
+              f"bash run.sh base 2 --out_dir={folder}/run --resume={folder}/none.pt 2> {folder}/all.err; echo $?")
+    return Child(["bash", "-c", script], folder, env=dict(os.environ, DATASET="shapes", PYTHON=str(python)))
+
+
+def test_first_day_run_sh_user_errors_inside_torchrun_are_one_line_exit_2_with_the_given_python(child):
+    r, folder = child.result(timeout=300), child.folder
+    # torchrun's start banner (W... lines about OMP_NUM_THREADS) and run.sh's echo of its line are the only others
+    errors = lambda name: [line for line in (folder / name).read_text().splitlines()
+                           if not line.startswith(("W", "+ "))]
+    assert (folder / "one.rc").read_text() == "2\n" and errors("one.err") == [
+        f"error: folder {folder}/file/run is not writable (Not a directory); choose another output path"]
+    assert r.stdout == "2\n" and errors("all.err") == [f"error: checkpoint not found: {folder}/none.pt"]
+    assert f"+ {folder}/python -m torch.distributed.run --standalone --nproc_per_node=2 diffcl.py" in \
+        (folder / "one.err").read_text()
+    assert (folder / "used").read_text() == "used\n" * 4         # the preflight check and the launcher, twice
+
+
+def test_first_day_readme_python_snippets_run_as_printed_on_a_demo_layout(cs_checkpoint, tmp_path, monkeypatch, capsys):
+    # The README's snippets, exactly as printed, in one namespace (the FID one continues the sample one), in a folder
+    # laid out as `bash run.sh demo` leaves it (its CS checkpoint: here a tiny one). The Inception is a stand-in: the
+    # snippet's wiring is under test, the real network has its own tests.
+    readme = (HERE / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(snippets) == 2 and "runs/demo/cs_seed0/ckpt.pt" in snippets[0]
+    (tmp_path / "runs" / "demo" / "cs_seed0").mkdir(parents=True)
+    shutil.copy(cs_checkpoint, tmp_path / "runs" / "demo" / "cs_seed0" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu":
+                        StandInFeatures().to(device))
+    namespace = {}
+    for code in snippets:
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["images"].shape == (16, 8, 8, 3) and namespace["images"].dtype == np.uint8
+    result = namespace["result"]
+    assert result["n"] == 16 and math.isfinite(result["fid"]) and 0 <= result["precision"] <= 1
+    assert capsys.readouterr().out.strip().startswith("{'fid': ")
+
+
+def test_first_day_help_shows_defaults_and_offers_overrides_only_where_accepted(capsys):
+    for cmd in D.COMMANDS:
+        parser = D.cli_parser(cmd)
+        text = parser.format_help()
+        assert ("--section.key=value" in text) == (cmd not in ("sample", "eval")), cmd
+        for a in parser._actions:                           # every default worth saying is said
+            if a.default not in (None, False, "==SUPPRESS==") and a.option_strings:
+                shown = ",".join(a.default) if isinstance(a.default, tuple) else str(a.default)
+                assert a.help and ("%(default)s" in a.help or shown in a.help), (cmd, a.option_strings)
+    assert D.main(["sample", "--ckpt", "x.pt", "--train.lr=1e-4"]) == 2
+    assert "unrecognised arguments: --train.lr=1e-4" in capsys.readouterr().err
+    r = subprocess.run(["bash", str(HERE / "run.sh"), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("usage: bash run.sh MODE [NGPUS]") and "PYTHON=" in r.stdout
+    assert r.stderr == ""
+
+
+def test_first_day_an_override_mistake_is_named_as_typed_a_file_mistake_by_its_file(tmp_path):
+    config = str(HERE / "configs" / "fashion32_c.json")
+    for override, message in (("--train.lrr=1", "--train.lrr: unknown key 'train.lrr'"),
+                              ("--lr=abc", "--train.lr: train.lr: expected float, got 'abc'"),
+                              ("--train.length_scale=0", "--train.length_scale: must be in [1e-06, 1000000.0], got 0")):
+        with pytest.raises(D.ConfigError) as e:
+            D.load_config(config, [override])
+        assert str(e.value).startswith(f"command-line override {message}") and "fashion32" not in str(e.value)
+    (tmp_path / "bad.json").write_text(json.dumps({"train": {"lrr": 1}}))
+    with pytest.raises(D.ConfigError, match=f"^{re.escape(str(tmp_path))}/bad.json: unknown key 'train.lrr'"):
+        D.load_config(str(tmp_path / "bad.json"), ["--train.lr=1e-3"])
+
+
+def test_first_day_epochs_count_from_0_in_the_scaled_length_in_banners_and_progress(tmp_path, capsys):
+    # 48 images, batch 8: 6 steps an epoch; stages of 1 + 1 epochs x 0.75 = 1.5 epochs, 9 steps, the second from 0.75
+    D.train(tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "length_scale": 0.75, "log_intv": 3,
+                                           "image_intv": 0}))
+    log = capsys.readouterr().out
+    assert "== stage 1/2 [high] epochs 0-0.75 (x0.75)" in log and "== stage 2/2 [full] epochs 0.75-1.5 (x0.75)" in log
+    progress = re.findall(r"epoch (\S+)/(\S+) \[\w+\] step (\d+)/9 ", log)
+    assert progress == [("0.50", "1.5", "3"), ("1.00", "1.5", "6"), ("1.50", "1.5", "9")], log
+
+
+def test_first_day_a_failed_start_leaves_nothing_new_and_keeps_what_was_there(tmp_path):
+    missing = {"dataset": f"folder:{tmp_path}/no_images"}
+    with pytest.raises(data.DataError, match="does not exist"):          # new folders, three deep: all go again
+        D.train(tiny_cfg(tmp_path, "c", **missing, out_dir=str(tmp_path / "new" / "a" / "b")))
+    assert sorted(os.listdir(tmp_path)) == []
+    old = tmp_path / "old"                                               # a folder that was there: only ours goes
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    (old / "samples").mkdir()
+    (old / "samples" / "mine.png").write_text("")
+    with pytest.raises(data.DataError, match="does not exist"):
+        D.train(tiny_cfg(tmp_path, "c", **missing, out_dir=str(old)))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "old", "old/keep.txt", "old/samples", "old/samples/mine.png"]
+    (old / ".lock").write_text("")                                      # an earlier run's lock file stays too
+    (old / "samples" / "mine.png").unlink()
+    with pytest.raises(D.ConfigError, match="model.in_channels is 1 but shapes images have 3"):
+        D.train(tiny_cfg(tmp_path, "c", model={**TINY_RUN["model"], "in_channels": 1}, out_dir=str(old)))
+    assert sorted(os.listdir(old)) == [".lock", "keep.txt", "samples"]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_first_day_every_gradient_is_strided_like_its_parameter_as_ddp_expects(layout):
+    # DDP copies each gradient into a bucket view strided like the parameter and warns at every step when they differ.
+    # On the CPU the conv backward's layout depends on the thread count (one thread hid the mismatch): two here.
+    torch.manual_seed(0)
+    model = UNet(3, 32, ch_multipliers=[1, 2], num_res_blocks=1, apply_attn=False).to(memory_format=layout)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=layout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model(x, torch.tensor([3, 17])).square().mean().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()] == []
+    assert any("middle.1.project_out" in n for n, _ in model.named_parameters())    # the attention in the middle
 
 
 # ---- compare: curves

@@ -96,8 +96,11 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         # (B, 3C, H, W) -> three (B, HW, C); SDPA's default scale is 1/sqrt(C), as in the paper.
         q, k, v = self.project_in(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)
-        return x + self.project_out(h.transpose(1, 2).reshape(B, C, H, W))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)   # strided as NHWC
+        # In x's layout: a 1x1 conv's weight gradient takes its input's layout, and DDP wants every gradient strided
+        # like its parameter ("Grad strides do not match bucket view strides" otherwise, at every step).
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return x + self.project_out(h.contiguous(memory_format=layout))
 
 
 class EmbedSequential(nn.Sequential):
