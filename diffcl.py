@@ -106,6 +106,10 @@ DEFAULTS = {
         "compile": False,           # torch.compile the step's loss (forward, loss, backward) and the sampler's UNet
         "cuda_graphs": False,       # with compile, on CUDA: replay them as CUDA graphs (mode "reduce-overhead")
         "snapshots": False,         # also keep ckpt_epochNNNN.pt at every checkpoint epoch
+        "eval_intv": 0,             # optimizer steps between held-out evaluations (0 = off; when on, also at the end)
+        "eval_num": 50,             # held-out (test) images per evaluation, for bits/dim and the per-bucket mse
+        "eval_timesteps": 8,        # K of the bits/dim estimate: t = 0 plus K - 1 stratified draws (0 or >= T: all)
+        "eval_fid": 0,              # also FID of this many DDIM samples against as many held-out images (0 = off)
     },
     "curriculum": {
         "enabled": False,
@@ -812,6 +816,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     check_batch_split(tr, world)
     check_memory(cfg, device, world)
+    evaluator = held_out_evaluator(cfg, device, rank, world) if tr["eval_intv"] else None   # refuses before any work
     if resume and not os.path.isfile(resume):               # before any folder is made
         raise RunError(f"checkpoint not found: {resume}" if not os.path.exists(resume) else
                        f"--resume {resume} is not a checkpoint file (a folder, pipe or device); pass the .pt file")
@@ -896,6 +901,10 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             model.train()
             train_step(next(batches), step, i, mask, score, run)
             step += 1
+
+            # Held-out evaluation (train.eval_intv): before the checkpoint, so a resumed run writes each record once.
+            if evaluator and (step % tr["eval_intv"] == 0 or step == total_steps):
+                evaluator(run, mask.detach(), step, metrics_path)
 
             # Log: one all-reduce of the running sums, every log_intv steps.
             if step % tr["log_intv"] == 0 or step == total_steps:
@@ -1035,6 +1044,56 @@ def stage_record(run, i, step, steps_per_epoch, mask, regrown, birth):
     return record
 
 
+def held_out_evaluator(cfg, device, rank, world):
+    """train.eval_*: load the held-out images (with eval_fid also the Inception weights, refused in one line when
+    missing, and the images' statistics); return evaluate(run, mask, step, metrics_path), which scores the EMA weights
+    (the model's without EMA) under the current mask and appends (rank 0) {"kind": "eval", "step", "images_seen",
+    "bucket_mse", "bpd", "fid"} to metrics.jsonl. Images, timesteps, noise and the FID samples' starting noise are keyed
+    by seed 0 in every run and at every evaluation, so points differ only by the weights. Training is untouched: keyed
+    generators only, no gradients, the module's mode restored. bits/dim is split over the ranks (all call its
+    all-reduce); the bucket mse and FID run on rank 0 while the others wait at their next collective."""
+    tr = cfg["train"]
+    n, n_fid = tr["eval_num"], tr["eval_fid"]
+    k = tr["eval_timesteps"] if tr["eval_timesteps"] < cfg["diffusion"]["timesteps"] else 0
+    try:
+        weights = fid.find_weights() if n_fid else None
+    except fid.FIDError as e:
+        raise ConfigError(f"train.eval_fid needs the FID Inception weights: {e}; or set --train.eval_fid=0") from None
+    if rank > 0:                                            # rank 0 decodes and caches first, as for the training data
+        barrier(world)
+    held = data.held_out_images(cfg["dataset"], max(n, n_fid), cfg["resolution"] or None, cfg["data_root"] or None,
+                                cfg["data_split"] or None)
+    if rank == 0:
+        barrier(world)
+    if len(held) < max(n, n_fid):
+        raise ConfigError(f"train.eval_num / train.eval_fid ask for {max(n, n_fid)} held-out images but "
+                          f"{cfg['dataset']} has {len(held)}: lower them")
+    inception = fid.load_inception(weights, device=device) if n_fid and rank == 0 else None
+    ref = fid.feature_stats(fid.features(inception, held[:n_fid], device=device, log=None)) if inception else None
+    shape = (held.shape[3], held.shape[1], held.shape[2])
+
+    def evaluate(run, mask, step, metrics_path):
+        t0, net = time.perf_counter(), run.ema if run.ema is not None else run.model
+        training = net.training
+        net.eval()
+        nll = nll_on_ranks(net, cfg, mask, held[:n], k, 0, rank, world)
+        if rank == 0:
+            record = {"kind": "eval", "step": step, "images_seen": step * tr["batch_size"],
+                      "bucket_mse": bucket_loss(net, cfg, mask, held, n=n), "bpd": nll["bpd"], "fid": None}
+            if inception is not None:                       # DDIM: train.sample_steps steps, else 50
+                x = torch.cat([generate(net, cfg, shape, a, m, 0, mask, run.tab, ddim_steps=tr["sample_steps"] or 50,
+                                        amp=run.amp) for a, m in rank_chunks(n_fid, 256, 0, 1)])
+                feats = fid.features(inception, to_uint8(x), device=device, log=None)
+                record["fid"] = fid.frechet_distance(*fid.feature_stats(feats), *ref)
+            data.append_jsonl(metrics_path, record)
+            print(f"eval at step {step}: {nll['bpd']:.4f} bits/dim ({nll['estimator']}, {n} held-out images) | "
+                  f"held-out mse {np.mean(record['bucket_mse']):.4f}"
+                  + (f" | FID-{n_fid} {record['fid']:.2f}" if inception is not None else "")
+                  + f" | {fmt_time(time.perf_counter() - t0)}", flush=True)
+        net.train(training)
+    return evaluate
+
+
 def regrowth_evidence(method, model, mask):
     """This step's CS score for masked channels (gradients are complete and all-reduced here)."""
     if method == "gradient":
@@ -1157,7 +1216,8 @@ RANGES = [("seed", 0, 2 ** 32 - 1), ("resolution", 0, 1024), ("data_limit", 0, 1
           ("train.num_accum", 1, 1 << 20), ("train.grad_norm", 1e-12, 1e12), ("train.epochs", 1, 10 ** 7),
           ("train.length_scale", 1e-6, 1e6), ("train.warmup", 0, 10 ** 9), ("train.ema_decay", 0.0, 1.0),
           ("train.num_samples", 0, 10_000), ("train.image_intv", 0, 10 ** 7), ("train.chkpt_intv", 1, 10 ** 7),
-          ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9)]
+          ("train.save_every", 0, 10 ** 9), ("train.log_intv", 1, 10 ** 9), ("train.eval_intv", 0, 10 ** 9),
+          ("train.eval_num", 1, 10 ** 6), ("train.eval_timesteps", 0, 100_000), ("train.eval_fid", 0, 10 ** 6)]
 
 STAGE_KEYS = {"t_min": float, "t_max": float, "epochs": float, "name": str,
               "sparsity": float, "lambda": float, "alpha": float, "beta": float}
@@ -1284,7 +1344,9 @@ def validate_config(cfg, source="config"):
         (not isinstance(attn, bool) and (len(attn) != len(mults) or not all(isinstance(a, bool) for a in attn)),
          f"model.apply_attn must be true/false or one true/false per entry of model.ch_multipliers ({len(mults)})"),
         (not 0 <= tr["sample_steps"] <= T,
-         f"train.sample_steps must be 0 (DDPM) or a DDIM step count in [1, diffusion.timesteps = {T}]")]
+         f"train.sample_steps must be 0 (DDPM) or a DDIM step count in [1, diffusion.timesteps = {T}]"),
+        (tr["eval_timesteps"] == 1, "train.eval_timesteps must be 0 (every timestep) or at least 2"),
+        (tr["eval_fid"] == 1, "train.eval_fid must be 0 (off) or at least 2 images (FID needs a covariance)")]
     for bad, message in rules:
         if bad:
             raise ConfigError(f"{source}: {message}")
@@ -1469,7 +1531,8 @@ class StopRequested(Exception):
 # Keys that may differ between a checkpoint's config and the resuming command.
 RESUMABLE_KEYS = {"out_dir", "train.log_intv", "train.image_intv", "train.chkpt_intv", "train.save_every",
                   "train.num_samples", "train.sample_steps", "train.precision", "train.channels_last",
-                  "train.compile", "train.cuda_graphs", "train.snapshots", "train.epochs", "data_root"}
+                  "train.compile", "train.cuda_graphs", "train.snapshots", "train.epochs", "data_root",
+                  "train.eval_intv", "train.eval_num", "train.eval_timesteps", "train.eval_fid"}
 
 CHECKPOINT_KEYS = {"model": dict, "ema": (dict, type(None)), "opt": dict, "mask": torch.Tensor,
                    "birth": torch.Tensor, "score": torch.Tensor, "step": int, "config": dict, "image_shape": list}

@@ -3437,144 +3437,6 @@ def test_run_sh_refuses_a_batch_the_process_count_does_not_divide_in_one_line(ch
                                              "1: change the process count (run.sh's NGPUS) or --train.batch_size"]
 
 
-# ---- held-out bits/dim and evaluation during training
-
-def test_gaussian_kl_matches_numerical_integral():
-    from scipy import integrate
-    logpdf = lambda x, m, v: -0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)
-    for m1, v1, m2, v2 in [(0.3, 0.5, -0.2, 2.0), (1.0, 1e-2, 0.9, 3e-2), (0.0, 1.0, 0.0, 1.0)]:
-        direct = integrate.quad(lambda x: math.exp(logpdf(x, m1, v1)) * (logpdf(x, m1, v1) - logpdf(x, m2, v2)),
-                                m1 - 40 * math.sqrt(v1), m1 + 40 * math.sqrt(v1), points=[m1], limit=200)[0]
-        got = D.gaussian_kl(*(torch.tensor(v, dtype=F64) for v in (m1, math.log(v1), m2, math.log(v2))))
-        assert got.item() == pytest.approx(direct, rel=1e-7, abs=1e-12)
-
-
-def test_discretised_likelihood_is_the_gaussian_mass_of_each_bin_end_bins_open():
-    from scipy import integrate
-    levels = torch.arange(256, dtype=F64) / 127.5 - 1
-    for mean, scale in [(0.0, 0.05), (0.7, 0.01), (-0.98, 0.3), (0.2, 2e-3), (1.3, 0.1), (0.9, 0.03)]:
-        got = D.discretised_log_likelihood(levels, torch.full_like(levels, mean), torch.tensor(math.log(scale), dtype=F64))
-        assert torch.exp(got).sum().item() == pytest.approx(1.0, abs=1e-12)           # the bins cover the line
-        logpdf = lambda x: -0.5 * ((x - mean) / scale) ** 2 - math.log(scale * math.sqrt(2 * math.pi))
-        for k in [0, 1, 100, 127, 128, 140, 200, 254, 255]:
-            lo = -math.inf if k == 0 else levels[k].item() - 1 / 255
-            hi = math.inf if k == 255 else levels[k].item() + 1 / 255
-            # the integral of the pdf over the bin, relative to the pdf at the bin's point nearest the mean (no
-            # underflow even 100 standard deviations out)
-            ref = min(max(mean, lo), hi)                    # an open end stops 40 sd beyond it (nothing left there)
-            lo, hi = max(lo, ref - 40 * scale), min(hi, ref + 40 * scale)
-            mass = integrate.quad(lambda x: math.exp(logpdf(x) - logpdf(ref)), lo, hi, epsabs=0, epsrel=1e-12,
-                                  limit=200, points=[ref] if lo < ref < hi else None)[0]
-            assert got[k].item() == pytest.approx(logpdf(ref) + math.log(mass), rel=1e-8, abs=1e-9), (mean, scale, k)
-
-
-def nll_setup(var_type="fixed-small", T=20, n=2, seed=0):
-    cfg = D.merge_config({"diffusion": {"timesteps": T, "model_var_type": var_type},
-                          "model": {**ONE_LEVEL, "in_channels": 1}})
-    net = tiny(seed, in_channels=1, ch_multipliers=[1], apply_attn=[False])
-    imgs = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
-    imgs[0, :2] = 0                                         # both end bins appear
-    imgs[0, -2:] = 255
-    return cfg, net, torch.ones(net.bottleneck_channels), imgs
-
-
-@pytest.mark.parametrize("var_type", ["fixed-small", "fixed-large"])
-def test_nll_bpd_every_term_matches_a_float64_computation_from_the_formulas(var_type):
-    from scipy import stats
-    T = 20
-    cfg, net, mask, imgs = nll_setup(var_type, T)
-    seen = []                                               # what the network saw and said, in call order
-
-    def recording(xt, t, m):
-        out = net(xt, t, m)
-        seen.extend(zip(xt.double().numpy(), t.tolist(), out.double().numpy()))
-        return out
-    got = D.nll_bpd(recording, cfg, mask, imgs, batch=7)
-    # Ho et al.'s tables in float64, written out here.
-    betas = np.linspace(1e-4, 0.02, T)
-    ab = np.cumprod(1 - betas)
-    ab_prev = np.append(1.0, ab[:-1])
-    post_var = betas * (1 - ab_prev) / (1 - ab)
-    p_var = np.append(post_var[1], (post_var if var_type == "fixed-small" else betas)[1:])
-    q_var = np.append(post_var[1], post_var[1:])
-    mu = lambda x0, xt, t: (np.sqrt(ab_prev[t]) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - ab_prev[t]) * xt) / (1 - ab[t])
-    N, dims = len(imgs), imgs[0].size
-    assert len(seen) == N * T
-    terms = np.zeros((N, 12))                              # prior, decoder, KL per tenth
-    for row, (xt, t, out) in enumerate(seen):              # (image, t) pairs come image-major, every t once
-        i = row // T
-        assert t == row % T
-        x0 = imgs[i].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1
-        x0_hat = np.clip((xt - np.sqrt(1 - ab[t]) * out) / np.sqrt(ab[t]), -1, 1)
-        m_p, s_p = mu(x0_hat, xt, t), np.sqrt(p_var[t])
-        if t == 0:
-            lo = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
-            hi = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
-            mass = stats.norm.sf(lo, m_p, s_p) - stats.norm.sf(hi, m_p, s_p)
-            mass = np.where(lo > m_p, mass, stats.norm.cdf(hi, m_p, s_p) - stats.norm.cdf(lo, m_p, s_p))
-            terms[i, 1] += -np.log(mass).sum()
-        else:
-            kl = 0.5 * (np.log(p_var[t] / q_var[t]) + q_var[t] / p_var[t] + (mu(x0, xt, t) - m_p) ** 2 / p_var[t] - 1)
-            terms[i, 2 + t * 10 // T] += kl.sum()
-    for i in range(N):                                     # KL(N(sqrt(ab) x0, 1 - ab) || N(0, 1)) per dimension
-        x0 = imgs[i].astype(np.float64) / 127.5 - 1
-        terms[i, 0] = (0.5 * (-np.log(1 - ab[-1]) - 1 + (1 - ab[-1]) + ab[-1] * x0 ** 2)).sum()
-    bits = terms.mean(0) / (dims * math.log(2))
-    assert got["n"] == N and got["timesteps"] == T and got["estimator"] == f"all {T} timesteps"
-    assert got["bpd_terms"]["prior"] == pytest.approx(bits[0], rel=1e-10)
-    assert got["bpd_terms"]["decoder"] == pytest.approx(bits[1], rel=1e-8)
-    assert got["bpd_terms"]["kl"] == pytest.approx(list(bits[2:]), rel=1e-8)
-    assert got["bpd"] == pytest.approx(bits.sum(), rel=1e-8) and bits[1] > 0 and min(bits[2:]) > 0
-
-
-def bpd_numbers(r):
-    return [r["bpd"], r["bpd_terms"]["prior"], r["bpd_terms"]["decoder"], *r["bpd_terms"]["kl"]]
-
-
-def test_nll_bpd_is_keyed_and_split_images_give_the_same_bound():
-    cfg, net, mask, imgs = nll_setup(n=4)
-    full = D.nll_bpd(net, cfg, mask, imgs, batch=16)
-    again = D.nll_bpd(net, cfg, mask, imgs, batch=5)            # batching changes nothing beyond float32 rounding
-    assert bpd_numbers(again) == pytest.approx(bpd_numbers(full), rel=1e-6)
-    halves = [D.nll_bpd(net, cfg, mask, imgs[a:a + 2], first=a) for a in (0, 2)]      # how ranks share images
-    assert (halves[0]["bpd"] + halves[1]["bpd"]) / 2 == pytest.approx(full["bpd"], rel=1e-6)
-    assert D.nll_bpd(net, cfg, mask, imgs, seed=1)["bpd"] != pytest.approx(full["bpd"], rel=1e-6)
-
-
-def test_stratified_estimate_is_the_full_sum_at_k_equals_t_and_unbiased():
-    T = 20
-    cfg, net, mask, imgs = nll_setup(T=T)
-    full = D.nll_bpd(net, cfg, mask, imgs)
-    k_is_t = D.nll_bpd(net, cfg, mask, imgs, timesteps=T, t_seed=5)
-    assert bpd_numbers(k_is_t) == pytest.approx(bpd_numbers(full), rel=1e-12) and k_is_t["timesteps"] == T
-    draws = [D.nll_bpd(net, cfg, mask, imgs, timesteps=4, t_seed=s) for s in range(100)]
-    assert all(d["estimator"] == "stratified 4 of 20" and d["timesteps"] == 4 for d in draws)
-    assert [d["bpd_terms"]["decoder"] for d in draws] == pytest.approx([full["bpd_terms"]["decoder"]] * 100,
-                                                                      rel=1e-6)          # t = 0 is always taken
-    values = np.array([d["bpd"] for d in draws])
-    se = values.std(ddof=1) / math.sqrt(len(values))
-    assert se > 1e-3 and abs(values.mean() - full["bpd"]) < 4 * se, (values.mean(), full["bpd"], se)
-
-
-def test_eval_nll_cli_prints_one_json_line_without_ref(uninterrupted, tmp_path, capsys):
-    _, out = finished_run_copy(uninterrupted, tmp_path)
-    ckpt = os.path.join(out, "ckpt.pt")
-    capsys.readouterr()
-    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "5", "--seed", "2"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
-    r = json.loads(lines[0])
-    assert (r["n"], r["timesteps"], r["estimator"], r["weights"], r["step"]) == (3, 5, "stratified 5 of 20", "ema", 12)
-    net, cfg, mask, _ = D.model_from_checkpoint(ckpt, torch.device("cpu"))
-    held = data.held_out_images("shapes", 3, 8)
-    assert r["bpd"] == pytest.approx(D.nll_bpd(net, cfg, mask, held, timesteps=5, seed=2)["bpd"], rel=1e-12)
-    terms = r["bpd_terms"]
-    assert r["bpd"] == pytest.approx(terms["prior"] + terms["decoder"] + sum(terms["kl"]), rel=1e-12)
-    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "1"]) == 2
-    assert D.main(["eval", "--ckpt", ckpt]) == 2
-    assert "--ref STATS.npz" in capsys.readouterr().err
-
-
 # ---- compare: faults
 
 def test_compare_states_the_length_as_run_and_counts_finished_runs_truly(tmp_path, monkeypatch, capsys):
@@ -4256,3 +4118,223 @@ def test_first_day_every_gradient_is_strided_like_its_parameter_as_ddp_expects(l
         torch.set_num_threads(threads)
     assert [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()] == []
     assert any("middle.1.project_out" in n for n, _ in model.named_parameters())    # the attention in the middle
+
+
+# ---- held-out bits/dim and evaluation during training
+
+def test_gaussian_kl_matches_numerical_integral():
+    from scipy import integrate
+    logpdf = lambda x, m, v: -0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)
+    for m1, v1, m2, v2 in [(0.3, 0.5, -0.2, 2.0), (1.0, 1e-2, 0.9, 3e-2), (0.0, 1.0, 0.0, 1.0)]:
+        direct = integrate.quad(lambda x: math.exp(logpdf(x, m1, v1)) * (logpdf(x, m1, v1) - logpdf(x, m2, v2)),
+                                m1 - 40 * math.sqrt(v1), m1 + 40 * math.sqrt(v1), points=[m1], limit=200)[0]
+        got = D.gaussian_kl(*(torch.tensor(v, dtype=F64) for v in (m1, math.log(v1), m2, math.log(v2))))
+        assert got.item() == pytest.approx(direct, rel=1e-7, abs=1e-12)
+
+
+def test_discretised_likelihood_is_the_gaussian_mass_of_each_bin_end_bins_open():
+    from scipy import integrate
+    levels = torch.arange(256, dtype=F64) / 127.5 - 1
+    for mean, scale in [(0.0, 0.05), (0.7, 0.01), (-0.98, 0.3), (0.2, 2e-3), (1.3, 0.1), (0.9, 0.03)]:
+        got = D.discretised_log_likelihood(levels, torch.full_like(levels, mean), torch.tensor(math.log(scale), dtype=F64))
+        assert torch.exp(got).sum().item() == pytest.approx(1.0, abs=1e-12)           # the bins cover the line
+        logpdf = lambda x: -0.5 * ((x - mean) / scale) ** 2 - math.log(scale * math.sqrt(2 * math.pi))
+        for k in [0, 1, 100, 127, 128, 140, 200, 254, 255]:
+            lo = -math.inf if k == 0 else levels[k].item() - 1 / 255
+            hi = math.inf if k == 255 else levels[k].item() + 1 / 255
+            # the integral of the pdf over the bin, relative to the pdf at the bin's point nearest the mean (no
+            # underflow even 100 standard deviations out)
+            ref = min(max(mean, lo), hi)                    # an open end stops 40 sd beyond it (nothing left there)
+            lo, hi = max(lo, ref - 40 * scale), min(hi, ref + 40 * scale)
+            mass = integrate.quad(lambda x: math.exp(logpdf(x) - logpdf(ref)), lo, hi, epsabs=0, epsrel=1e-12,
+                                  limit=200, points=[ref] if lo < ref < hi else None)[0]
+            assert got[k].item() == pytest.approx(logpdf(ref) + math.log(mass), rel=1e-8, abs=1e-9), (mean, scale, k)
+
+
+def nll_setup(var_type="fixed-small", T=20, n=2, seed=0):
+    cfg = D.merge_config({"diffusion": {"timesteps": T, "model_var_type": var_type},
+                          "model": {**ONE_LEVEL, "in_channels": 1}})
+    net = tiny(seed, in_channels=1, ch_multipliers=[1], apply_attn=[False])
+    imgs = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    imgs[0, :2] = 0                                         # both end bins appear
+    imgs[0, -2:] = 255
+    return cfg, net, torch.ones(net.bottleneck_channels), imgs
+
+
+@pytest.mark.parametrize("var_type", ["fixed-small", "fixed-large"])
+def test_nll_bpd_every_term_matches_a_float64_computation_from_the_formulas(var_type):
+    from scipy import stats
+    T = 20
+    cfg, net, mask, imgs = nll_setup(var_type, T)
+    seen = []                                               # what the network saw and said, in call order
+
+    def recording(xt, t, m):
+        out = net(xt, t, m)
+        seen.extend(zip(xt.double().numpy(), t.tolist(), out.double().numpy()))
+        return out
+    got = D.nll_bpd(recording, cfg, mask, imgs, batch=7)
+    # Ho et al.'s tables in float64, written out here.
+    betas = np.linspace(1e-4, 0.02, T)
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    p_var = np.append(post_var[1], (post_var if var_type == "fixed-small" else betas)[1:])
+    q_var = np.append(post_var[1], post_var[1:])
+    mu = lambda x0, xt, t: (np.sqrt(ab_prev[t]) * betas[t] * x0 + np.sqrt(1 - betas[t]) * (1 - ab_prev[t]) * xt) / (1 - ab[t])
+    N, dims = len(imgs), imgs[0].size
+    assert len(seen) == N * T
+    terms = np.zeros((N, 12))                              # prior, decoder, KL per tenth
+    for row, (xt, t, out) in enumerate(seen):              # (image, t) pairs come image-major, every t once
+        i = row // T
+        assert t == row % T
+        x0 = imgs[i].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1
+        x0_hat = np.clip((xt - np.sqrt(1 - ab[t]) * out) / np.sqrt(ab[t]), -1, 1)
+        m_p, s_p = mu(x0_hat, xt, t), np.sqrt(p_var[t])
+        if t == 0:
+            lo = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
+            hi = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
+            mass = stats.norm.sf(lo, m_p, s_p) - stats.norm.sf(hi, m_p, s_p)
+            mass = np.where(lo > m_p, mass, stats.norm.cdf(hi, m_p, s_p) - stats.norm.cdf(lo, m_p, s_p))
+            terms[i, 1] += -np.log(mass).sum()
+        else:
+            kl = 0.5 * (np.log(p_var[t] / q_var[t]) + q_var[t] / p_var[t] + (mu(x0, xt, t) - m_p) ** 2 / p_var[t] - 1)
+            terms[i, 2 + t * 10 // T] += kl.sum()
+    for i in range(N):                                     # KL(N(sqrt(ab) x0, 1 - ab) || N(0, 1)) per dimension
+        x0 = imgs[i].astype(np.float64) / 127.5 - 1
+        terms[i, 0] = (0.5 * (-np.log(1 - ab[-1]) - 1 + (1 - ab[-1]) + ab[-1] * x0 ** 2)).sum()
+    bits = terms.mean(0) / (dims * math.log(2))
+    assert got["n"] == N and got["timesteps"] == T and got["estimator"] == f"all {T} timesteps"
+    assert got["bpd_terms"]["prior"] == pytest.approx(bits[0], rel=1e-10)
+    assert got["bpd_terms"]["decoder"] == pytest.approx(bits[1], rel=1e-8)
+    assert got["bpd_terms"]["kl"] == pytest.approx(list(bits[2:]), rel=1e-8)
+    assert got["bpd"] == pytest.approx(bits.sum(), rel=1e-8) and bits[1] > 0 and min(bits[2:]) > 0
+
+
+def bpd_numbers(r):
+    return [r["bpd"], r["bpd_terms"]["prior"], r["bpd_terms"]["decoder"], *r["bpd_terms"]["kl"]]
+
+
+def test_nll_bpd_is_keyed_and_split_images_give_the_same_bound():
+    cfg, net, mask, imgs = nll_setup(n=4)
+    full = D.nll_bpd(net, cfg, mask, imgs, batch=16)
+    again = D.nll_bpd(net, cfg, mask, imgs, batch=5)            # batching changes nothing beyond float32 rounding
+    assert bpd_numbers(again) == pytest.approx(bpd_numbers(full), rel=1e-6)
+    halves = [D.nll_bpd(net, cfg, mask, imgs[a:a + 2], first=a) for a in (0, 2)]      # how ranks share images
+    assert (halves[0]["bpd"] + halves[1]["bpd"]) / 2 == pytest.approx(full["bpd"], rel=1e-6)
+    assert D.nll_bpd(net, cfg, mask, imgs, seed=1)["bpd"] != pytest.approx(full["bpd"], rel=1e-6)
+
+
+def test_stratified_estimate_is_the_full_sum_at_k_equals_t_and_unbiased():
+    T = 20
+    cfg, net, mask, imgs = nll_setup(T=T)
+    full = D.nll_bpd(net, cfg, mask, imgs)
+    k_is_t = D.nll_bpd(net, cfg, mask, imgs, timesteps=T, t_seed=5)
+    assert bpd_numbers(k_is_t) == pytest.approx(bpd_numbers(full), rel=1e-12) and k_is_t["timesteps"] == T
+    draws = [D.nll_bpd(net, cfg, mask, imgs, timesteps=4, t_seed=s) for s in range(100)]
+    assert all(d["estimator"] == "stratified 4 of 20" and d["timesteps"] == 4 for d in draws)
+    assert [d["bpd_terms"]["decoder"] for d in draws] == pytest.approx([full["bpd_terms"]["decoder"]] * 100,
+                                                                      rel=1e-6)          # t = 0 is always taken
+    values = np.array([d["bpd"] for d in draws])
+    se = values.std(ddof=1) / math.sqrt(len(values))
+    assert se > 1e-3 and abs(values.mean() - full["bpd"]) < 4 * se, (values.mean(), full["bpd"], se)
+
+
+def test_eval_nll_cli_prints_one_json_line_without_ref(uninterrupted, tmp_path, capsys):
+    _, out = finished_run_copy(uninterrupted, tmp_path)
+    ckpt = os.path.join(out, "ckpt.pt")
+    capsys.readouterr()
+    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "5", "--seed", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert (r["n"], r["timesteps"], r["estimator"], r["weights"], r["step"]) == (3, 5, "stratified 5 of 20", "ema", 12)
+    net, cfg, mask, _ = D.model_from_checkpoint(ckpt, torch.device("cpu"))
+    held = data.held_out_images("shapes", 3, 8)
+    assert r["bpd"] == pytest.approx(D.nll_bpd(net, cfg, mask, held, timesteps=5, seed=2)["bpd"], rel=1e-12)
+    terms = r["bpd_terms"]
+    assert r["bpd"] == pytest.approx(terms["prior"] + terms["decoder"] + sum(terms["kl"]), rel=1e-12)
+    assert D.main(["eval", "--ckpt", ckpt, "--nll", "3", "--nll-timesteps", "1"]) == 2
+    assert D.main(["eval", "--ckpt", ckpt]) == 2
+    assert "--ref STATS.npz" in capsys.readouterr().err
+
+
+EVAL_ON = {"eval_intv": 5, "eval_num": 3, "eval_timesteps": 4}
+
+
+def test_eval_config_keys_are_checked():
+    for train, message in [({"eval_timesteps": 1}, "eval_timesteps must be 0"), ({"eval_fid": 1}, "eval_fid must be 0"),
+                           ({"eval_num": 0}, "eval_num must be in"),
+                           ({"eval_intv": -1}, "eval_intv must be in")]:
+        with pytest.raises(D.ConfigError, match=message):
+            D.merge_config({"diffusion": {"timesteps": 20}, "train": train})
+
+
+def test_evaluation_during_training_changes_nothing_and_records_the_expected_steps(tmp_path, uninterrupted, capsys):
+    for variant in ("c", "cr-dropout"):                     # EMA on; and dropout, whose draws use the global RNG
+        cfg = resume_cfg(tmp_path / variant, variant, 0)
+        out = D.train(dict(cfg, out_dir=str(tmp_path / variant / "eval"), train={**cfg["train"], **EVAL_ON}))
+        assert same_state(os.path.join(uninterrupted(variant), "ckpt.pt"), os.path.join(out, "ckpt.pt"))
+        evals = records(out, "eval")
+        assert [r["step"] for r in evals] == [5, 10, 12]    # every 5 steps, and the last
+        for r in evals:
+            assert set(r) == {"kind", "step", "images_seen", "bucket_mse", "bpd", "fid"} and r["fid"] is None
+            assert r["images_seen"] == 8 * r["step"] and len(r["bucket_mse"]) == 10 and math.isfinite(r["bpd"])
+        # each point is the checkpoint's EMA scored on the first 3 held-out images, keyed by seed 0
+        net, ckpt_cfg, mask, _ = D.model_from_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
+        held = data.held_out_images("shapes", 3, 8)
+        assert evals[-1]["bpd"] == pytest.approx(D.nll_bpd(net, ckpt_cfg, mask, held, timesteps=4)["bpd"], rel=1e-9)
+        assert evals[-1]["bucket_mse"] == pytest.approx(D.bucket_loss(net, ckpt_cfg, mask, held, n=3), rel=1e-9)
+        assert evals[0]["bpd"] != evals[-1]["bpd"]
+        assert "eval at step 12: " in capsys.readouterr().out
+
+
+def test_eval_fid_without_inception_weights_is_refused_at_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFCL_INCEPTION", str(tmp_path / "missing.pt"))
+    cfg = tiny_cfg(tmp_path, "c", train={**TINY_RUN["train"], "eval_intv": 2, "eval_fid": 4})
+    with pytest.raises(D.ConfigError, match=r"train.eval_fid needs the FID Inception weights: .*missing.pt.* not found"):
+        D.train(cfg)
+    assert not os.path.exists(cfg["out_dir"])                # refused before any folder is made
+
+
+class ChannelStats(nn.Module):
+    """Stands in for Inception: 6 features per image (mean and std of each channel)."""
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def test_eval_fid_during_training_scores_ddim_samples_of_the_ema(tmp_path, monkeypatch):
+    (tmp_path / "w.pt").write_bytes(b"")
+    monkeypatch.setenv("DIFFCL_INCEPTION", str(tmp_path / "w.pt"))
+    monkeypatch.setattr(fid, "load_inception", lambda path, device="cpu": ChannelStats())
+    cfg = tiny_cfg(tmp_path, "base", model=ONE_LEVEL,
+                   train={**TINY_RUN["train"], "image_intv": 0, "eval_intv": 12, "eval_num": 2, "eval_fid": 8})
+    out = D.train(cfg)
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [12]
+    # independently: DDIM-3 (train.sample_steps) samples of the final EMA, starting noise keyed by seed 0
+    net, cfg, mask, shape = D.model_from_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
+    x = D.generate(net, cfg, shape, 0, 8, 0, mask, D.tables_on(cfg, torch.device("cpu")), ddim_steps=3)
+    feats = lambda u8: ChannelStats()(torch.from_numpy(u8).permute(0, 3, 1, 2).double() / 127.5 - 1).numpy()
+    stats = lambda f: (f.mean(0), np.cov(f, rowvar=False))
+    want = fid.frechet_distance(*stats(feats(D.to_uint8(x))), *stats(feats(data.held_out_images("shapes", 8, 8))))
+    assert evals[0]["fid"] == pytest.approx(want, rel=1e-4) and want > 0
+
+
+@starts_early("test_evaluation_records_are_written_once_across_a_sigkill_and_resume")
+def start_killed_evaluating_trainer(folder, cases):
+    _, run, args = run_to_interrupt(folder, "c", 0)         # checkpoints at the epoch ends: steps 6 and 12
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "train": {**cfg["train"], **EVAL_ON, "eval_intv": 4}}))
+    return self_killing_child(args, "sigkill", 9, folder), run, args    # killed after step 9: eval 8 > checkpoint 6
+
+
+def test_evaluation_records_are_written_once_across_a_sigkill_and_resume(child, uninterrupted, capsys):
+    killed, run, args = child
+    assert killed.result().returncode == -9
+    assert [r["step"] for r in records(run, "eval")] == [4, 8]        # 8 was written after the last checkpoint (6)
+    capsys.readouterr()
+    assert D.main(args) == 0 and "resumed from" in capsys.readouterr().out
+    assert same_state(os.path.join(uninterrupted("c"), "ckpt.pt"), run / "ckpt.pt")
+    assert [r["step"] for r in records(run, "eval")] == [4, 8, 12]    # each once
+    kinds = [(r["kind"], r["step"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
+    assert len(kinds) == len(set(kinds))
