@@ -4044,6 +4044,9 @@ def test_first_day_help_shows_defaults_and_offers_overrides_only_where_accepted(
     r = subprocess.run(["bash", str(HERE / "run.sh"), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("usage: bash run.sh MODE [NGPUS]") and "PYTHON=" in r.stdout
     assert r.stderr == ""
+    r = subprocess.run(["bash", str(HERE / "run.sh"), "c", "2"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHON="/no/python"))
+    assert r.returncode == 2 and r.stderr == "run.sh: no Python interpreter '/no/python' (set PYTHON=/path/to/python)\n"
 
 
 def test_first_day_an_override_mistake_is_named_as_typed_a_file_mistake_by_its_file(tmp_path):
