@@ -2107,6 +2107,35 @@ def interval(values, level=0.95):
     return float(v.mean()), std, float(stdtrit(len(v) - 1, (1 + level) / 2) * std / math.sqrt(len(v)))
 
 
+def steps_to_reach(steps, values, target):
+    """First step at which a curve (finite `values` measured at increasing `steps`; lower is better) is at or below
+    `target`, linear between two evaluations; its first step when it starts there (nothing is known before it);
+    None when it never gets there."""
+    for k, (s, v) in enumerate(zip(steps, values)):
+        if v <= target:
+            if k == 0:
+                return float(s)
+            s0, v0 = steps[k - 1], values[k - 1]            # v0 > target >= v
+            return s0 + (s - s0) * (v0 - target) / (v0 - v)
+    return None
+
+
+def reach_fractions(results, mode, seeds, metric):
+    """{seed: the fraction of the run at which `mode`'s held-out `metric` curve first reaches base's final value of
+    the same seed (None: never)}, for the seeds where both runs have that curve."""
+    out = {}
+    for s in range(seeds):
+        run, base = results.get(f"{mode}/seed{s}"), results.get(f"base/seed{s}")
+        if not (run and base and run.get("curve", {}).get(metric) and base.get("curve", {}).get(metric)):
+            continue
+        points = [(x, v) for x, v in zip(run["curve"]["step"], run["curve"][metric]) if v is not None]
+        target = [v for v in base["curve"][metric] if v is not None]
+        if points and target:
+            step = steps_to_reach([x for x, _ in points], [v for _, v in points], target[-1])
+            out[s] = None if step is None else step / run["steps"]
+    return out
+
+
 @torch.no_grad()
 def bucket_loss(net, cfg, mask, images, seed=0, n=256, batch=128):
     """Held-out eps-MSE in 10 equal timestep buckets: the same images, timesteps and noise for every
@@ -2239,12 +2268,47 @@ def read_compare_json(path):
     raise RunError(f"{path} is damaged (not compare's JSON); move it away to rescore the finished runs, then rerun")
 
 
+def compare_steps(cfg):
+    """Optimizer steps of a run of cfg (every compare mode has the same: equal work), from its training set's size."""
+    images = data.load_images(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
+                              cfg["resolution"] or None, log=lambda *a: None, num_images=cfg["data_limit"] or None)
+    return run_length(cfg, len(images))[1]
+
+
+@contextlib.contextmanager
+def environ(name, value):
+    """An environment variable set to `value` (None: left as it is) while the block runs, for the processes it starts."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def eval_curve(run_dir, steps):
+    """A run's held-out curve from the evaluation records in its metrics.jsonl: {"step", "mse" (mean of the 10
+    t buckets), "bpd", "fid" (None where not measured)}; a run evaluated at other steps than `steps` is refused."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    found = {r["step"]: r for r in by_step([r for _, r in data.read_jsonl(path)], "eval")} if os.path.isfile(path) else {}
+    if list(found) != steps:
+        raise RunError(f"{path} has held-out evaluations at steps {list(found) or 'none'}, not at {steps} like every "
+                       "run of this compare; move that run folder away and rerun compare to retrain it")
+    return {"step": steps, "mse": [float(np.mean(found[s]["bucket_mse"])) for s in steps],
+            "bpd": [found[s]["bpd"] for s in steps], "fid": [found[s].get("fid") for s in steps]}
+
+
 def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, held_out_n=256, jobs=1,
-            sample_steps=50, modes=MODES):
+            sample_steps=50, modes=MODES, eval_points=8):
     """Train `modes` (base, C, CS, CR and the CONTROLS) for `seeds` paired seeds at equal work (same data, batch,
     optimizer steps; seed s shares initialisation, data order and noise streams across modes), `jobs` runs at a time;
-    score each final checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception weights are
-    found); write compare.md, compare.json and loss_over_steps.png. A rerun resumes: finished runs are skipped,
+    every run evaluates itself on held-out data at the same `eval_points` steps (eps-MSE, bpd, and FID-n when compare
+    scores FID); score each final checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception
+    weights are found); write compare.md, compare.json and curves.png. A rerun resumes: finished runs are skipped,
     interrupted ones resume."""
     data.prepare_out_dir(out)
     with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
@@ -2253,7 +2317,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         twice = sorted({m for m in modes if modes.count(m) > 1})
         if twice:
             raise ConfigError(f"--modes names {', '.join(twice)} more than once; list each mode once")
-        for name in ("compare.json", "compare.md", "loss_over_steps.png"):     # before any work, not after it
+        for name in ("compare.json", "compare.md", "curves.png"):     # before any work, not after it
             if os.path.isdir(os.path.join(out, name)):
                 raise RunError(f"{os.path.join(out, name)} is a folder where compare writes a file; move it away, "
                                "then rerun")
@@ -2270,7 +2334,14 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             weights, note = None, f"FID skipped: {e}"
             print(note, flush=True)
         settings = {"dataset": dataset, "overrides": list(overrides), "held_out_n": held_out_n,
-                    "fid_num": fid_num if weights else 0, "sample_steps": sample_steps}
+                    "fid_num": fid_num if weights else 0, "sample_steps": sample_steps, "eval_points": eval_points}
+        # The curves: every run evaluates at the same steps, about eval_points of them ending at its last step
+        # (equal work gives every mode the same number of steps); FID on the curve only when compare scores FID;
+        # bpd from CURVE_TIMESTEPS stratified timesteps unless the overrides say otherwise.
+        total = compare_steps(load_config(mode_config(dataset, "base")[0], [*overrides, f"--train.epochs={schedule}"]))
+        eval_intv = math.ceil(total / eval_points)
+        eval_steps, curve_args = [*range(eval_intv, total, eval_intv), total], [
+            f"--train.eval_intv={eval_intv}", f"--train.eval_num={held_out_n}", f"--train.eval_fid={settings['fid_num']}"]
         path = os.path.join(out, "compare.json")
         saved = read_compare_json(path) or {"fid_num": 0, "fid_floor": None, "settings": settings, "runs": {}}
         results = saved["runs"]
@@ -2289,7 +2360,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         cfgs, train_jobs, resuming = {}, [], 0
         for key, (mode, seed, run_dir) in todo.items():
             config, overlay = mode_config(dataset, mode)
-            args = [*overlay, *overrides, *stage_overlay(mode, schedule), f"--seed={seed}", f"--out_dir={run_dir}"]
+            args = [*overlay, f"--train.eval_timesteps={CURVE_TIMESTEPS}", *overrides, *stage_overlay(mode, schedule),
+                    *curve_args, f"--seed={seed}", f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
                 args.append(f"--train.epochs={schedule}")
             cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
@@ -2302,8 +2374,10 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                 train_jobs.append((key, ["train", config, *args], run_dir))
                 resuming += state is not None
         print(f"compare {dataset}: {len(train_jobs)} of {len(runs)} runs to train ({resuming} resuming), "
-              f"{len(todo)} to score; {epochs:g} epochs each, {jobs} at a time", flush=True)
-        train_seconds = run_jobs(train_jobs, jobs, "train.log")
+              f"{len(todo)} to score; {epochs:g} epochs each, {jobs} at a time; held-out evaluations at steps "
+              f"{', '.join(map(str, eval_steps))}", flush=True)
+        with environ(fid.WEIGHTS_ENV, weights if settings["fid_num"] else None):   # FID on the curves: compare's weights
+            train_seconds = run_jobs(train_jobs, jobs, "train.log")
         # Equal work, proven from the checkpoints about to be scored: every run's steps, batch and data.
         images = {k: r["training_images"] for k, r in results.items() if "training_images" in r}
         for key in todo:
@@ -2338,8 +2412,9 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
             state = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
             net, cfg, mask, _ = model_from_checkpoint(run_dir, device, state=state)
             seen = state["step"] * cfg["train"]["batch_size"]
+            curve = eval_curve(run_dir, eval_steps)
             entry = results[key] = {
-                "bucket_mse": bucket_loss(net, cfg, mask, held, n=held_out_n),
+                "bucket_mse": bucket_loss(net, cfg, mask, held, n=held_out_n), "bpd": curve["bpd"][-1], "curve": curve,
                 "steps": state["step"], "images_seen": seen, "training_images": state["num_images"],
                 "train_seconds": round(state.get("wall_seconds", train_seconds.get(key, 0.0)), 1),
                 "train_tflops": round(seen * train_flops_per_image(cfg, build_model(cfg, cpu), cpu) / 1e12, 2)}
@@ -2350,17 +2425,21 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                      "fid_num": settings["fid_num"],
                      "fid_floor": floor, "settings": settings, "runs": results}
             data.atomic_write(path, json.dumps(saved, indent=1))    # after every run: an interrupted compare resumes
-            print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}"
+            print(f"  scored {key}: held-out mse {np.mean(entry['bucket_mse']):.4f}, bpd {entry['bpd']:.3f}"
                   + (f", FID-{fid_num} {entry['fid']:.2f}" if weights else ""), flush=True)
+        saved["steps_to_reach"] = {m: {metric: reach_fractions(results, m, seeds, metric) for metric in CURVE_METRICS}
+                                   for m in modes}
+        data.atomic_write(path, json.dumps(saved, indent=1))
         return write_comparison(out, dataset, seeds, epochs, results, saved["fid_num"], saved.get("fid_floor"),
                                 saved.get("settings", settings)["sample_steps"], note, modes)
 
 
 def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sample_steps, note="", modes=MODES):
-    """compare.md and its chart: per mode mean +- std and 95% t-interval over seeds; the paired difference to base
+    """compare.md and curves.png: per mode mean +- std and 95% t-interval over seeds; the paired difference to base
     (mode minus base, seed by seed) with its interval, the number the question is about; the held-out loss per t
-    bucket; seed 0's training curves, CS channel births and CR small-norm counts."""
-    metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f")]
+    bucket; the steps each mode needs to reach base's final held-out value; seed 0's CS channel births and CR
+    small-norm counts. The chart: each held-out metric over training, mean and min-max band over seeds."""
+    metrics = [("held-out mse", lambda r: float(np.mean(r["bucket_mse"])), "%.4f"), ("bpd", lambda r: r["bpd"], "%.3f")]
     if fid_num:
         metrics.append((f"FID-{fid_num}", lambda r: r["fid"], "%.2f"))
 
@@ -2376,7 +2455,8 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     steps = sorted({r["steps"] for k, r in results.items() if k.split("/")[0] in modes and "steps" in r})
     length = f"{epochs:g} epochs" + (f" ({'/'.join(map(str, steps))} optimizer steps)" if steps else "")
     lines = [f"# {dataset}: {' vs '.join(modes)}, {length} each, {seeds} paired seed(s)", "",
-             "Held-out eps-MSE: mean over 10 t buckets of the test split"
+             "Held-out eps-MSE: mean over 10 t buckets of the test split; bpd: the variational bound in bits/dim on the "
+             "same test images, from each run's evaluation at its last step"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
                 f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
              *[""] * bool(controls), *controls,
@@ -2399,12 +2479,20 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     lines += ["", "Held-out eps-MSE per t bucket (b0: t < T/10, least noisy), mean over seeds:", "",
               "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " |", "|---" * 11 + "|"]
     lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in b) + " |" for m, b in means.items()]
-    curves, marks, notes = {}, set(), []                    # seed 0's metrics.jsonl: curves, CS births, CR norms
+    shown = [m for m in CURVE_METRICS if m != "fid" or fid_num]
+    eval_steps = next((r["curve"]["step"] for r in results.values() if "curve" in r), [])
+    lines += ["", "Steps to reach base's final value, as a fraction of the run: per seed, the first step at which the "
+              "mode's held-out curve is at or below base's value at the last step of the same seed (linear between the "
+              f"evaluations at steps {', '.join(map(str, eval_steps))}; a curve already there at its first evaluation "
+              "counts as that step); mean [95% CI] over seeds, or how many seeds never got there:", "",
+              "| mode | " + " | ".join(curve_title(m, fid_num) for m in shown) + " |", "|---" * (1 + len(shown)) + "|"]
+    lines += [f"| {mode} | " + " | ".join(reach_cell(reach_fractions(results, mode, seeds, m)) for m in shown) + " |"
+              for mode in means]
+    marks, notes = set(), []                                # seed 0's metrics.jsonl: stage starts, CS births, CR norms
     for mode in means:
         path = os.path.join(out, f"{mode}_seed0", "metrics.jsonl")
         records = [r for _, r in data.read_jsonl(path)] if os.path.isfile(path) else []
         stages = by_step(records, "stage")
-        curves[mode] = [(r["step"], r["mse"]) for r in by_step(records, "train")]
         marks |= {r["step"] for r in stages if r["step"] > 0}
         if mode == "cs" and stages:
             birth = stages[-1]["birth_stage"]                # masks change only at stage starts
@@ -2422,8 +2510,9 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     table = "\n".join(lines + [""] * bool(notes) + notes)
     data.atomic_write(os.path.join(out, "compare.md"), table + "\n")
     if means:
-        line_chart(curves, os.path.join(out, "loss_over_steps.png"), "training mse vs step, seed 0 (grey: stage "
-                   "starts)", marks=sorted(marks))
+        panels = [(curve_title(m, fid_num), mean_curves(results, list(means), seeds, m)) for m in shown]
+        curves_chart(panels, os.path.join(out, "curves.png"), sorted(marks),
+                     f"mean over {seeds} seed(s);\nband: min-max over seeds;\ngrey lines: stage starts")
     print("\n" + table, flush=True)
     return table
 
@@ -2443,40 +2532,141 @@ def by_step(records, kind):
     return [last[step] for step in sorted(last)]
 
 
-# The chart: a plain pillow drawing, 720 x 420, legend on the right.
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+CURVE_METRICS = ("mse", "bpd", "fid")                      # the held-out curves, all lower-is-better
+CURVE_TIMESTEPS = 10    # K of the curves' bpd estimate: every run draws the same t and noise, so differences stay sharp
 
 
-def line_chart(curves, path, title, marks=()):
-    """Lines of (x, y) points per label, with labelled axes and grey vertical lines at `marks` (stage starts); every
-    point gets a marker so overlapping lines stay visible."""
-    pts = [p for c in curves.values() for p in c] or [(0, 0.0)]
-    xmax, lo, hi = max(p[0] for p in pts) or 1, min(p[1] for p in pts), max(p[1] for p in pts)
-    hi = max(hi, lo + 1e-9)
-    img = Image.new("RGB", (720, 420), "white")
-    d = ImageDraw.Draw(img)
-    d.text((60, 10), title, fill="black")
-    x0, y0, x1, y1 = 60, 40, 550, 380
-    to_x, to_y = (lambda x: x0 + (x1 - x0) * x / xmax), (lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo))
-    d.line([x0, y0, x0, y1, x1, y1], fill="black")
-    for k in range(5):                                      # y labels, and x ticks at quarters of the run
-        y, tick = y1 - (y1 - y0) * k / 4, round(xmax * k / 4)
-        d.line([x0 - 4, y, x0, y], fill="black")
-        d.text((4, y - 6), f"{lo + (hi - lo) * k / 4:.3g}", fill="black")
-        d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
-        d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
-    d.text((x1 - 20, y1 + 22), "step", fill="black")
-    for m in marks:
-        d.line([to_x(m), y0, to_x(m), y1], fill=(200, 200, 200))
-    for k, (label, c) in enumerate(curves.items()):
-        xy, colour = [(to_x(x), to_y(y)) for x, y in c], COLOURS[k % len(COLOURS)]
-        d.rectangle([570, 30 + 18 * k, 582, 42 + 18 * k], fill=colour)
-        d.text((588, 30 + 18 * k), str(label), fill="black")
-        if len(xy) > 1:
-            d.line(xy, fill=colour, width=1)
-        for x, y in xy:
-            d.rectangle([x - 1 - k % 3, y - 1 - k % 3, x + 1 + k % 3, y + 1 + k % 3], outline=colour)
-    data.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+def curve_title(metric, fid_num):
+    return {"mse": "held-out eps-MSE", "bpd": "bpd (bits/dim)", "fid": f"FID-{fid_num}"}[metric]
+
+
+def reach_cell(fractions):
+    """A steps-to-reach cell from {seed: fraction or None}: mean [95% CI] when every seed got there, else how many
+    seeds never did (with the fractions of those that did): no number is made up for a seed that never got there."""
+    if not fractions:
+        return "—"
+    missed = [s for s, f in fractions.items() if f is None]
+    if not missed:
+        m, _, half = interval(list(fractions.values()))
+        return f"{m:.2f}" + ("" if math.isnan(half) else f" [{m - half:.2f}, {m + half:.2f}]")
+    reached = ", ".join(f"seed {s}: {f:.2f}" for s, f in fractions.items() if f is not None)
+    return f"not reached in {len(missed)} of {len(fractions)} seeds" + (f" (reached: {reached})" if reached else "")
+
+
+def mean_curves(results, modes, seeds, metric):
+    """{mode: (steps, mean, min, max over seeds)} of a held-out curve, at the steps every seed measured it."""
+    out = {}
+    for mode in modes:
+        rows = [results[f"{mode}/seed{s}"]["curve"] for s in range(seeds)
+                if "curve" in results.get(f"{mode}/seed{s}", {})]
+        if not rows:
+            continue
+        v = np.array([[math.nan if x is None else x for x in c[metric]] for c in rows], dtype=np.float64)
+        keep = np.isfinite(v).all(0)
+        if keep.any():
+            v = v[:, keep]
+            out[mode] = ([x for x, k in zip(rows[0]["step"], keep) if k], v.mean(0).tolist(), v.min(0).tolist(),
+                         v.max(0).tolist())
+    return out
+
+
+# The chart: a plain pillow drawing, one panel per metric side by side, the legend on the right. Each mode has its
+# own colour, dash pattern and marker, so lines that lie on top of each other stay told apart.
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]            # matplotlib's tab10
+DASHES = [(), (9, 5), (3, 4), (9, 4, 3, 4)]                 # on/off lengths in pixels; () = solid
+MARKERS = ["circle", "square", "triangle", "diamond", "down", "cross"]
+PANEL, LEGEND = (420, 380), 170                             # one panel's size, the legend's width (pixels)
+
+
+def dashed_line(d, xy, fill, pattern, width=2):
+    """A polyline through the points xy, drawn with an on/off dash pattern (pixel lengths; () = solid)."""
+    if not pattern:
+        d.line(xy, fill=fill, width=width)
+        return
+    k, left = 0, pattern[0]
+    for (xa, ya), (xb, yb) in zip(xy, xy[1:]):
+        length, pos = math.hypot(xb - xa, yb - ya), 0.0
+        while pos < length:
+            step = min(left, length - pos)
+            if k % 2 == 0:                                  # an "on" stretch
+                f0, f1 = pos / length, (pos + step) / length
+                d.line([xa + (xb - xa) * f0, ya + (yb - ya) * f0, xa + (xb - xa) * f1, ya + (yb - ya) * f1],
+                       fill=fill, width=width)
+            pos, left = pos + step, left - step
+            if left <= 0:
+                k = (k + 1) % len(pattern)
+                left = pattern[k]
+
+
+def marker(d, x, y, shape, fill, r=4):
+    """An outlined marker centred on (x, y)."""
+    pts = {"triangle": [(x, y - r), (x + r, y + r), (x - r, y + r)], "down": [(x - r, y - r), (x + r, y - r), (x, y + r)],
+           "diamond": [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]}
+    if shape == "circle":
+        d.ellipse([x - r, y - r, x + r, y + r], outline=fill, width=2)
+    elif shape == "square":
+        d.rectangle([x - r, y - r, x + r, y + r], outline=fill, width=2)
+    elif shape == "cross":
+        d.line([x - r, y - r, x + r, y + r], fill=fill, width=2)
+        d.line([x - r, y + r, x + r, y - r], fill=fill, width=2)
+    else:
+        d.polygon(pts[shape], outline=fill, width=2)
+
+
+def curves_chart(panels, path, marks=(), note=""):
+    """Panels [(title, {label: (steps, mean, low, high)})], side by side: per label a line through the means, a
+    translucent band from low to high, a marker per point; grey vertical lines at `marks` (stage starts, in steps);
+    the legend and `note` on the right. Labels keep their colour, dash and marker in every panel."""
+    labels = list(dict.fromkeys(label for _, curves in panels for label in curves))
+    style = {label: (COLOURS[k % len(COLOURS)], DASHES[k % len(DASHES)], MARKERS[k % len(MARKERS)])
+             for k, label in enumerate(labels)}
+    w, h = PANEL
+    img = Image.new("RGBA", (w * len(panels) + LEGEND, h), "white")
+    for p, (title, curves) in enumerate(panels):
+        x0, y0, x1, y1 = p * w + 64, 36, p * w + w - 16, h - 50
+        xs = [x for c in curves.values() for x in c[0]] or [1]
+        ys = [y for c in curves.values() for y in (*c[2], *c[3]) if math.isfinite(y)] or [0.0]
+        xmax, lo, hi = max(xs) or 1, min(ys), max(ys)
+        pad = max(hi - lo, abs(hi) * 1e-6, 1e-12) * 0.05
+        lo, hi = lo - pad, hi + pad
+        to_x, to_y = (lambda x: x0 + (x1 - x0) * x / xmax), (lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo))
+        for label, (steps, mean, low, high) in curves.items():     # bands first: every line stays on top
+            band = [(to_x(s), to_y(v)) for s, v in zip(steps, high)] + \
+                   [(to_x(s), to_y(v)) for s, v in zip(steps[::-1], low[::-1])]
+            if len(band) > 2:
+                layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+                ImageDraw.Draw(layer).polygon(band, fill=(*style[label][0], 48))
+                img = Image.alpha_composite(img, layer)
+        d = ImageDraw.Draw(img)
+        d.text((x0, 10), title, fill="black")
+        for m in marks:
+            d.line([to_x(m), y0, to_x(m), y1], fill=(190, 190, 190))
+        d.line([x0, y0, x0, y1, x1, y1], fill="black")
+        decimals = max(0, 1 - math.floor(math.log10((hi - lo) / 4)))   # enough to tell the y labels apart
+        for k in range(5):                                  # y labels, and x ticks at quarters of the run
+            y, tick = y1 - (y1 - y0) * k / 4, round(xmax * k / 4)
+            d.line([x0 - 4, y, x0, y], fill="black")
+            d.text((p * w + 4, y - 6), f"{lo + (hi - lo) * k / 4:.{decimals}f}", fill="black")
+            d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
+            d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
+        d.text((x1 - 90, y1 + 24), "optimizer step", fill="black")
+        for label, (steps, mean, _, _) in curves.items():
+            colour, dash, shape = style[label]
+            xy = [(to_x(s), to_y(v)) for s, v in zip(steps, mean)]
+            if len(xy) > 1:
+                dashed_line(d, xy, colour, dash)
+            for x, y in xy:
+                marker(d, x, y, shape, colour)
+    d, lx = ImageDraw.Draw(img), w * len(panels) + 10
+    for k, label in enumerate(labels):
+        colour, dash, shape = style[label]
+        dashed_line(d, [(lx, 44 + 20 * k), (lx + 34, 44 + 20 * k)], colour, dash)
+        marker(d, lx + 17, 44 + 20 * k, shape, colour)
+        d.text((lx + 42, 38 + 20 * k), str(label), fill="black")
+    for k, line in enumerate(note.splitlines()):
+        d.text((lx, 60 + 20 * len(labels) + 14 * k), line, fill="black")
+    data.atomic_write(path, lambda tmp: img.convert("RGB").save(tmp, format="PNG"))
 
 
 def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2):
@@ -2484,7 +2674,7 @@ def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2
     t0 = time.time()
     compare(out, dataset, 1, overrides, fid_num=0, held_out_n=held_out_n, jobs=jobs)
     print(f"\ndemo done in {fmt_time(time.time() - t0)}: grids in {out}/<mode>_seed0/samples/, table {out}/compare.md, "
-          f"chart {out}/loss_over_steps.png", flush=True)
+          f"chart {out}/curves.png", flush=True)
     return out
 
 
@@ -2600,6 +2790,9 @@ def cli_parser(cmd):
         add("--modes", type=lambda text: tuple(text.split(",")), default=MODES,
             help=f"comma list from {','.join(MODES + tuple(CONTROLS))} (base is required; default {','.join(MODES)})")
         add("--inception", help="FID Inception weights (default: $DIFFCL_INCEPTION or the torch-hub cache)")
+        add("--eval-points", type=count, default=8,
+            help="held-out evaluations during each run, at the same steps for every mode (the curves; default "
+                 "%(default)s)")
     return p
 
 
@@ -2640,7 +2833,7 @@ def run_command(cmd, args, rest):
         return demo(args.out, args.dataset, rest, jobs=args.jobs)
     if cmd == "compare":
         return compare(args.out, args.dataset, args.seeds, rest, args.fid_num, args.inception, jobs=args.jobs,
-                       sample_steps=args.sample_steps, modes=args.modes)
+                       sample_steps=args.sample_steps, modes=args.modes, eval_points=args.eval_points)
     kw = dict(ddim=args.ddim, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed, raw=args.raw)
     if cmd == "sample":
         out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples_" + (f"ddim{args.steps}" if args.ddim else "ddpm"))

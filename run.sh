@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&"${2:-2}"; exit "${1:-2}"; }
 python=${PYTHON:-python3}
+command -v "$python" >/dev/null || { echo "run.sh: no Python interpreter '$python' (set PYTHON=/path/to/python)" >&2; exit 2; }
 mode=${1:-}; [ $# -gt 0 ] && shift
 dataset=${DATASET:-celeba32}
 case "$mode" in

@@ -2672,7 +2672,7 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
     assert all(f"| {m} | " in table for m in D.MODES) and "paired [95% CI]" in table and " ± " in table
     assert "FID-2" in table and "floor, real vs real" in table and math.isfinite(saved["fid_floor"])
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in saved["runs"].values())
-    assert Image.open(tmp_path / "cmp" / "loss_over_steps.png").size == (720, 420)
+    assert Image.open(tmp_path / "cmp" / "curves.png").format == "PNG"
     capsys.readouterr()
 
     # demo = compare with one seed and no FID: here seed 0 is already trained and scored, so nothing reruns.
@@ -2685,19 +2685,9 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
     assert "active per stage 6/13/19/26/32" in text and "channels born in stage 1: 6, 2: 7" in text
     assert "channels with norm<1e-3 per stage" in text
     assert "active per stage 6/13/19/26/32" in open(os.path.join(out, "compare.md")).read()
-    assert Image.open(os.path.join(out, "loss_over_steps.png")).size == (720, 420)
+    assert Image.open(os.path.join(out, "curves.png")).format == "PNG"
     with pytest.raises(D.RunError, match=r"results made with other settings \(overrides\)"):
         D.compare(out, "shapes", 2, [*DEMO_OVERRIDES, "--train.lr=0.001"], fid_num=2, held_out_n=8, sample_steps=2)
-
-
-def test_loss_chart_draws_every_curve_and_the_stage_starts(tmp_path):
-    path = str(tmp_path / "chart.png")
-    D.line_chart({"base": [(0, 1.0), (10, 0.5)], "c": [(0, 0.9), (10, 0.4)]}, path, "title", marks=[5])
-    img = np.asarray(Image.open(path).convert("RGB"))
-    seen = {tuple(p) for p in img.reshape(-1, 3)}
-    assert set(map(tuple, D.COLOURS[:2])) <= seen and tuple(D.COLOURS[2]) not in seen   # one colour per curve
-    stage_start = img[60:360, 60 + 490 * 5 // 10]               # the plot's column at step 5 of 10
-    assert (stage_start == 200).all(axis=1).mean() > 0.9        # a grey line from top to bottom
 
 
 def test_interval_and_paired_difference_match_scipy():
@@ -2900,7 +2890,7 @@ def test_compare_runs_the_controls_at_equal_work_and_names_them(tmp_path, monkey
     for mode in ("base", "anti", "mixture", "minsnr"):
         assert f"| {mode} | " in table
     assert "- anti: c with --curriculum.order=reverse" in table and "isolates order alone" in table
-    assert "| mode | b0 | b1 |" in table and table.count("| minsnr | ") == 2        # summary row and bucket row
+    assert "| mode | b0 | b1 |" in table and table.count("| minsnr | ") == 3   # summary, bucket and steps-to-reach rows
     cfg = json.load(open(tmp_path / "ctl" / "minsnr_seed0" / "config.json"))
     assert cfg["diffusion"]["loss_weight"] == "min_snr" and not cfg["curriculum"]["enabled"]
 
@@ -3499,7 +3489,7 @@ def test_compare_refuses_a_mode_named_twice_in_one_line(tmp_path, capsys):
     assert err == "error: --modes names base more than once; list each mode once\n"
 
 
-@pytest.mark.parametrize("name", ["compare.json", "compare.md", "loss_over_steps.png"])
+@pytest.mark.parametrize("name", ["compare.json", "compare.md", "curves.png"])
 def test_compare_refuses_a_folder_where_an_output_goes_before_training(tmp_path, monkeypatch, name):
     calls = []
     monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
@@ -3534,7 +3524,7 @@ def test_compare_md_reads_metrics_by_step_and_lists_the_runs_warnings(tmp_path):
     warning = "warning: train.warmup (5000 steps) is longer than the run (6 steps)"
     (out / "base_seed0" / "train.log").write_text(f"{warning}\ndone\n{warning}\n")
     (out / "cs_seed0" / "train.log").write_text(f"start\n{warning}\n")
-    entry = {"bucket_mse": [0.5] * 10, "steps": 6, "train_seconds": 1.0, "train_tflops": 0.0}
+    entry = {"bucket_mse": [0.5] * 10, "bpd": 3.0, "steps": 6, "train_seconds": 1.0, "train_tflops": 0.0}
     table = D.write_comparison(str(out), "shapes", 1, 1.5, {"base/seed0": entry, "cs/seed0": entry}, 0, None, 50,
                                modes=("base", "cs"))
     assert "- cs, seed 0: active per stage 2/3/5; channels born in stage never: 1, 1: 2, 2: 1, 3: 2" in table
@@ -4055,6 +4045,9 @@ def test_first_day_help_shows_defaults_and_offers_overrides_only_where_accepted(
     r = subprocess.run(["bash", str(HERE / "run.sh"), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("usage: bash run.sh MODE [NGPUS]") and "PYTHON=" in r.stdout
     assert r.stderr == ""
+    r = subprocess.run(["bash", str(HERE / "run.sh"), "c", "2"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHON="/no/python"))
+    assert r.returncode == 2 and r.stderr == "run.sh: no Python interpreter '/no/python' (set PYTHON=/path/to/python)\n"
 
 
 def test_first_day_an_override_mistake_is_named_as_typed_a_file_mistake_by_its_file(tmp_path):
@@ -4490,3 +4483,123 @@ def test_evaluation_records_are_written_once_across_a_sigkill_and_resume(child, 
     assert [r["step"] for r in records(run, "eval")] == [4, 8, 12]    # each once
     kinds = [(r["kind"], r["step"]) for r in map(json.loads, open(run / "metrics.jsonl"))]
     assert len(kinds) == len(set(kinds))
+
+
+# ---- compare: curves
+
+def test_steps_to_reach_on_hand_made_curves():
+    steps = [10, 20, 30]
+    assert D.steps_to_reach(steps, [1.0, 0.6, 0.2], 0.5) == pytest.approx(22.5)     # 20 + 10 * 0.1 / 0.4
+    assert D.steps_to_reach(steps, [1.0, 0.5, 0.2], 0.5) == 20                      # exactly at an evaluation
+    assert D.steps_to_reach(steps, [1.0, 0.8, 0.7], 0.5) is None                    # never
+    assert D.steps_to_reach(steps, [0.4, 0.3, 0.2], 0.5) == 10                      # already there at the first
+    assert D.steps_to_reach(steps, [1.0, 0.4, 0.9], 0.5) == pytest.approx(10 + 10 * 0.5 / 0.6)   # the first crossing
+
+
+def curve_run(steps, mse, bpd, fid=None, total=None):
+    """A compare.json run entry with a hand-made held-out curve."""
+    return {"bucket_mse": [mse[-1]] * 10, "bpd": bpd[-1], "steps": total or steps[-1], "images_seen": 0,
+            "fid": None if fid is None else fid[-1],
+            "curve": {"step": steps, "mse": mse, "bpd": bpd, "fid": fid or [None] * len(steps)}}
+
+
+def test_reach_fractions_pair_each_seed_with_base_and_never_invent_a_number():
+    s = [10, 20, 30, 40]
+    results = {"base/seed0": curve_run(s, [0.9, 0.7, 0.6, 0.5], [3.0, 3.1, 3.2, 3.3]),      # bpd never improves
+               "base/seed1": curve_run(s, [0.8, 0.6, 0.4, 0.3], [3.0, 2.9, 2.8, 2.7]),
+               "c/seed0": curve_run(s, [0.8, 0.6, 0.45, 0.4], [3.5, 3.25, 3.1, 3.0]),
+               "c/seed1": curve_run(s, [0.9, 0.7, 0.5, 0.35], [2.6, 2.5, 2.4, 2.3])}
+    # c seed 0 reaches 0.5 between 20 (0.6) and 30 (0.45): 20 + 10 * 0.1 / 0.15; seed 1 never reaches 0.3
+    assert D.reach_fractions(results, "c", 2, "mse") == {0: pytest.approx((20 + 10 / 1.5) / 40), 1: None}
+    # bpd: base seed 0 ends at its worst, 3.3: c's 3.5 > 3.3 >= 3.25 at 20 -> 10 + 10 * 0.2 / 0.25; seed 1 starts below
+    assert D.reach_fractions(results, "c", 2, "bpd") == {0: pytest.approx(18 / 40), 1: 10 / 40}
+    assert D.reach_fractions(results, "base", 2, "bpd") == {0: 10 / 40, 1: 1.0}
+    assert D.reach_fractions(results, "c", 2, "fid") == {}                  # no FID on the curves
+    assert D.reach_cell({0: 0.5, 1: None}) == "not reached in 1 of 2 seeds (reached: seed 0: 0.50)"
+    assert D.reach_cell({0: None, 1: None}) == "not reached in 2 of 2 seeds"
+    from scipy import stats
+    half = stats.t.ppf(0.975, 1) * stats.sem([0.25, 0.75])
+    assert D.reach_cell({0: 0.25, 1: 0.75}) == f"0.50 [{0.5 - half:.2f}, {0.5 + half:.2f}]"
+
+
+def long_black_runs(img, length=150):
+    """The most pixel runs of pure black at least `length` long found in one row: one x axis per panel."""
+    black = (np.asarray(img.convert("RGB")) == 0).all(axis=2)
+    most = 0
+    for row in black:
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        most = max(most, int(((edges[1::2] - edges[::2]) >= length).sum()))
+    return most
+
+
+def test_curves_chart_has_a_panel_per_metric_a_colour_per_mode_bands_and_stage_starts(tmp_path):
+    path = str(tmp_path / "curves.png")
+    curve = {"base": ([10, 20], [1.0, 0.5], [0.9, 0.4], [1.1, 0.6]), "c": ([10, 20], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5])}
+    D.curves_chart([("a", curve), ("b", curve), ("c", curve)], path, marks=[15])
+    img = Image.open(path)
+    assert img.format == "PNG" and long_black_runs(img) == 3
+    rgb = np.asarray(img.convert("RGB"))
+    seen = {tuple(p) for p in rgb.reshape(-1, 3)}
+    assert set(map(tuple, D.COLOURS[:2])) <= seen and tuple(D.COLOURS[2]) not in seen   # one colour per mode, lines
+    band = tuple(round(c * 48 / 255 + 255 * (1 - 48 / 255)) for c in D.COLOURS[0])      # base's band, alpha 48/255
+    assert any(all(abs(int(a) - b) <= 1 for a, b in zip(p, band)) for p in seen)           # on white
+    column = rgb[:, :D.PANEL[0]][:, (rgb[:, :D.PANEL[0]] == 190).all(axis=2).sum(0).argmax()]
+    assert (column == 190).all(axis=1).sum() > 0.6 * D.PANEL[1]   # a grey stage-start line over most of the height
+
+
+
+def test_compare_table_has_bpd_with_its_paired_difference_and_the_steps_to_reach_table(tmp_path):
+    s = [10, 20, 30]
+    results = {"base/seed0": curve_run(s, [0.9, 0.6, 0.5], [3.0, 2.8, 2.6]),
+               "base/seed1": curve_run(s, [0.8, 0.6, 0.4], [3.2, 2.9, 2.8]),
+               "c/seed0": curve_run(s, [0.7, 0.5, 0.45], [3.2, 3.0, 2.7]),      # mse 0.5 at 20; bpd never 2.6
+               "c/seed1": curve_run(s, [0.9, 0.5, 0.3], [3.1, 2.9, 2.7])}       # mse 0.4 at 25; bpd 2.8 at 25
+    table = D.write_comparison(str(tmp_path), "shapes", 2, 6, results, 0, None, 50, modes=("base", "c"))
+    assert "| bpd (mean ± std [95% CI]) | Δbpd vs base (paired [95% CI]) |" in table
+    from scipy import stats
+    t1 = stats.t.ppf(0.975, 1)                                  # mse: c - base = -0.05, -0.1; bpd: 0.1, -0.1
+    dm, dm_half, db_half = -0.075, t1 * stats.sem([-0.05, -0.1]), t1 * stats.sem([0.1, -0.1])
+    assert f"| c | 0.3750 ± 0.1061 [-0.5780, 1.3280] | {dm:.4f} [{dm - dm_half:.4f}, {dm + dm_half:.4f}] | " \
+           f"2.700 ± 0.000 [2.700, 2.700] | 0.000 [{-db_half:.3f}, {db_half:.3f}] |" in table
+    half = t1 * stats.sem([20 / 30, 25 / 30])
+    assert "| mode | held-out eps-MSE | bpd (bits/dim) |" in table
+    assert f"| c | {0.75:.2f} [{0.75 - half:.2f}, {0.75 + half:.2f}] | not reached in 1 of 2 seeds (reached: seed 1: " \
+           "0.83) |" in table
+    assert "| base | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |" in table and "steps 10, 20, 30" in table
+    assert open(tmp_path / "compare.md").read() == table + "\n"
+    img = Image.open(tmp_path / "curves.png")
+    assert img.format == "PNG" and long_black_runs(img) == 2    # mse and bpd: no FID here
+
+
+def test_compare_evaluates_every_mode_at_the_same_steps_and_reports_curves(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "find_weights", lambda path=None, download=False: "stand-in")
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu": StandInFeatures().to(device))
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs([]))
+    out = str(tmp_path / "cmp")
+    D.compare(out, "shapes", 2, DEMO_OVERRIDES, fid_num=2, held_out_n=8, sample_steps=2, modes=("base", "c"),
+              eval_points=4)                                # 6 steps: every ceil(6/4) = 2, and the last
+    saved = json.load(open(tmp_path / "cmp" / "compare.json"))
+    for key, run in saved["runs"].items():
+        mode, seed = key.split("/")
+        evals = records(str(tmp_path / "cmp" / f"{mode}_{seed}"), "eval")
+        assert [r["step"] for r in evals] == run["curve"]["step"] == [2, 4, 6], key
+        assert run["curve"]["bpd"] == [r["bpd"] for r in evals] and run["bpd"] == evals[-1]["bpd"] > 0
+        assert run["curve"]["mse"] == pytest.approx([np.mean(r["bucket_mse"]) for r in evals])
+        assert all(math.isfinite(v) for v in run["curve"]["fid"])          # FID on the curve: compare scores FID
+        tr = json.load(open(tmp_path / "cmp" / f"{mode}_{seed}" / "config.json"))["train"]
+        assert (tr["eval_intv"], tr["eval_num"], tr["eval_fid"], tr["eval_timesteps"]) == (2, 8, 2, 10)
+    reach = saved["steps_to_reach"]
+    assert set(reach) == {"base", "c"} and set(reach["c"]) == {"mse", "bpd", "fid"}
+    for s in "01":
+        base, c = (saved["runs"][f"{m}/seed{s}"]["curve"]["mse"] for m in ("base", "c"))
+        if all(a > b for a, b in zip(base, base[1:])):
+            assert reach["base"]["mse"][s] == 1.0                 # a falling curve reaches its end at the end
+        assert (reach["c"]["mse"][s] is None) == (min(c) > base[-1])
+    assert all(f is None or 0 < f <= 1 for m in reach.values() for per_seed in m.values() for f in per_seed.values())
+    table = open(tmp_path / "cmp" / "compare.md").read()
+    assert "| Δbpd vs base (paired [95% CI]) |" in table and "| c | " in table
+    assert "| mode | held-out eps-MSE | bpd (bits/dim) | FID-2 |" in table and "evaluations at steps 2, 4, 6;" in table
+    img = Image.open(tmp_path / "cmp" / "curves.png")
+    assert img.format == "PNG" and long_black_runs(img) == 3
+    with pytest.raises(D.ConfigError, match="--eval-points: must be a whole number >= 1, got '0'"):
+        D.parse_cli(["compare", "--eval-points", "0"])
