@@ -828,14 +828,7 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
                        f"--resume {resume} is not a checkpoint file (a folder, pipe or device); pass the .pt file")
     out_dir = cfg["out_dir"] or os.path.join("out", os.path.splitext(os.path.basename(config_path or "run"))[0])
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
-    made = data.not_yet_made(out_dir, "samples") if is_main else []   # a failed start removes these again
-    if is_main:
-        try:
-            data.prepare_out_dir(out_dir, "samples")
-        except data.DataError:
-            data.remove_made(made)
-            raise
-    lock = data.lock_run_folder(out_dir) if is_main else None
+    lock, made = open_run_folder(out_dir) if is_main else (None, [])   # made: what a failed start removes again
     stop, previous_handler = threading.Event(), signal.getsignal(signal.SIGINT)
     try:
         if is_main:
@@ -861,21 +854,12 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
             log(f"resumed from {source} at step {step} (epoch {step / steps_per_epoch:.2f})")
         if is_main:
             truncate_jsonl(metrics_path, step)              # records a killed run wrote after its checkpoint
-            if os.path.isdir(os.path.join(out_dir, "config.json")):
-                raise RunError(f"{out_dir}/config.json is a folder; move it away, then rerun")
             data.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2))
         made = []                                           # started: the run folder stays from here on
         run = make_run(cfg, model, ema, opt, device, rank, world, steps_per_epoch)
         mask, score = place_mask_and_score(run, mask, score, device)
         epochs = total_epochs(cfg) * scale
-        note = " (stage epochs override train.epochs)" if cfg["curriculum"]["enabled"] else ""
-        log(f"diffcl train | mode {run.mode} | {len(images)} images {shape} | world {world} x "
-            f"{tr['batch_size'] // world} per rank | {steps_per_epoch} steps/epoch | {epochs:g} epochs{note}, "
-            f"{total_steps} steps | {sum(p.numel() for p in model.parameters()):,} params | {device} "
-            f"{'bf16' if run.amp else 'fp32'} {compile_label(cfg, device)} | out {out_dir}")
-        if tr["warmup"] > total_steps:
-            log(f"warning: train.warmup ({tr['warmup']} steps) is longer than the run ({total_steps} steps): the "
-                "learning rate never reaches train.lr; lower train.warmup for a short run")
+        log(start_banner(run, cfg, len(images), shape, steps_per_epoch, total_steps, device, out_dir))
         def checkpoint(snapshot):
             nonlocal rotate
             snapshot = snapshot and tr["snapshots"] and os.path.join(out_dir,
@@ -969,6 +953,33 @@ def train(cfg, config_path=None, resume=None, force=False, download=False):
         data.remove_made(made)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     return out_dir
+
+
+def open_run_folder(out_dir):
+    """Rank 0: make the run folder and samples/, then lock it. Returns (lock, made), made being what did not exist
+    before (data.remove_made undoes a failed start with it). A folder another trainer holds is left untouched."""
+    made = data.not_yet_made(out_dir, "samples")
+    try:
+        data.prepare_out_dir(out_dir, "samples")
+    except data.DataError:
+        data.remove_made(made)
+        raise
+    return data.lock_run_folder(out_dir), made
+
+
+def start_banner(run, cfg, num_images, shape, steps_per_epoch, total_steps, device, out_dir):
+    """The run's first line (mode, data, split over ranks, length, size, path), and a warm-up longer than the run."""
+    tr = cfg["train"]
+    note = " (stage epochs override train.epochs)" if cfg["curriculum"]["enabled"] else ""
+    line = (f"diffcl train | mode {run.mode} | {num_images} images {shape} | "
+            f"world {run.world} x {tr['batch_size'] // run.world} per rank | {steps_per_epoch} steps/epoch | "
+            f"{total_epochs(cfg) * tr['length_scale']:g} epochs{note}, {total_steps} steps | "
+            f"{sum(p.numel() for p in run.model.parameters()):,} params | {device} "
+            f"{'bf16' if run.amp else 'fp32'} {compile_label(cfg, device)} | out {out_dir}")
+    if tr["warmup"] > total_steps:
+        line += (f"\nwarning: train.warmup ({tr['warmup']} steps) is longer than the run ({total_steps} steps): the "
+                 "learning rate never reaches train.lr; lower train.warmup for a short run")
+    return line
 
 
 def schedule_in_steps(cfg, stages, steps_per_epoch):
