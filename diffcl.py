@@ -396,8 +396,12 @@ def nll_bpd(net, cfg, mask, images, timesteps=0, seed=0, t_seed=None, batch=256,
         nats.index_put_((i, torch.where(t == 0, 1, 2 + t * 10 // T)), term, accumulate=True)
         if on_chunk:
             on_chunk(a + len(pair), N * K)
-    bits = (nats / (D * math.log(2))).mean(0).tolist()
-    return {"bpd": sum(bits), "n": N, "timesteps": K,
+    return bpd_report((nats / (D * math.log(2))).mean(0).tolist(), N, K, T)
+
+
+def bpd_report(bits, n, K, T):
+    """nll_bpd's result from its 12 per-image mean terms in bits/dim: prior, decoder, KL per tenth of [0, T)."""
+    return {"bpd": sum(bits), "n": n, "timesteps": K,
             "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
             "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
 
@@ -1905,12 +1909,8 @@ def nll_on_ranks(net, cfg, mask, images, timesteps, seed, rank, world, batch=256
         terms = r["bpd_terms"]
         sums += m * torch.tensor([1.0, terms["prior"], terms["decoder"], *terms["kl"]], dtype=torch.float64)
     sums = all_reduce_sum(sums.to(mask.device), world).cpu() if world > 1 else sums
-    bits = (sums[1:] / sums[0]).tolist()
     T = cfg["diffusion"]["timesteps"]
-    K = timesteps or T
-    return {"bpd": sum(bits), "n": n, "timesteps": K,
-            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
-            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
+    return bpd_report((sums[1:] / sums[0]).tolist(), n, timesteps or T, T)
 
 
 def evaluate_nll(ckpt, num, timesteps=0, seed=0, batch_size=256, raw=False):
