@@ -2469,7 +2469,8 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
     length = f"{epochs:g} epochs" + (f" ({'/'.join(map(str, steps))} optimizer steps)" if steps else "")
     lines = [f"# {dataset}: {' vs '.join(modes)}, {length} each, {seeds} paired seed(s)", "",
              "Held-out eps-MSE: mean over 10 t buckets of the test split; bpd: the variational bound in bits/dim on the "
-             "same test images, from each run's evaluation at its last step"
+             f"first {CURVE_IMAGES} of those test images (all, if fewer; {CURVE_TIMESTEPS} stratified timesteps unless "
+             "overridden), from each run's evaluation at its last step"
              + (f"; FID-{fid_num}: {fid_num} DDIM-{sample_steps} samples against the first {fid_num} test images "
                 f"(floor, real vs real at this n: {floor:.2f})" if fid_num else "") + "." + (f" {note}" if note else ""),
              *[""] * bool(controls), *controls,
