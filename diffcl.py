@@ -2630,8 +2630,8 @@ def marker(d, x, y, shape, fill, r=4):
 
 
 def curves_chart(panels, path, marks=(), note=""):
-    """Panels [(title, {label: (steps, mean, low, high)})], side by side: per label a line through the means, a
-    translucent band from low to high, a marker per point; grey vertical lines at `marks` (stage starts, in steps);
+    """Panels [(title, {label: (steps, mean, low, high)})], side by side (y on a log scale when every value is
+    positive): per label a line through the means, a translucent band from low to high, a marker per point; grey vertical lines at `marks` (stage starts, in steps);
     the legend and `note` on the right. Labels keep their colour, dash and marker in every panel."""
     labels = list(dict.fromkeys(label for _, curves in panels for label in curves))
     style = {label: (COLOURS[k % len(COLOURS)], DASHES[k % len(DASHES)], MARKERS[k % len(MARKERS)])
@@ -2641,11 +2641,14 @@ def curves_chart(panels, path, marks=(), note=""):
     for p, (title, curves) in enumerate(panels):
         x0, y0, x1, y1 = p * w + 64, 36, p * w + w - 16, h - 50
         xs = [x for c in curves.values() for x in c[0]] or [1]
-        ys = [y for c in curves.values() for y in (*c[2], *c[3]) if math.isfinite(y)] or [0.0]
-        xmax, lo, hi = max(xs) or 1, min(ys), max(ys)
+        ys = [y for c in curves.values() for y in (*c[2], *c[3]) if math.isfinite(y)] or [1.0]
+        # A log axis when every value is positive: the first points (untrained weights) are ~20x the last ones,
+        # which would flatten the end of the run, where the modes differ.
+        f = math.log10 if min(ys) > 0 else (lambda v: v)
+        xmax, lo, hi = max(xs) or 1, f(min(ys)), f(max(ys))
         pad = max(hi - lo, abs(hi) * 1e-6, 1e-12) * 0.05
         lo, hi = lo - pad, hi + pad
-        to_x, to_y = (lambda x: x0 + (x1 - x0) * x / xmax), (lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo))
+        to_x, to_y = (lambda x: x0 + (x1 - x0) * x / xmax), (lambda v: y1 - (y1 - y0) * (f(v) - lo) / (hi - lo))
         for label, (steps, mean, low, high) in curves.items():     # bands first: every line stays on top
             band = [(to_x(s), to_y(v)) for s, v in zip(steps, high)] + \
                    [(to_x(s), to_y(v)) for s, v in zip(steps[::-1], low[::-1])]
@@ -2658,11 +2661,10 @@ def curves_chart(panels, path, marks=(), note=""):
         for m in marks:
             d.line([to_x(m), y0, to_x(m), y1], fill=(190, 190, 190))
         d.line([x0, y0, x0, y1, x1, y1], fill="black")
-        decimals = max(0, 1 - math.floor(math.log10((hi - lo) / 4)))   # enough to tell the y labels apart
         for k in range(5):                                  # y labels, and x ticks at quarters of the run
-            y, tick = y1 - (y1 - y0) * k / 4, round(xmax * k / 4)
+            y, tick, v = y1 - (y1 - y0) * k / 4, round(xmax * k / 4), lo + (hi - lo) * k / 4
             d.line([x0 - 4, y, x0, y], fill="black")
-            d.text((p * w + 4, y - 6), f"{lo + (hi - lo) * k / 4:.{decimals}f}", fill="black")
+            d.text((p * w + 4, y - 6), f"{10 ** v if f is math.log10 else v:.4g}", fill="black")
             d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
             d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
         d.text((x1 - 90, y1 + 24), "optimizer step", fill="black")

@@ -4548,6 +4548,16 @@ def test_curves_chart_has_a_panel_per_metric_a_colour_per_mode_bands_and_stage_s
 
 
 
+def test_curves_chart_puts_positive_metrics_on_a_log_axis(tmp_path):
+    path = str(tmp_path / "curves.png")                 # 1, 0.1, 0.01: the middle point sits halfway up on a log axis
+    D.curves_chart([("a", {"base": ([10, 20, 30], [1.0, 0.1, 0.01], [1.0, 0.1, 0.01], [1.0, 0.1, 0.01])})], path)
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    w, h = D.PANEL
+    x = round(64 + (w - 80) * 20 / 30)
+    rows = np.flatnonzero((rgb[:, x] == D.COLOURS[0]).all(axis=1))
+    assert len(rows) and abs(rows.mean() - (36 + h - 50) / 2) < 3          # linear: 90 % of the way down
+
+
 def test_compare_table_has_bpd_with_its_paired_difference_and_the_steps_to_reach_table(tmp_path):
     s = [10, 20, 30]
     results = {"base/seed0": curve_run(s, [0.9, 0.6, 0.5], [3.0, 2.8, 2.6]),
