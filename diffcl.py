@@ -10,7 +10,7 @@
 Read top-down. The method comes first, as pure functions tested directly: the config's keys, diffusion maths,
 random streams, the curriculum (every rule of the method, in one place), sparsity / regularisation, the sampler.
 Then the training loop (`train_step`, `train`) and the pieces it calls. The plumbing follows: checking a config,
-distributed helpers, files, then sample / eval / bench, compare / demo and the CLI.
+distributed helpers, files, the held-out bits/dim, then sample / eval / bench, compare / demo and the CLI.
 Plain DDPM is a one-stage curriculum on [0, 1), so one loop serves every mode.
 """
 import signal
@@ -317,93 +317,6 @@ def ddim_step(out, xt, t, t_prev, tab, eta, noise, mean_type="eps"):
     ab_prev = extract(torch.cat([tab["alpha_bar"], tab["alpha_bar"].new_ones(1)]), t_prev, xt)  # [-1] -> 1
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
-
-
-def gaussian_kl(mean1, logvar1, mean2, logvar2):
-    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
-    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretised_log_likelihood(x, mean, log_scale):
-    """Elementwise log-probability in nats of pixels x on the 256 levels k/127.5 - 1 of [-1, 1] under
-    N(mean, e^(2 log_scale)): the Gaussian's mass on the level's bin [x - 1/255, x + 1/255], the lowest bin open to
-    -inf, the highest to +inf. Exact normal CDF in log space, so no floor is needed (improved-diffusion uses a tanh
-    approximation clamped at 1e-12)."""
-    inv = torch.exp(-log_scale)
-    lo, hi = (x - mean - 1 / 255) * inv, (x - mean + 1 / 255) * inv
-    flip = lo > 0                                           # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): keep both CDFs
-    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)   # below 1/2 at the bigger one (no cancellation)
-    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
-    inner = lb + torch.log(-torch.expm1(la - lb))           # log(Phi(b) - Phi(a)), a < b
-    edge = torch.where(x < -0.999, torch.special.log_ndtr(hi), torch.special.log_ndtr(-lo))   # open end bins
-    return torch.where((x < -0.999) | (x > 0.999), edge, inner)
-
-
-@torch.no_grad()
-def nll_bpd(net, cfg, mask, images, timesteps=0, seed=0, t_seed=None, batch=256, first=0, on_chunk=None):
-    """Variational bound on -log p(x_0) of uint8 images (N, H, W, C) in bits/dim, as improved-diffusion's
-    calc_bpd_loop (Nichol & Dhariwal 2021) with t 0-indexed as everywhere here:
-
-        L = KL(q(x_{T-1}|x_0) || N(0, I)) + sum_{t>=1} KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) - log p(x_0|x_t=0)
-
-    in nats summed over the D = C H W dimensions, divided by D ln 2, averaged over the images. p's mean is the
-    posterior mean at the network's x0 estimate clipped to [-1, 1] (as the sampler); its variance is beta tilde
-    (fixed-small) or beta (fixed-large), beta tilde_1 standing in at t = 0 in both (so is q's log-variance); the
-    t = 0 term is the decoder, discretised_log_likelihood of x_0 under that Gaussian. x_t of (image i, t) uses
-    noise keyed by (seed, i, t), i counted from `first`: reruns, every checkpoint and every split of the images over
-    ranks see the same noise.
-
-    timesteps = 0 or T: every t (exact up to the one noise draw). K in [2, T): an unbiased estimate from K
-    network calls per image: t = 0 (the decoder: large, so never left to chance) plus one uniform draw in each of
-    K - 1 equal strata of [1, T), keyed by (t_seed or seed, i), each term times its stratum's size; K = T is
-    the full sum. Returns {"bpd", "n", "timesteps", "estimator", "bpd_terms": {"prior", "decoder", "kl": the KL
-    terms summed per tenth of [0, T)}} (terms in bits/dim, summing to bpd). on_chunk(done, total) after each batch."""
-    dif, device = cfg["diffusion"], mask.device
-    T, mean_type, var_type = dif["timesteps"], dif["model_mean_type"], dif["model_var_type"]
-    K = timesteps or T
-    if not 2 <= K <= T:
-        raise ValueError(f"timesteps must be 0 (all) or in [2, T = {T}], got {timesteps}")
-    tab = tables_on(cfg, device)
-    q_logvar = torch.cat([tab["post_var"][1:2], tab["post_var"][1:]]).log()
-    p_logvar = q_logvar if var_type == "fixed-small" else tab["large_var"].log()
-    x0 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).double() / 127.5 - 1
-    N, D = len(x0), x0[0].numel()
-    edges = [1 + j * (T - 1) // (K - 1) for j in range(K)]             # strata [edges[j], edges[j+1]) of [1, T)
-    lo, size = torch.tensor(edges[:-1]), torch.tensor(edges[1:]) - torch.tensor(edges[:-1])
-    keyed, draw = lambda *key: torch.Generator().manual_seed(key_seed(*key)), seed if t_seed is None else t_seed
-    ts, weight, noise_seeds = [], torch.cat([torch.ones(1), size.double()]), []
-    for i in range(first, first + N):                       # t draws and noise seeds: functions of (seed, i) alone
-        u = torch.rand(K - 1, dtype=torch.float64, generator=keyed(NLL_TIMESTEPS, draw, i))
-        ts.append(torch.cat([torch.zeros(1, dtype=torch.long), lo + (u * size).long().clamp(max=size - 1)]))
-        noise_seeds.append(torch.randint(0, 2 ** 62, (T,), generator=keyed(NLL_NOISE, seed, i)))
-    ts, noise_seeds, g = torch.stack(ts), torch.stack(noise_seeds), torch.Generator()
-    nats = torch.zeros(N, 12, dtype=torch.float64)           # per image: prior, decoder, KL per tenth of [0, T)
-    ab = tab["alpha_bar"][-1].cpu()
-    zero = torch.zeros((), dtype=torch.float64)
-    nats[:, 0] = gaussian_kl(ab.sqrt() * x0, (1 - ab).log(), zero, zero).flatten(1).sum(1)
-    for a in range(0, N * K, batch):                        # (image, t) pairs, image-major
-        pair = torch.arange(a, min(a + batch, N * K))
-        i, k = pair // K, pair % K
-        t = ts[i, k]
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(s)) for s in noise_seeds[i, t].tolist()])
-        xb, td = x0[i].to(device), t.to(device)
-        xt = q_sample(xb.float(), td, eps.to(device), tab).double()   # the network's input, exactly
-        mean, _, _ = p_mean_var(net(xt.float(), td, mask).double(), xt, td, tab, mean_type, var_type)
-        lv = p_logvar[td].reshape(-1, 1, 1, 1)
-        kl = gaussian_kl(q_posterior(xb, xt, td, tab)[0], q_logvar[td].reshape(-1, 1, 1, 1), mean, lv)
-        decoder = -discretised_log_likelihood(xb, mean, 0.5 * lv)
-        term = torch.where(td == 0, decoder.flatten(1).sum(1), kl.flatten(1).sum(1)).cpu() * weight[k]
-        nats.index_put_((i, torch.where(t == 0, 1, 2 + t * 10 // T)), term, accumulate=True)
-        if on_chunk:
-            on_chunk(a + len(pair), N * K)
-    return bpd_report((nats / (D * math.log(2))).mean(0).tolist(), N, K, T)
-
-
-def bpd_report(bits, n, K, T):
-    """nll_bpd's result from its 12 per-image mean terms in bits/dim: prior, decoder, KL per tenth of [0, T)."""
-    return {"bpd": sum(bits), "n": n, "timesteps": K,
-            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
-            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1780,6 +1693,97 @@ def fmt_time(seconds):
 
 
 # ----------------------------------------------------------------------------------------------
+# Held-out bits/dim: the variational bound on -log p(x_0), used by `eval --nll` and by the evaluations during
+# training.
+
+def gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretised_log_likelihood(x, mean, log_scale):
+    """Elementwise log-probability in nats of pixels x on the 256 levels k/127.5 - 1 of [-1, 1] under
+    N(mean, e^(2 log_scale)): the Gaussian's mass on the level's bin [x - 1/255, x + 1/255], the lowest bin open to
+    -inf, the highest to +inf. Exact normal CDF in log space, so no floor is needed (improved-diffusion uses a tanh
+    approximation clamped at 1e-12)."""
+    inv = torch.exp(-log_scale)
+    lo, hi = (x - mean - 1 / 255) * inv, (x - mean + 1 / 255) * inv
+    flip = lo > 0                                           # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): keep both CDFs
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)   # below 1/2 at the bigger one (no cancellation)
+    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    inner = lb + torch.log(-torch.expm1(la - lb))           # log(Phi(b) - Phi(a)), a < b
+    edge = torch.where(x < -0.999, torch.special.log_ndtr(hi), torch.special.log_ndtr(-lo))   # open end bins
+    return torch.where((x < -0.999) | (x > 0.999), edge, inner)
+
+
+@torch.no_grad()
+def nll_bpd(net, cfg, mask, images, timesteps=0, seed=0, t_seed=None, batch=256, first=0, on_chunk=None):
+    """Variational bound on -log p(x_0) of uint8 images (N, H, W, C) in bits/dim, as improved-diffusion's
+    calc_bpd_loop (Nichol & Dhariwal 2021) with t 0-indexed as everywhere here:
+
+        L = KL(q(x_{T-1}|x_0) || N(0, I)) + sum_{t>=1} KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) - log p(x_0|x_t=0)
+
+    in nats summed over the D = C H W dimensions, divided by D ln 2, averaged over the images. p's mean is the
+    posterior mean at the network's x0 estimate clipped to [-1, 1] (as the sampler); its variance is beta tilde
+    (fixed-small) or beta (fixed-large), beta tilde_1 standing in at t = 0 in both (so is q's log-variance); the
+    t = 0 term is the decoder, discretised_log_likelihood of x_0 under that Gaussian. x_t of (image i, t) uses
+    noise keyed by (seed, i, t), i counted from `first`: reruns, every checkpoint and every split of the images over
+    ranks see the same noise.
+
+    timesteps = 0 or T: every t (exact up to the one noise draw). K in [2, T): an unbiased estimate from K
+    network calls per image: t = 0 (the decoder: large, so never left to chance) plus one uniform draw in each of
+    K - 1 equal strata of [1, T), keyed by (t_seed or seed, i), each term times its stratum's size; K = T is
+    the full sum. Returns {"bpd", "n", "timesteps", "estimator", "bpd_terms": {"prior", "decoder", "kl": the KL
+    terms summed per tenth of [0, T)}} (terms in bits/dim, summing to bpd). on_chunk(done, total) after each batch."""
+    dif, device = cfg["diffusion"], mask.device
+    T, mean_type, var_type = dif["timesteps"], dif["model_mean_type"], dif["model_var_type"]
+    K = timesteps or T
+    if not 2 <= K <= T:
+        raise ValueError(f"timesteps must be 0 (all) or in [2, T = {T}], got {timesteps}")
+    tab = tables_on(cfg, device)
+    q_logvar = torch.cat([tab["post_var"][1:2], tab["post_var"][1:]]).log()
+    p_logvar = q_logvar if var_type == "fixed-small" else tab["large_var"].log()
+    x0 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).double() / 127.5 - 1
+    N, D = len(x0), x0[0].numel()
+    edges = [1 + j * (T - 1) // (K - 1) for j in range(K)]             # strata [edges[j], edges[j+1]) of [1, T)
+    lo, size = torch.tensor(edges[:-1]), torch.tensor(edges[1:]) - torch.tensor(edges[:-1])
+    keyed, draw = lambda *key: torch.Generator().manual_seed(key_seed(*key)), seed if t_seed is None else t_seed
+    ts, weight, noise_seeds = [], torch.cat([torch.ones(1), size.double()]), []
+    for i in range(first, first + N):                       # t draws and noise seeds: functions of (seed, i) alone
+        u = torch.rand(K - 1, dtype=torch.float64, generator=keyed(NLL_TIMESTEPS, draw, i))
+        ts.append(torch.cat([torch.zeros(1, dtype=torch.long), lo + (u * size).long().clamp(max=size - 1)]))
+        noise_seeds.append(torch.randint(0, 2 ** 62, (T,), generator=keyed(NLL_NOISE, seed, i)))
+    ts, noise_seeds, g = torch.stack(ts), torch.stack(noise_seeds), torch.Generator()
+    nats = torch.zeros(N, 12, dtype=torch.float64)           # per image: prior, decoder, KL per tenth of [0, T)
+    ab = tab["alpha_bar"][-1].cpu()
+    zero = torch.zeros((), dtype=torch.float64)
+    nats[:, 0] = gaussian_kl(ab.sqrt() * x0, (1 - ab).log(), zero, zero).flatten(1).sum(1)
+    for a in range(0, N * K, batch):                        # (image, t) pairs, image-major
+        pair = torch.arange(a, min(a + batch, N * K))
+        i, k = pair // K, pair % K
+        t = ts[i, k]
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g.manual_seed(s)) for s in noise_seeds[i, t].tolist()])
+        xb, td = x0[i].to(device), t.to(device)
+        xt = q_sample(xb.float(), td, eps.to(device), tab).double()   # the network's input, exactly
+        mean, _, _ = p_mean_var(net(xt.float(), td, mask).double(), xt, td, tab, mean_type, var_type)
+        lv = p_logvar[td].reshape(-1, 1, 1, 1)
+        kl = gaussian_kl(q_posterior(xb, xt, td, tab)[0], q_logvar[td].reshape(-1, 1, 1, 1), mean, lv)
+        decoder = -discretised_log_likelihood(xb, mean, 0.5 * lv)
+        term = torch.where(td == 0, decoder.flatten(1).sum(1), kl.flatten(1).sum(1)).cpu() * weight[k]
+        nats.index_put_((i, torch.where(t == 0, 1, 2 + t * 10 // T)), term, accumulate=True)
+        if on_chunk:
+            on_chunk(a + len(pair), N * K)
+    return bpd_report((nats / (D * math.log(2))).mean(0).tolist(), N, K, T)
+
+
+def bpd_report(bits, n, K, T):
+    """nll_bpd's result from its 12 per-image mean terms in bits/dim: prior, decoder, KL per tenth of [0, T)."""
+    return {"bpd": sum(bits), "n": n, "timesteps": K,
+            "estimator": f"all {T} timesteps" if K == T else f"stratified {K} of {T}",
+            "bpd_terms": {"prior": bits[0], "decoder": bits[1], "kl": bits[2:]}}
+
+
+# ----------------------------------------------------------------------------------------------
 # sample / eval / bench
 
 def model_from_checkpoint(path, device, raw=False, state=None):
@@ -2508,13 +2512,14 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         records = [r for _, r in data.read_jsonl(path)] if os.path.isfile(path) else []
         stages = by_step(records, "stage")
         marks |= {r["step"] for r in stages if r["step"] > 0}
-        if mode == "cs" and stages:
+        family = CONTROLS.get(mode, (mode,))[0]              # cs_flat and wide_cs train cs's mask, cr_flat cr's lambda
+        if family == "cs" and stages:
             birth = stages[-1]["birth_stage"]                # masks change only at stage starts
             born = ", ".join(f"{'never' if k < 0 else k + 1}: {birth.count(k)}" for k in sorted(set(birth)))
-            notes.append(f"- cs, seed 0: active per stage {'/'.join(str(r['active']) for r in stages)}; "
+            notes.append(f"- {mode}, seed 0: active per stage {'/'.join(str(r['active']) for r in stages)}; "
                          f"channels born in stage {born}")
-        if mode == "cr" and stages:
-            notes.append("- cr, seed 0: channels with norm<1e-3 per stage "
+        if family == "cr" and stages:
+            notes.append(f"- {mode}, seed 0: channels with norm<1e-3 per stage "
                          + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
     warned = {}                                             # what the runs' train.log warned of, and which runs
     for key in (k for k in results if k.split("/")[0] in modes):

@@ -3926,6 +3926,9 @@ def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_pa
         assert [(r["step"], r["window"][0]) for r in stage(m)] == [(0, 6), (1, 4), (2, 2), (5, 1), (6, 1), (7, 0),
                                                                    (10, 0), (12, 0)]
     assert [r["active"] for r in stage("wide_cs")] == [27, 28, 29, 29, 30, 31, 31, 32]
+    assert "- cs_flat, seed 0: active per stage 6/13/19/26/32; channels born in stage 1: 6, 2: 7" in table
+    assert "- wide_cs, seed 0: active per stage 27/28/29/29/30/31/31/32; channels born in stage 1: 27, 2: 1" in table
+    assert "- cr_flat, seed 0: channels with norm<1e-3 per stage " in table
 
 
 # ---------------------------------------------------------------------------------------------
