@@ -162,6 +162,9 @@ def load_config(path=None, overrides=(), base=None):
             user[section] = {**user[section], **value}
         else:
             user[section] = value
+    stages = over.get("curriculum", {}).get("stages") if isinstance(over.get("curriculum"), dict) else None
+    for i, st in enumerate(stages if isinstance(stages, list) else []):   # a stage typed here is named as such
+        validate_stage(st, f"command-line override --curriculum.stages[{i}]", user["curriculum"].get("mode") == "soft")
     cfg = merge_config(user, path or "config")
     if cfg["curriculum"]["enabled"] and "epochs" in over.get("train", {}):
         raise ConfigError("--train.epochs has no effect with the curriculum on (the stage epochs set the length); "

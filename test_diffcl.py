@@ -4057,7 +4057,11 @@ def test_first_day_an_override_mistake_is_named_as_typed_a_file_mistake_by_its_f
     config = str(HERE / "configs" / "fashion32_c.json")
     for override, message in (("--train.lrr=1", "--train.lrr: unknown key 'train.lrr'"),
                               ("--lr=abc", "--train.lr: train.lr: expected float, got 'abc'"),
-                              ("--train.length_scale=0", "--train.length_scale: must be in [1e-06, 1000000.0], got 0")):
+                              ("--train.length_scale=0", "--train.length_scale: must be in [1e-06, 1000000.0], got 0"),
+                              ('--curriculum.stages=[{"t_min": 0.3, "t_max": 1, "epochs": 1}, {"t_max": 1, "epochs": 1}]',
+                               "--curriculum.stages[1]: missing 't_min'"),
+                              ('--curriculum.stages=[{"t_min": 0, "t_max": 1, "epochs": -0.5}]',
+                               "--curriculum.stages[0].epochs: must be > 0")):
         with pytest.raises(D.ConfigError) as e:
             D.load_config(config, [override])
         assert str(e.value).startswith(f"command-line override {message}") and "fashion32" not in str(e.value)
