@@ -239,6 +239,19 @@ def lock_run_folder(out_dir, holder_kind="trainer"):
     return f
 
 
+@contextlib.contextmanager
+def locked_folder(out_dir, holder_kind, *subdirs):
+    """prepare_out_dir and lock_run_folder for one block; after it (success or error) the lock is released and what
+    this made is removed while empty, so a start that fails leaves nothing new behind."""
+    made = not_yet_made(out_dir, *subdirs)
+    try:
+        prepare_out_dir(out_dir, *subdirs)
+        with lock_run_folder(out_dir, holder_kind) as lock:
+            yield lock
+    finally:
+        remove_made(made)
+
+
 def not_yet_made(out_dir, *subdirs):
     """What prepare_out_dir(out_dir, *subdirs) and lock_run_folder would make that does not exist yet, deepest first
     (out_dir's missing parents too): remove_made undoes a failed start with this list."""

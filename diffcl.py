@@ -1823,8 +1823,7 @@ def sample(ckpt, num, out, ddim=False, steps=50, eta=0.0, skip="uniform", batch_
                "batch_size": batch_size if not ddim or eta > 0 else None}
     with contextlib.ExitStack() as lock:
         if rank == 0:                                       # one writer per folder: two would lose images
-            data.prepare_out_dir(out)
-            lock.enter_context(data.lock_run_folder(out, "sample or eval"))
+            lock.enter_context(data.locked_folder(out, "sample or eval"))
             data.remove_stale_temps(out)
             data.check_not_folder(*(os.path.join(out, f) for f in os.listdir(out)
                                     if re.fullmatch(r"\d{6}\.png", f) or npz and f == "samples.npz"))
@@ -2286,11 +2285,10 @@ def read_compare_json(path):
     raise RunError(f"{path} is damaged (not compare's JSON); move it away to rescore the finished runs, then rerun")
 
 
-def compare_steps(cfg):
-    """Optimizer steps of a run of cfg (every compare mode has the same: equal work), from its training set's size."""
-    images = data.load_images(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
-                              cfg["resolution"] or None, log=lambda *a: None, num_images=cfg["data_limit"] or None)
-    return run_length(cfg, len(images))[1]
+def training_set_size(cfg):
+    """How many images a run of cfg trains on (every compare mode the same: equal work)."""
+    return len(data.load_images(cfg["dataset"], cfg["data_root"] or None, cfg["data_split"] or None,
+                                cfg["resolution"] or None, log=lambda *a: None, num_images=cfg["data_limit"] or None))
 
 
 @contextlib.contextmanager
@@ -2328,8 +2326,7 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
     scores FID); score each final checkpoint on held-out data (eps-MSE per t bucket; FID-n with DDIM when Inception
     weights are found); write compare.md, compare.json and curves.png. A rerun resumes: finished runs are skipped,
     interrupted ones resume."""
-    data.prepare_out_dir(out)
-    with data.lock_run_folder(out, "compare"):              # two compares would train into each other's runs
+    with data.locked_folder(out, "compare"):                # two compares would train into each other's runs
         if "base" not in modes or not set(modes) <= {*MODES, *CONTROLS}:
             raise ConfigError(f"--modes needs base and names from {', '.join(MODES + tuple(CONTROLS))}; got {','.join(modes)}")
         twice = sorted({m for m in modes if modes.count(m) > 1})
@@ -2357,7 +2354,9 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
         # (equal work gives every mode the same number of steps); FID on the curve only when compare scores FID;
         # bpd from CURVE_TIMESTEPS stratified timesteps unless the overrides say otherwise, on CURVE_IMAGES of the
         # held-out images (the final scores use all held_out_n).
-        total = compare_steps(load_config(mode_config(dataset, "base")[0], [*overrides, f"--train.epochs={schedule}"]))
+        num_images = training_set_size(base_cfg)
+        total = run_length(load_config(mode_config(dataset, "base")[0], [*overrides, f"--train.epochs={schedule}"]),
+                           num_images)[1]
         eval_intv = math.ceil(total / eval_points)
         eval_steps, curve_args = [*range(eval_intv, total, eval_intv), total], [
             f"--train.eval_intv={eval_intv}", f"--train.eval_num={min(held_out_n, CURVE_IMAGES)}",
@@ -2384,7 +2383,8 @@ def compare(out, dataset, seeds, overrides=(), fid_num=2000, inception=None, hel
                     *curve_args, f"--seed={seed}", f"--out_dir={run_dir}"]
             if not load_config(config, overlay)["curriculum"]["enabled"]:
                 args.append(f"--train.epochs={schedule}")
-            cfgs[key] = load_config(config, args)               # a bad override fails here, before any work
+            cfgs[key] = load_config(config, args)               # a bad override fails here, before any work,
+            run_length(cfgs[key], num_images)                   # and so does a stage scaled to no optimizer step
             ckpt = os.path.join(run_dir, "ckpt.pt")
             state = load_checkpoint(ckpt) if os.path.exists(ckpt) else None
             problem = state is not None and work_mismatch(key, ckpt, state, cfgs[key], finished=False)

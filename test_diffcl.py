@@ -3465,6 +3465,18 @@ def test_compare_refuses_a_run_trained_past_its_length_before_any_work(tmp_path,
     assert calls == [] and not (out / "c_seed0").exists() and not (out / "compare.json").exists()
 
 
+def test_compare_refuses_a_stage_scaled_to_no_step_before_any_work_and_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(D, "run_jobs", in_process_jobs(calls))
+    out = tmp_path / "new" / "cmp"
+    # 32 images / batch 8 = 4 steps per epoch; DEMO_STAGES' 6 epochs x 0.25 = 6 steps: wide's first stage is 5 % of
+    # them, 0.3 steps, and rounds to none (base and c, trained first, would have been fine).
+    with pytest.raises(D.ConfigError, match="^train.length_scale=0.25 leaves stage wide1_from0.3 with no optimizer"):
+        D.compare(str(out), "shapes", 1, [*DEMO_OVERRIDES, "--data_limit=32", "--train.length_scale=0.25",
+                                          "--train.image_intv=0"], fid_num=0, held_out_n=4, modes=("base", "c", "wide"))
+    assert calls == [] and not (tmp_path / "new").exists()
+
+
 def test_work_mismatch_names_steps_batch_data_and_config_differences():
     cfg = D.load_config(D.mode_config("shapes", "base")[0], [*DEMO_OVERRIDES, "--train.epochs=6"])
     assert D.run_length(cfg, 8) == (6, 6)                     # 8 images, batch 8: 1 step per epoch
@@ -3497,7 +3509,7 @@ def test_compare_refuses_a_folder_where_an_output_goes_before_training(tmp_path,
     with pytest.raises(D.RunError, match=rf"^{re.escape(str(tmp_path / 'cmp' / name))} is a folder where compare "
                                          r"writes a file; move it away, then rerun$"):
         D.compare(str(tmp_path / "cmp"), "shapes", 1, DEMO_OVERRIDES, fid_num=0, modes=("base", "c"))
-    assert calls == [] and sorted(os.listdir(tmp_path / "cmp")) == [".lock", name]
+    assert calls == [] and sorted(os.listdir(tmp_path / "cmp")) == [name]          # nothing new: not even the lock file
 
 
 def test_job_report_names_the_run_its_time_and_every_warning_of_its_log():
