@@ -3917,6 +3917,28 @@ def test_each_new_arm_trains_and_resumes_bit_identical(tmp_path, monkeypatch, ca
     assert kinds(run) == kinds(full)
 
 
+@starts_early("test_wide_cs_trains_under_two_process_torchrun_with_its_stages_and_masks")
+def start_wide_cs_two_ranks(folder, cases):
+    parent, cur = ARMS["wide_cs"]
+    cfg = tiny_cfg(folder, parent, data_limit=16, model=ONE_LEVEL, curriculum={**TINY_RUN["curriculum"], **cur},
+                   train={**TINY_RUN["train"], "image_intv": 0}, sparsity={"enabled": True, "initial_sparsity": 0.15})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(HERE / "diffcl.py"), "train", str(folder / "cfg.json"), f"--out_dir={folder / 'ddp'}"], folder)
+
+
+def test_wide_cs_trains_under_two_process_torchrun_with_its_stages_and_masks(child):
+    r, out = child.result(), child.folder / "ddp"
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "world 2 x 4 per rank" in r.stdout and "ranks disagree" not in r.stderr
+    stage = records(out, "stage")                           # as one process: 16 images, global batch 8, 2 steps/epoch
+    assert [(r["step"], r["window"][0]) for r in stage] == [(0, 6), (1, 4), (2, 2), (4, 1), (5, 1), (6, 0), (8, 0),
+                                                            (10, 0)]
+    assert [r["active"] for r in stage] == [27, 28, 29, 29, 30, 31, 31, 32]
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["world"] == 2 and state["step"] == 20 and state["mask"].sum() == 32
+
+
 def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "run_jobs", in_process_jobs([]))
     modes = ("base", "cs_flat", "cr_flat", "wide", "wide_cs")
