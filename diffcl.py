@@ -2489,7 +2489,7 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
             continue
         cells = []
         for _, value, fmt in metrics:
-            paired = [value(r) - value(results[f"base/seed{s}"]) for s, r in runs.items() if f"base/seed{s}" in results]
+            paired = paired_differences(results, mode, "base", seeds, value)
             cells += [cell(fmt, [value(r) for r in runs.values()]),
                       cell(fmt, paired, std=False) if mode != "base" and paired else "—"]
         cells += [fmt_time(np.mean([r.get("train_seconds", 0) for r in runs.values()])),
@@ -2497,6 +2497,14 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         b = np.array([r["bucket_mse"] for r in runs.values()])
         means[mode] = b.mean(0).tolist()
+    against = [(m, CONTROLS[m][0]) for m in means if CONTROLS.get(m, ("base",))[0] in set(means) - {"base"}]
+    if against:                                         # e.g. cs_flat - cs: the windows under one capacity schedule
+        lines += ["", "Each control against the mode it starts from (control minus that mode, paired by seed [95% CI]):",
+                  "", "| control | " + " | ".join(f"Δ{name}" for name, _, _ in metrics) + " |",
+                  "|---" * (1 + len(metrics)) + "|"]
+        lines += [f"| {m} − {parent} | " + " | ".join(cell(fmt, paired_differences(results, m, parent, seeds, value),
+                                                           std=False) for _, value, fmt in metrics) + " |"
+                  for m, parent in against]
     lines += ["", "Held-out eps-MSE per t bucket (b0: t < T/10, least noisy), mean over seeds:", "",
               "| mode | " + " | ".join(f"b{k}" for k in range(10)) + " |", "|---" * 11 + "|"]
     lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in b) + " |" for m, b in means.items()]
@@ -2537,6 +2545,12 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
                      f"mean over {seeds} seed(s);\nband: min-max over seeds;\ngrey lines: stage starts")
     print("\n" + table, flush=True)
     return table
+
+
+def paired_differences(results, mode, other, seeds, value):
+    """value(mode's run) - value(other's run) for each seed both have: the paired differences compare.md reports."""
+    keys = [(f"{mode}/seed{s}", f"{other}/seed{s}") for s in range(seeds)]
+    return [value(results[a]) - value(results[b]) for a, b in keys if a in results and b in results]
 
 
 def log_warnings(path):

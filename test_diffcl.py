@@ -4622,6 +4622,26 @@ def test_compare_table_has_bpd_with_its_paired_difference_and_the_steps_to_reach
     assert img.format == "PNG" and long_black_runs(img) == 2    # mse and bpd: no FID here
 
 
+def test_compare_table_puts_each_control_against_the_mode_it_starts_from(tmp_path):
+    s = [10, 20]
+    run = lambda mse, bpd: curve_run(s, [1.0, mse], [4.0, bpd])
+    results = {"base/seed0": run(0.50, 3.0), "base/seed1": run(0.40, 3.2),
+               "cs/seed0": run(0.60, 3.5), "cs/seed1": run(0.45, 3.1),
+               "cs_flat/seed0": run(0.55, 3.3), "cs_flat/seed1": run(0.50, 3.4),
+               "minsnr/seed0": run(0.52, 3.9), "minsnr/seed1": run(0.41, 3.9)}
+    table = D.write_comparison(str(tmp_path), "shapes", 2, 6, results, 0, None, 50,
+                               modes=("base", "cs", "cs_flat", "minsnr"))
+    from scipy import stats
+    t1 = stats.t.ppf(0.975, 1)                                  # cs_flat - cs: mse -0.05, 0.05; bpd -0.2, 0.3
+    m_half, b_half = t1 * stats.sem([-0.05, 0.05]), t1 * stats.sem([-0.2, 0.3])
+    assert "| control | Δheld-out mse | Δbpd |" in table
+    assert f"| cs_flat − cs | 0.0000 [{-m_half:.4f}, {m_half:.4f}] | 0.050 [{0.05 - b_half:.3f}, " \
+           f"{0.05 + b_half:.3f}] |" in table
+    assert "| minsnr − " not in table and "| cs − " not in table          # base's controls: the main table has them
+    alone = D.write_comparison(str(tmp_path), "shapes", 2, 6, results, 0, None, 50, modes=("base", "cs_flat"))
+    assert "against the mode it starts from" not in alone                  # cs not run: nothing to pair with
+
+
 def test_compare_evaluates_every_mode_at_the_same_steps_and_reports_curves(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "find_weights", lambda path=None, download=False: "stand-in")
     monkeypatch.setattr(fid, "load_inception", lambda path=None, download=False, device="cpu": StandInFeatures().to(device))
