@@ -2683,10 +2683,13 @@ def curves_chart(panels, path, marks=(), note=""):
         for m in marks:
             d.line([to_x(m), y0, to_x(m), y1], fill=(190, 190, 190))
         d.line([x0, y0, x0, y1, x1, y1], fill="black")
-        for k in range(5):                                  # y labels, and x ticks at quarters of the run
-            y, tick, v = y1 - (y1 - y0) * k / 4, round(xmax * k / 4), lo + (hi - lo) * k / 4
+        y_ticks = (f is math.log10 and log_ticks(lo, hi)) or [lo + (hi - lo) * k / 4 for k in range(5)]
+        for v in y_ticks:                                   # y: round values on a log axis, else fifths
+            y = to_y(v) if f is math.log10 else y1 - (y1 - y0) * (v - lo) / (hi - lo)
             d.line([x0 - 4, y, x0, y], fill="black")
-            d.text((p * w + 4, y - 6), f"{10 ** v if f is math.log10 else v:.4g}", fill="black")
+            d.text((p * w + 4, y - 6), f"{v:.4g}", fill="black")
+        for k in range(5):                                  # x ticks at quarters of the run
+            tick = round(xmax * k / 4)
             d.line([to_x(tick), y1, to_x(tick), y1 + 4], fill="black")
             d.text((to_x(tick) - 8, y1 + 8), str(tick), fill="black")
         d.text((x1 - 90, y1 + 24), "optimizer step", fill="black")
@@ -2706,6 +2709,17 @@ def curves_chart(panels, path, marks=(), note=""):
     for k, line in enumerate(note.splitlines()):
         d.text((lx, 60 + 20 * len(labels) + 14 * k), line, fill="black")
     data.atomic_write(path, lambda tmp: img.convert("RGB").save(tmp, format="PNG"))
+
+
+def log_ticks(lo, hi):
+    """Round values for a log axis from 10^lo to 10^hi: m x 10^k for m in 1..9, else in 1, 2, 5, else 1, the finest
+    choice giving at most 8; None when fewer than 2 fit (the caller labels evenly spaced values instead)."""
+    for mantissas in (range(1, 10), (1, 2, 5), (1,)):
+        ticks = [m * 10.0 ** k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in mantissas
+                 if lo <= math.log10(m) + k <= hi]
+        if len(ticks) <= 8:
+            return ticks if len(ticks) >= 2 else None
+    return None
 
 
 def demo(out="runs/demo", dataset="shapes", overrides=(), held_out_n=256, jobs=2):

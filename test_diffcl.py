@@ -4599,6 +4599,14 @@ def test_curves_chart_puts_positive_metrics_on_a_log_axis(tmp_path):
     assert len(rows) and abs(rows.mean() - (36 + h - 50) / 2) < 3          # linear: 90 % of the way down
 
 
+def test_log_ticks_are_round_values_inside_the_axis():
+    ticks = lambda a, b: D.log_ticks(math.log10(a), math.log10(b))
+    assert ticks(4.334, 9.583) == pytest.approx([5, 6, 7, 8, 9])              # 1..9 x 10^k: 5 fit
+    assert ticks(0.0349, 1.007) == pytest.approx([0.05, 0.1, 0.2, 0.5, 1])    # 1..9 would be 16: 1, 2, 5
+    assert ticks(1e-4, 10) == pytest.approx([1e-4, 1e-3, 1e-2, 0.1, 1, 10])   # 1, 2, 5 would be 16: decades
+    assert ticks(4.5, 4.6) is None and ticks(1e-12, 1e12) is None            # none or too many: evenly spaced
+
+
 def test_compare_table_has_bpd_with_its_paired_difference_and_the_steps_to_reach_table(tmp_path):
     s = [10, 20, 30]
     results = {"base/seed0": curve_run(s, [0.9, 0.6, 0.5], [3.0, 2.8, 2.6]),
