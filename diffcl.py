@@ -2530,7 +2530,8 @@ def write_comparison(out, dataset, seeds, epochs, results, fid_num, floor, sampl
             notes.append(f"- {mode}, seed 0: active per stage {'/'.join(str(r['active']) for r in stages)}; "
                          f"channels born in stage {born}")
         if family == "cr" and stages:
-            notes.append(f"- {mode}, seed 0: channels with norm<1e-3 per stage "
+            notes.append(f"- {mode}, seed 0: conv channels with norm<1e-3 at each stage start (the first counts the "
+                         "initial weights, near-zero-initialised convs included) "
                          + "/".join(str(sum(r.get("small_norm_channels", {}).values())) for r in stages))
     warned = {}                                             # what the runs' train.log warned of, and which runs
     for key in (k for k in results if k.split("/")[0] in modes):
@@ -2683,9 +2684,10 @@ def curves_chart(panels, path, marks=(), note=""):
         for m in marks:
             d.line([to_x(m), y0, to_x(m), y1], fill=(190, 190, 190))
         d.line([x0, y0, x0, y1, x1, y1], fill="black")
-        y_ticks = (f is math.log10 and log_ticks(lo, hi)) or [lo + (hi - lo) * k / 4 for k in range(5)]
+        fifths = [lo + (hi - lo) * k / 4 for k in range(5)]
+        y_ticks = (f is math.log10 and log_ticks(lo, hi)) or [10 ** u if f is math.log10 else u for u in fifths]
         for v in y_ticks:                                   # y: round values on a log axis, else fifths
-            y = to_y(v) if f is math.log10 else y1 - (y1 - y0) * (v - lo) / (hi - lo)
+            y = to_y(v)
             d.line([x0 - 4, y, x0, y], fill="black")
             d.text((p * w + 4, y - 6), f"{v:.4g}", fill="black")
         for k in range(5):                                  # x ticks at quarters of the run

@@ -2683,7 +2683,7 @@ def test_compare_pairs_seeds_runs_jobs_in_parallel_resumes_and_demo_reuses_its_r
         assert len(os.listdir(os.path.join(out, f"{mode}_seed0", "samples"))) == 2
         assert f"| {mode} | " in text
     assert "active per stage 6/13/19/26/32" in text and "channels born in stage 1: 6, 2: 7" in text
-    assert "channels with norm<1e-3 per stage" in text
+    assert "conv channels with norm<1e-3 at each stage start" in text
     assert "active per stage 6/13/19/26/32" in open(os.path.join(out, "compare.md")).read()
     assert Image.open(os.path.join(out, "curves.png")).format == "PNG"
     with pytest.raises(D.RunError, match=r"results made with other settings \(overrides\)"):
@@ -3962,7 +3962,7 @@ def test_compare_runs_the_flat_and_wide_arms_at_equal_work_and_names_them(tmp_pa
     assert [r["active"] for r in stage("wide_cs")] == [27, 28, 29, 29, 30, 31, 31, 32]
     assert "- cs_flat, seed 0: active per stage 6/13/19/26/32; channels born in stage 1: 6, 2: 7" in table
     assert "- wide_cs, seed 0: active per stage 27/28/29/29/30/31/31/32; channels born in stage 1: 27, 2: 1" in table
-    assert "- cr_flat, seed 0: channels with norm<1e-3 per stage " in table
+    assert "- cr_flat, seed 0: conv channels with norm<1e-3 at each stage start " in table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4599,12 +4599,15 @@ def test_curves_chart_puts_positive_metrics_on_a_log_axis(tmp_path):
     assert len(rows) and abs(rows.mean() - (36 + h - 50) / 2) < 3          # linear: 90 % of the way down
 
 
-def test_log_ticks_are_round_values_inside_the_axis():
+def test_log_ticks_are_round_values_inside_the_axis(tmp_path):
     ticks = lambda a, b: D.log_ticks(math.log10(a), math.log10(b))
     assert ticks(4.334, 9.583) == pytest.approx([5, 6, 7, 8, 9])              # 1..9 x 10^k: 5 fit
     assert ticks(0.0349, 1.007) == pytest.approx([0.05, 0.1, 0.2, 0.5, 1])    # 1..9 would be 16: 1, 2, 5
     assert ticks(1e-4, 10) == pytest.approx([1e-4, 1e-3, 1e-2, 0.1, 1, 10])   # 1, 2, 5 would be 16: decades
     assert ticks(4.5, 4.6) is None and ticks(1e-12, 1e12) is None            # none or too many: evenly spaced
+    for values in ([4.5, 4.6], [1e-12, 1e12]):                              # and the chart labels fifths then
+        D.curves_chart([("a", {"base": ([1, 2], values, values, values)})], str(tmp_path / "c.png"))
+        assert Image.open(tmp_path / "c.png").size == (D.PANEL[0] + D.LEGEND, D.PANEL[1])
 
 
 def test_compare_table_has_bpd_with_its_paired_difference_and_the_steps_to_reach_table(tmp_path):
