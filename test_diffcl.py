@@ -1645,21 +1645,26 @@ def check_resume(args, run, step_at_kill, full, capsys, ctrl_c=False):
     assert kinds(run) == kinds(full) and kinds(full).count(("stage", 6)) == 1   # no duplicate or missing records
 
 
-@pytest.mark.parametrize("variant,how,at,save_every", CRASH_CASES)
-def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys,
-                                                                          uninterrupted, variant, how, at, save_every):
-    cfg, run, args = run_to_interrupt(tmp_path, variant, save_every)
+def crash_in_step(monkeypatch, cfg, run, n):
+    """Train cfg into `run` until its n-th train_step (counted from 1 in this process) raises, as a crash would."""
     real_step, calls = D.train_step, {"n": 0}
 
     def crashing_step(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == at:
+        if calls["n"] == n:
             raise RuntimeError("simulated crash")
         return real_step(*a, **kw)
     monkeypatch.setattr(D, "train_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         D.train(dict(cfg, out_dir=str(run)))
     monkeypatch.setattr(D, "train_step", real_step)
+
+
+@pytest.mark.parametrize("variant,how,at,save_every", CRASH_CASES)
+def test_interrupted_run_resumes_bit_identical_and_writes_each_record_once(tmp_path, monkeypatch, capsys,
+                                                                          uninterrupted, variant, how, at, save_every):
+    cfg, run, args = run_to_interrupt(tmp_path, variant, save_every)
+    crash_in_step(monkeypatch, cfg, run, at)
     check_resume(args, run, {1: None, 7: 6, 8: 6}[at], uninterrupted(variant), capsys)
 
 
@@ -3898,17 +3903,7 @@ def test_each_new_arm_trains_and_resumes_bit_identical(tmp_path, monkeypatch, ca
     at = 3 if arm.endswith("flat") else 9
     run = tmp_path / "run"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    real_step, calls = D.train_step, {"n": 0}
-
-    def crashing_step(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == at + 1:
-            raise RuntimeError("simulated crash")
-        return real_step(*a, **kw)
-    monkeypatch.setattr(D, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        D.train(dict(cfg, out_dir=str(run)))
-    monkeypatch.setattr(D, "train_step", real_step)
+    crash_in_step(monkeypatch, cfg, run, at + 1)
     capsys.readouterr()
     assert D.main(["train", str(tmp_path / "cfg.json"), f"--out_dir={run}"]) == 0
     assert f"ckpt.pt at step {at} " in capsys.readouterr().out
